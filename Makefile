@@ -1,0 +1,27 @@
+# The two commands: `make demo` runs the agent's main job, `make test` runs the tests.
+# Both set up everything they need first (scripts/bootstrap.sh is idempotent).
+.PHONY: setup demo test lint bench protos clean
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	@.venv/bin/python -m cacheagent.demo
+
+lint: setup
+	.venv/bin/ruff check cacheagent tests bench scripts
+	.venv/bin/ruff format --check cacheagent tests bench scripts
+	.venv/bin/mypy
+	.venv/bin/lint-imports
+
+test: lint
+	.venv/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: setup
+	.venv/bin/python bench/store.py
+
+protos:
+	.venv/bin/python scripts/gen_protos.py --force
+
+clean:
+	rm -rf .venv cacheagent/_proto .pytest_cache .mypy_cache .ruff_cache

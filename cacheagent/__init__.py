@@ -1,0 +1,5 @@
+"""cacheagent: a node-local model cache for Kubernetes GPU nodes."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
