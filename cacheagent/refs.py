@@ -1,0 +1,527 @@
+"""Model references: the one string that names a model in CSI attributes, preheat and the CLI.
+
+Pure (no I/O). ``parse_ref`` turns text into one of four frozen dataclasses and every ref prints
+back as its canonical form, so ``parse_ref(str(ref)) == ref`` and two spellings of the same model
+compare equal (the store keys tags and leases by that form).
+
+Forms and the decisions taken where the brief is silent:
+
+``[oci://]host[:port]/repo/sub[:tag][@sha256:<hex>]`` (``OciRef``)
+    Docker's naming rules: the first path component is the registry only when more components
+    follow and it contains a ``.`` or a ``:`` or is ``localhost``; otherwise the registry is
+    ``docker.io`` and a one-component repository gets the ``library/`` prefix
+    (``index.docker.io`` is ``docker.io``). So ``localhost:5000`` alone is
+    ``docker.io/library/localhost:5000``, as with ``docker pull``.
+    Repository components and tags follow the OCI distribution grammar. With neither tag nor
+    digest the tag is ``latest``; with a digest only there is no tag; with both, both are kept
+    and the digest is what identifies the content (the tag is then informational).
+    The canonical form drops ``oci://`` and lowercases the registry host.
+
+``oci-layout:///abs/dir[:tag][@sha256:<hex>]`` (``LayoutRef``)
+    The path must be absolute and already normalised (no ``.``/``..``, no empty components, no
+    trailing ``/``). A tag is what follows the last ``:`` of the last path component and a
+    digest what follows the last ``@`` when no ``/`` comes after it; so a directory whose last
+    component holds ``:`` or ``@`` cannot be named. Like the registry form, the tag defaults to
+    ``latest``.
+
+``hf://org/name@revision`` (``HfRef``)
+    The revision is required (a branch, a tag or a 40-hex commit) so that nothing silently
+    follows ``main``; only a commit makes the ref immutable.
+
+``https://host[:port]/path/file[?query]#sha256=<hex>`` (``HttpRef``)
+    The fragment is the expected digest and is required. ``http://`` parses too, and
+    ``HttpRef.insecure`` says so: whether plain HTTP may be used is the sources' decision.
+    Credentials in the URL are refused (they would end up in logs and in the store index).
+    The default port is dropped, scheme and host are lowercased; path and query are kept as
+    written.
+
+Whitespace and control characters are errors anywhere, not trimmed: a reference is an
+identifier, and a silently repaired one would name something the user did not write.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Literal, TypeAlias
+from urllib.parse import urlsplit
+
+from cacheagent.errors import RefError
+
+RefKind = Literal["oci", "oci-layout", "hf", "http"]
+
+DEFAULT_REGISTRY = "docker.io"
+DEFAULT_TAG = "latest"
+MAX_REF_LENGTH = 8192
+MAX_OCI_NAME_LENGTH = 255
+MAX_TAG_LENGTH = 128
+MAX_HF_NAME_LENGTH = 96
+MAX_PATH_BYTES = 4096
+MAX_PATH_COMPONENT_BYTES = 255
+
+_HEX = frozenset("0123456789abcdef")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_TAG_CHARS = _ALNUM | frozenset("._-")
+_HF_CHARS = _ALNUM | frozenset("._-")
+_REVISION_CHARS = _ALNUM | frozenset("._-/")
+_REPO_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_HOST_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class _Ref:
+    """What every reference kind shares: printing as its canonical form."""
+
+    __slots__ = ()
+
+    @property
+    def canonical(self) -> str:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.canonical
+
+
+@dataclass(frozen=True)
+class OciRef(_Ref):
+    """An artifact in an OCI registry; ``registry`` is ``host[:port]``."""
+
+    kind: ClassVar[Literal["oci"]] = "oci"
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def canonical(self) -> str:
+        return f"{self.registry}/{self.repository}{_tag_digest_suffix(self.tag, self.digest)}"
+
+    @property
+    def origin(self) -> str:
+        return self.registry
+
+    @property
+    def is_immutable(self) -> bool:
+        return self.digest is not None
+
+
+@dataclass(frozen=True)
+class LayoutRef(_Ref):
+    """A manifest in an OCI image layout directory on this machine."""
+
+    kind: ClassVar[Literal["oci-layout"]] = "oci-layout"
+    path: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def canonical(self) -> str:
+        return f"oci-layout://{self.path}{_tag_digest_suffix(self.tag, self.digest)}"
+
+    @property
+    def origin(self) -> str:
+        return self.path
+
+    @property
+    def is_immutable(self) -> bool:
+        return self.digest is not None
+
+
+@dataclass(frozen=True)
+class HfRef(_Ref):
+    """A Hugging Face Hub model repository at a revision; the endpoint comes from config."""
+
+    kind: ClassVar[Literal["hf"]] = "hf"
+    repo_id: str
+    revision: str
+
+    @property
+    def canonical(self) -> str:
+        return f"hf://{self.repo_id}@{self.revision}"
+
+    @property
+    def origin(self) -> str:
+        return "hf"
+
+    @property
+    def is_immutable(self) -> bool:
+        return _COMMIT_RE.fullmatch(self.revision) is not None
+
+
+@dataclass(frozen=True)
+class HttpRef(_Ref):
+    """One file over HTTP(S); ``url`` has no fragment, ``sha256`` is ``sha256:<hex>``."""
+
+    kind: ClassVar[Literal["http"]] = "http"
+    url: str
+    sha256: str
+
+    @property
+    def canonical(self) -> str:
+        return f"{self.url}#sha256={self.sha256.removeprefix('sha256:')}"
+
+    @property
+    def origin(self) -> str:
+        return urlsplit(self.url).netloc
+
+    @property
+    def is_immutable(self) -> bool:
+        return True
+
+    @property
+    def insecure(self) -> bool:
+        """Plain HTTP: the source must be configured to allow it."""
+        return self.url.startswith("http:")
+
+
+ModelRef: TypeAlias = OciRef | LayoutRef | HfRef | HttpRef
+
+
+def parse_ref(text: str) -> ModelRef:
+    """Parse and normalise a model reference; raises ``RefError`` naming the bad part."""
+    _check_characters(text)
+    match = _SCHEME_RE.match(text)
+    if match is None:
+        return _parse_oci(text, "oci", text)
+    scheme = match.group(1).lower()
+    after = text[match.end() :]
+    parser = _PARSERS.get(scheme)
+    if not after.startswith("//"):
+        if parser is None:
+            return _parse_oci(text, "oci", text)
+        raise RefError(
+            text,
+            "scheme",
+            f"'{match.group(0)}' must be followed by '//', as in {_EXAMPLES[scheme]}",
+        )
+    if parser is None:
+        known = ", ".join(f"{name}://" for name in _PARSERS)
+        raise RefError(text, "scheme", f"unknown scheme {match.group(1)!r} (expected {known})")
+    return parser(text, scheme, after[2:])
+
+
+def _check_characters(text: str) -> None:
+    if not text:
+        raise RefError(text, "reference", "empty reference")
+    if len(text) > MAX_REF_LENGTH:
+        raise RefError(
+            text, "reference", f"reference is {len(text)} characters, at most {MAX_REF_LENGTH}"
+        )
+    for char in text:
+        if char.isspace():
+            raise RefError(text, "reference", f"contains whitespace ({char!r})")
+        if not char.isprintable():
+            raise RefError(text, "reference", f"contains a control character ({char!r})")
+
+
+def _tag_digest_suffix(tag: str | None, digest: str | None) -> str:
+    return (f":{tag}" if tag is not None else "") + (f"@{digest}" if digest is not None else "")
+
+
+# --- OCI registry -----------------------------------------------------------------------------
+
+
+def _parse_oci(ref: str, _scheme: str, rest: str) -> OciRef:
+    name_tag, at, digest_text = rest.partition("@")
+    if "@" in digest_text:
+        raise RefError(ref, "digest", "more than one '@'")
+    digest = _check_digest(ref, digest_text) if at else None
+    name, tag = _split_tag(name_tag)
+    if tag is not None:
+        _check_tag(ref, tag)
+    registry, repository = _split_registry(ref, name)
+    if tag is None and digest is None:
+        tag = DEFAULT_TAG
+    return OciRef(registry=registry, repository=repository, tag=tag, digest=digest)
+
+
+def _split_tag(name_tag: str) -> tuple[str, str | None]:
+    colon = name_tag.rfind(":")
+    if colon > name_tag.rfind("/"):
+        return name_tag[:colon], name_tag[colon + 1 :]
+    return name_tag, None
+
+
+def _split_registry(ref: str, name: str) -> tuple[str, str]:
+    first, slash, remainder = name.partition("/")
+    if slash and ("." in first or ":" in first or first.lower() == "localhost"):
+        registry = _check_host_port(ref, first, "registry", default_port=None)
+        path = remainder
+    else:
+        registry, path = DEFAULT_REGISTRY, name
+    if registry == "index.docker.io":
+        registry = DEFAULT_REGISTRY
+    if not path:
+        raise RefError(ref, "repository", "missing repository name")
+    if registry == DEFAULT_REGISTRY and "/" not in path:
+        path = f"library/{path}"
+    for component in path.split("/"):
+        _check_repo_component(ref, component)
+    total = len(registry) + 1 + len(path)
+    if total > MAX_OCI_NAME_LENGTH:
+        raise RefError(
+            ref,
+            "repository",
+            f"registry/repository is {total} characters, at most {MAX_OCI_NAME_LENGTH}",
+        )
+    return registry, path
+
+
+def _check_repo_component(ref: str, component: str) -> None:
+    if not component:
+        raise RefError(ref, "repository", "empty path component")
+    if _REPO_COMPONENT_RE.fullmatch(component):
+        return
+    if _REPO_COMPONENT_RE.fullmatch(component.lower()):
+        problem = f"repository component {component!r} must be lowercase"
+    elif not (component[0].isascii() and component[0].isalnum()):
+        problem = f"repository component {component!r} must start with a lowercase letter or digit"
+    elif not (component[-1].isascii() and component[-1].isalnum()):
+        problem = f"repository component {component!r} must end with a lowercase letter or digit"
+    else:
+        problem = (
+            f"repository component {component!r} may only join lowercase letters and digits "
+            "with one '.', one or two '_', or '-'"
+        )
+    raise RefError(ref, "repository", problem)
+
+
+def _check_tag(ref: str, tag: str) -> None:
+    if not tag:
+        raise RefError(ref, "tag", "empty tag after ':'")
+    if len(tag) > MAX_TAG_LENGTH:
+        raise RefError(ref, "tag", f"tag is {len(tag)} characters, at most {MAX_TAG_LENGTH}")
+    if tag[0] not in _ALNUM and tag[0] != "_":
+        raise RefError(ref, "tag", f"tag {tag!r} must start with a letter, digit or '_'")
+    bad = _first_not_in(tag, _TAG_CHARS)
+    if bad is not None:
+        raise RefError(
+            ref, "tag", f"tag {tag!r} contains {bad!r}; allowed: letters, digits, '_', '.', '-'"
+        )
+
+
+def _check_digest(ref: str, text: str) -> str:
+    if not text:
+        raise RefError(ref, "digest", "empty digest after '@'")
+    algorithm, colon, hex_part = text.partition(":")
+    if not colon:
+        raise RefError(ref, "digest", f"digest {text!r} must look like sha256:<64 hex>")
+    if algorithm != "sha256":
+        raise RefError(ref, "digest", f"unsupported digest algorithm {algorithm!r} (only sha256)")
+    return "sha256:" + _check_sha256_hex(ref, "digest", hex_part)
+
+
+def _check_sha256_hex(ref: str, part: str, hex_part: str) -> str:
+    bad = _first_not_in(hex_part, _HEX)
+    if bad is not None:
+        kind = "lowercase hex" if bad in "ABCDEF" else "hex"
+        raise RefError(ref, part, f"sha256 digest must be {kind}, found {bad!r}")
+    if len(hex_part) != 64:
+        raise RefError(ref, part, f"sha256 digest must be 64 hex characters, got {len(hex_part)}")
+    return hex_part
+
+
+def _check_host_port(ref: str, text: str, part: str, default_port: int | None) -> str:
+    """Normalise ``host[:port]`` (``[v6]:port`` too); drops ``default_port`` when given."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise RefError(ref, part, f"unclosed '[' in {text!r}")
+        host = _check_ipv6(ref, part, text[1:end])
+        tail = text[end + 1 :]
+        if tail and not tail.startswith(":"):
+            raise RefError(ref, part, f"unexpected {tail!r} after IPv6 address")
+        port_text = tail[1:] if tail else None
+    else:
+        host_text, colon, port_text_raw = text.partition(":")
+        host = _check_hostname(ref, part, host_text)
+        port_text = port_text_raw if colon else None
+    if port_text is None:
+        return host
+    port = _check_port(ref, port_text)
+    return host if port == default_port else f"{host}:{port}"
+
+
+def _check_ipv6(ref: str, part: str, text: str) -> str:
+    try:
+        return f"[{ipaddress.IPv6Address(text).compressed}]"
+    except ValueError:
+        raise RefError(ref, part, f"{text!r} is not an IPv6 address") from None
+
+
+def _check_hostname(ref: str, part: str, text: str) -> str:
+    if not text:
+        raise RefError(ref, part, "empty host name")
+    host = text.lower()
+    for label in host.split("."):
+        if not label:
+            raise RefError(ref, part, f"empty label in host name {text!r}")
+        if not _HOST_LABEL_RE.fullmatch(label):
+            raise RefError(
+                ref,
+                part,
+                f"host label {label!r} must be 1-63 letters, digits or '-', "
+                "not starting or ending with '-'",
+            )
+    return host
+
+
+def _check_port(ref: str, text: str) -> int:
+    if not text:
+        raise RefError(ref, "port", "empty port after ':'")
+    if not (text.isascii() and text.isdigit()):
+        raise RefError(ref, "port", f"port {text!r} must be a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise RefError(ref, "port", f"port {port} out of range 1-65535")
+    return port
+
+
+def _first_not_in(text: str, allowed: frozenset[str]) -> str | None:
+    return next((char for char in text if char not in allowed), None)
+
+
+# --- OCI layout -------------------------------------------------------------------------------
+
+
+def _parse_layout(ref: str, _scheme: str, rest: str) -> LayoutRef:
+    if not rest.startswith("/"):
+        raise RefError(ref, "path", "path must be absolute, as in oci-layout:///srv/models/x:v1")
+    body, digest = rest, None
+    head, at, tail = rest.rpartition("@")
+    if at and "/" not in tail:
+        body, digest = head, _check_digest(ref, tail)
+    path, tag = _split_tag(body)
+    if tag is not None:
+        _check_tag(ref, tag)
+    _check_abs_path(ref, path)
+    if tag is None and digest is None:
+        tag = DEFAULT_TAG
+    return LayoutRef(path=path, tag=tag, digest=digest)
+
+
+def _check_abs_path(ref: str, path: str) -> None:
+    if path == "/":
+        raise RefError(ref, "path", "path must name a directory below '/'")
+    if len(path.encode()) > MAX_PATH_BYTES:
+        raise RefError(ref, "path", f"path is longer than {MAX_PATH_BYTES} bytes")
+    for component in path[1:].split("/"):
+        if not component:
+            raise RefError(ref, "path", "empty path component (doubled or trailing '/')")
+        if component in (".", ".."):
+            raise RefError(ref, "path", f"path component {component!r} is not allowed")
+        if len(component.encode()) > MAX_PATH_COMPONENT_BYTES:
+            raise RefError(
+                ref, "path", f"path component longer than {MAX_PATH_COMPONENT_BYTES} bytes"
+            )
+
+
+# --- Hugging Face -----------------------------------------------------------------------------
+
+
+def _parse_hf(ref: str, _scheme: str, rest: str) -> HfRef:
+    repo_id, at, revision = rest.partition("@")
+    _check_hf_repo_id(ref, repo_id)
+    if not at:
+        raise RefError(ref, "revision", "missing @revision (a branch, tag or 40-hex commit)")
+    _check_revision(ref, revision)
+    return HfRef(repo_id=repo_id, revision=revision)
+
+
+def _check_hf_repo_id(ref: str, repo_id: str) -> None:
+    parts = repo_id.split("/")
+    if len(parts) != 2:
+        raise RefError(ref, "repository", f"expected org/name, got {repo_id!r}")
+    for name in parts:
+        _check_hf_name(ref, name)
+    if repo_id.endswith(".git"):
+        raise RefError(ref, "repository", f"{repo_id!r} must not end with '.git'")
+
+
+def _check_hf_name(ref: str, name: str) -> None:
+    if not name:
+        raise RefError(ref, "repository", "empty path component")
+    if len(name) > MAX_HF_NAME_LENGTH:
+        raise RefError(
+            ref, "repository", f"{name!r} is {len(name)} characters, at most {MAX_HF_NAME_LENGTH}"
+        )
+    bad = _first_not_in(name, _HF_CHARS)
+    if bad is not None:
+        raise RefError(
+            ref, "repository", f"{name!r} contains {bad!r}; allowed: letters, digits, '-_.'"
+        )
+    if name[0] in "-." or name[-1] in "-.":
+        raise RefError(
+            ref, "repository", f"{name!r} must start and end with a letter, digit or '_'"
+        )
+    if "--" in name or ".." in name:
+        raise RefError(ref, "repository", f"{name!r} must not contain '--' or '..'")
+
+
+def _check_revision(ref: str, revision: str) -> None:
+    if not revision:
+        raise RefError(ref, "revision", "empty revision after '@'")
+    if len(revision) > 255:
+        raise RefError(ref, "revision", f"revision is {len(revision)} characters, at most 255")
+    bad = _first_not_in(revision, _REVISION_CHARS)
+    if bad is not None:
+        raise RefError(
+            ref,
+            "revision",
+            f"revision {revision!r} contains {bad!r}; allowed: letters, digits, '._-/'",
+        )
+    if (
+        revision[0] in "/-."
+        or revision[-1] in "/."
+        or "//" in revision
+        or ".." in revision
+        or revision.endswith(".lock")
+    ):
+        raise RefError(ref, "revision", f"revision {revision!r} is not a valid git ref name")
+
+
+# --- HTTP(S) ----------------------------------------------------------------------------------
+
+
+def _parse_http(ref: str, scheme: str, rest: str) -> HttpRef:
+    body, hash_mark, fragment = rest.partition("#")
+    if not hash_mark:
+        raise RefError(ref, "fragment", "missing #sha256=<64 hex> (the file's expected digest)")
+    algorithm, equals, hex_part = fragment.partition("=")
+    if not equals or algorithm != "sha256":
+        raise RefError(
+            ref, "fragment", f"fragment must be exactly sha256=<64 lowercase hex>, got {fragment!r}"
+        )
+    digest = "sha256:" + _check_sha256_hex(ref, "fragment", hex_part)
+    try:
+        parts = urlsplit(f"{scheme}://{body}")
+    except ValueError as exc:
+        raise RefError(ref, "host", f"malformed host ({exc})") from None
+    if "@" in parts.netloc:
+        raise RefError(ref, "host", "credentials in the URL are not allowed (they would be logged)")
+    host = _check_host_port(ref, parts.netloc, "host", default_port=_DEFAULT_PORTS[scheme])
+    if not parts.path or parts.path.endswith("/"):
+        raise RefError(ref, "path", "URL path must end in a file name")
+    query = f"?{parts.query}" if parts.query else ""
+    return HttpRef(url=f"{scheme}://{host}{parts.path}{query}", sha256=digest)
+
+
+_Parser = Callable[[str, str, str], ModelRef]
+_PARSERS: dict[str, _Parser] = {
+    "oci": _parse_oci,
+    "oci-layout": _parse_layout,
+    "hf": _parse_hf,
+    "http": _parse_http,
+    "https": _parse_http,
+}
+_EXAMPLES = {
+    "oci": "oci://registry.example.com/models/x:v1",
+    "oci-layout": "oci-layout:///srv/models/x:v1",
+    "hf": "hf://org/name@main",
+    "http": "http://host/path/file#sha256=<hex>",
+    "https": "https://host/path/file#sha256=<hex>",
+}
