@@ -1,0 +1,70 @@
+"""Build every origin from the config, sharing one HTTP transport (one connection pool)."""
+
+from __future__ import annotations
+
+import platform as _platform
+from dataclasses import dataclass
+
+from cacheagent.config import Config
+from cacheagent.sources.auth import CredentialStore
+from cacheagent.sources.base import Source
+from cacheagent.sources.hf import HfOptions, HfSource, read_token_file
+from cacheagent.sources.http import HttpOptions, HttpSource
+from cacheagent.sources.layout import OciLayoutSource
+from cacheagent.sources.registry import RegistryOptions, RegistrySource
+from cacheagent.sources.retry import RetryPolicy
+from cacheagent.sources.transport import Transport, TransportOptions
+
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le"}
+
+
+def node_platform() -> tuple[str, str]:
+    """The (os, architecture) pair OCI image indexes use for this node."""
+    machine = _platform.machine().lower()
+    return "linux", _ARCH.get(machine, machine)
+
+
+@dataclass
+class Origins:
+    """The configured sources and the transport they share; closing it closes both."""
+
+    sources: list[Source]
+    transport: Transport
+
+    async def aclose(self) -> None:
+        for source in self.sources:
+            await source.aclose()
+        await self.transport.aclose()
+
+
+def build_sources(config: Config) -> Origins:
+    pull, registries = config.pull, config.registries
+    transport = Transport(
+        TransportOptions(
+            ca_file=registries.ca_file,
+            insecure=frozenset(registries.insecure),
+            proxies=dict(registries.proxy),
+            max_connections=pull.max_connections_total,
+            max_connections_per_host=pull.max_connections_per_origin,
+            read_timeout=pull.timeout_seconds,
+        )
+    )
+    retry = RetryPolicy(max_attempts=pull.retries + 1, max_delay=pull.retry_max_seconds)
+    token = read_token_file(config.hf.token_file) if config.hf.token_file else None
+    sources: list[Source] = [
+        OciLayoutSource(platform=node_platform(), manifest_max_bytes=pull.manifest_max_bytes),
+        RegistrySource(
+            transport,
+            credentials=CredentialStore(docker_config=registries.docker_config),
+            options=RegistryOptions(
+                mirrors={k: tuple(v) for k, v in registries.mirrors.items()},
+                platform=node_platform(),
+                manifest_max_bytes=pull.manifest_max_bytes,
+                retry=retry,
+            ),
+        ),
+        HttpSource(transport, options=HttpOptions(retry=retry)),
+        HfSource(
+            transport, options=HfOptions(endpoint=config.hf.endpoint, token=token, retry=retry)
+        ),
+    ]

@@ -1,0 +1,371 @@
+"""A Hugging Face Hub model repository as a model source (``hf://org/name@revision``).
+
+Resolution asks the Hub API (``endpoint`` is configurable, for mirrors and tests):
+
+* ``GET {endpoint}/api/models/{repo}/revision/{revision}`` gives the commit sha the revision
+  points at (a 40-hex revision must come back unchanged);
+* ``GET {endpoint}/api/models/{repo}/tree/{commit}?recursive=true`` (following ``Link:
+  rel="next"`` pages) lists every file with its size, and for LFS files ``lfs.oid``: the file's
+  sha256, which becomes its blob digest.
+
+Non-LFS files have only a git blob sha1, which the store cannot verify against. Decision: such
+files (configs, tokenizers, READMEs; the Hub caps them at a few MB) are downloaded during resolve,
+at most ``small_file_max_bytes`` each, and hashed with sha256; that digest goes in the manifest,
+and the bytes stay in a bounded memory cache so the pull that follows need not download them
+again. A bigger non-LFS file is refused with its path named.
+
+The model's manifest is synthesized: canonical JSON naming the repo, the commit and every file
+(path, digest, size, sorted by path). Its sha256 is the model digest, so one commit always maps
+to one digest, whatever branch or tag named it. Files are fetched from
+``{endpoint}/{repo}/resolve/{commit}/{path}``, following the Hub's redirects to its CDN; the
+token goes only to the endpoint's own host (the transport drops it on cross-host redirects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from cacheagent.digest import is_digest, sha256_digest
+from cacheagent.errors import ConfigError, SizeMismatchError, SourceError
+from cacheagent.refs import HfRef, ModelRef
+from cacheagent.sources.base import BlobRef, Layer, ResolvedModel
+from cacheagent.sources.http import canonical_json
+from cacheagent.sources.retry import RetryPolicy
+from cacheagent.sources.streaming import (
+    BlobHomes,
+    StreamingSource,
+    raise_for_status,
+    read_bounded,
+    resolve_span,
+)
+from cacheagent.sources.transport import Transport, host_port
+from cacheagent.store.paths import safe_relpath
+
+HF_ARTIFACT_TYPE = "application/vnd.cacheagent.hf.model.v1+json"
+FILE_MEDIA_TYPE = "application/octet-stream"
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_MAX_API_BYTES = 32 << 20
+_MAX_TREE_PAGES = 1000
+_MAX_FILES = 100_000
+_SMALL_DOWNLOADS_AT_ONCE = 8
+_MAX_CACHED_COMMITS = 64
+
+
+@dataclass(frozen=True)
+class HfOptions:
+    endpoint: str = DEFAULT_ENDPOINT
+    token: str | None = field(default=None, repr=False)
+    small_file_max_bytes: int = 16 << 20
+    small_cache_bytes: int = 64 << 20
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    chunk_bytes: int = 1 << 20
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``hf.token_file`` (whitespace trimmed); the error never shows the token."""
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError("hf.token_file", f"cannot read {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError("hf.token_file", f"{path} is empty")
+    return token
+
+
+@dataclass(frozen=True)
+class HfFile:
+    path: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class _Home:
+    repo_id: str
+    commit: str
+    path: str
+
+
+class _SmallFiles:
+    """Bytes of non-LFS files hashed during resolve, bounded in total (oldest dropped)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._total = 0
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+
+    def put(self, digest: str, data: bytes) -> None:
+        if digest in self._data or len(data) > self._limit:
+            return
+        self._data[digest] = data
+        self._total += len(data)
+        while self._total > self._limit:
+            _, dropped = self._data.popitem(last=False)
+            self._total -= len(dropped)
+
+    def get(self, digest: str) -> bytes | None:
+        return self._data.get(digest)
+
+
+class HfSource(StreamingSource):
+    """Resolves Hub revisions to commits and fetches their files."""
+
+    kind = "hf"
+
+    def __init__(
+        self,
+        transport: Transport | None = None,
+        *,
+        options: HfOptions | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.options = options or HfOptions()
+        super().__init__(
+            transport, retry=self.options.retry, chunk_bytes=self.options.chunk_bytes, rng=rng
+        )
+        self.endpoint = URL(self.options.endpoint.rstrip("/"))
+        self.transport.check_url(self.endpoint, what="hf.endpoint")
+        self.origin = host_port(self.endpoint)
+        self._homes: BlobHomes[_Home] = BlobHomes()
+        self._small = _SmallFiles(self.options.small_cache_bytes)
+        self._commits: OrderedDict[tuple[str, str], tuple[HfFile, ...]] = OrderedDict()
+
+    def __repr__(self) -> str:
+        token = "set" if self.options.token else "none"
+        return f"HfSource(endpoint={str(self.endpoint)!r}, token={token})"
+
+    # -- resolve --------------------------------------------------------------------------------
+
+    async def resolve(self, ref: ModelRef) -> ResolvedModel:
+        if not isinstance(ref, HfRef):
+            raise SourceError(f"the hf source cannot resolve {ref} (a {ref.kind} ref)")
+        commit = await self._commit_of(ref)
+        files = self._commits.get((ref.repo_id, commit))
+        if files is None:
+            files = await self._list_files(ref.repo_id, commit)
+            self._commits[(ref.repo_id, commit)] = files
+            while len(self._commits) > _MAX_CACHED_COMMITS:
+                self._commits.popitem(last=False)
+        manifest = canonical_json(
+            {
+                "mediaType": HF_ARTIFACT_TYPE,
+                "repo": ref.repo_id,
+                "commit": commit,
+                "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in files],
+            }
+        )
+        for f in files:
+            self._homes.remember(f.digest, _Home(ref.repo_id, commit, f.path))
+        return ResolvedModel(
+            ref=ref,
+            manifest_digest=sha256_digest(manifest),
+            manifest=manifest,
+            layers=tuple(
+                Layer(BlobRef(f.digest, f.size, FILE_MEDIA_TYPE), f.path, "raw") for f in files
+            ),
+            artifact_type=HF_ARTIFACT_TYPE,
+        )
+
+    async def _commit_of(self, ref: HfRef) -> str:
+        url = self._url(f"api/models/{ref.repo_id}/revision/{quote(ref.revision, safe='')}")
+        doc, _ = await self._get_json(url, f"hf://{ref.repo_id}@{ref.revision}")
+        commit = doc.get("sha") if isinstance(doc, dict) else None
+        if not isinstance(commit, str) or not _COMMIT_RE.match(commit):
+            raise SourceError(f"{self.origin}: hf://{ref.repo_id}@{ref.revision}: no commit sha")
+        if _COMMIT_RE.match(ref.revision) and commit != ref.revision:
+            raise SourceError(
+                f"{self.origin}: hf://{ref.repo_id}@{ref.revision}: "
+                f"the Hub answered commit {commit}"
+            )
+        return commit
+
+    async def _list_files(self, repo_id: str, commit: str) -> tuple[HfFile, ...]:
+        what = f"file list of hf://{repo_id}@{commit}"
+        url: URL | None = self._url(f"api/models/{repo_id}/tree/{commit}").with_query(
+            recursive="true"
+        )
+        entries: list[Mapping[str, Any]] = []
+        for _ in range(_MAX_TREE_PAGES):
+            if url is None:
+                break
+            page, next_url = await self._get_json(url, what)
+            if not isinstance(page, list):
+                raise SourceError(f"{self.origin}: {what}: not a JSON array")
+            entries.extend(e for e in page if isinstance(e, dict) and e.get("type") == "file")
+            if len(entries) > _MAX_FILES:
+                raise SourceError(f"{self.origin}: {what}: more than {_MAX_FILES} files")
+            url = next_url
+        else:
+            raise SourceError(f"{self.origin}: {what}: more than {_MAX_TREE_PAGES} pages")
+        if not entries:
+            raise SourceError(f"{self.origin}: {what}: the repository has no files")
+        files = await self._describe(repo_id, commit, entries)
+        return tuple(sorted(files, key=lambda f: f.path))
+
+    async def _describe(
+        self, repo_id: str, commit: str, entries: list[Mapping[str, Any]]
+    ) -> list[HfFile]:
+        """LFS files as listed; git files downloaded and hashed (a few at a time)."""
+        files: list[HfFile] = []
+        small: list[tuple[str, int]] = []
+        for entry in entries:
+            path, lfs = _entry_path(entry), entry.get("lfs")
+            if isinstance(lfs, dict):
+                files.append(_lfs_file(path, lfs))
+            else:
+                small.append((path, self._small_size(repo_id, commit, path, entry.get("size"))))
+        gate = asyncio.Semaphore(_SMALL_DOWNLOADS_AT_ONCE)
+
+        async def one(path: str, size: int) -> HfFile:
+            async with gate:
+                return await self._hash_small(repo_id, commit, path, size)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(path, size)) for path, size in small]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return files + [task.result() for task in tasks]
+
+    def _small_size(self, repo_id: str, commit: str, path: str, size: object) -> int:
+        """The size of a git (non-LFS) file, which must be small enough to hash at resolve."""
+        what = f"hf://{repo_id}@{commit} file {path!r}"
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise SourceError(f"{self.origin}: {what}: bad size {size!r}")
+        limit = self.options.small_file_max_bytes
+        if size > limit:
+            raise SourceError(
+                f"{self.origin}: {what} is {size} bytes, not in LFS, and over the {limit}-byte "
+                "limit for files hashed at resolve"
+            )
+        return size
+
+    async def _hash_small(self, repo_id: str, commit: str, path: str, size: int) -> HfFile:
+        what = f"hf://{repo_id}@{commit} file {path!r}"
+        url = self._file_url(repo_id, commit, path)
+
+        async def attempt() -> bytes:
+            resp = await self.transport.request("GET", url, headers=self._headers())
+            async with resp:
+                self._check_status(resp, what)
+                return await read_bounded(resp, size, what=what)
+
+        data = await self._retrying(attempt, what=what, origin=self.origin)
+        if len(data) != size:
+            raise SizeMismatchError(what, size, len(data))
+        digest = sha256_digest(data)
+        self._small.put(digest, data)
+        return HfFile(path, digest, size)
+
+    # -- fetch ----------------------------------------------------------------------------------
+
+    async def fetch(
+        self, blob: BlobRef, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        home = self._homes.find(blob, "hf")
+        cached = self._small.get(blob.digest)
+        if cached is not None and len(cached) == blob.size:
+            stop = resolve_span(blob, start, end)
+            if stop > start:
+                yield cached[start:stop]
+            return
+        url = self._file_url(home.repo_id, home.commit, home.path)
+
+        async def open_response(headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+            resp = await self.transport.request("GET", url, headers={**headers, **self._headers()})
+            if resp.status in (401, 403):
+                resp.release()
+                self._denied(resp.status, f"hf://{home.repo_id}@{home.commit} file {home.path!r}")
+            return resp
+
+        async with contextlib.aclosing(
+            self._stream(open_response, blob, start, end, self.origin)
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    # -- HTTP helpers ---------------------------------------------------------------------------
+
+    def _url(self, path: str) -> URL:
+        return URL(f"{self.endpoint}/{path}", encoded=True)
+
+    def _file_url(self, repo_id: str, commit: str, path: str) -> URL:
+        return self._url(f"{repo_id}/resolve/{commit}/{quote(path)}")
+
+    def _headers(self) -> dict[str, str]:
+        token = self.options.token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _check_status(self, resp: aiohttp.ClientResponse, what: str) -> None:
+        if resp.status in (401, 403):
+            self._denied(resp.status, what)
+        raise_for_status(
+            resp.status, resp.headers.get("Retry-After"), what=what, origin=self.origin
+        )
+
+    def _denied(self, status: int, what: str) -> None:
+        hint = "the token was refused" if self.options.token else "no hf token is configured"
+        raise SourceError(
+            f"{self.origin}: {what}: access denied ({status}): the repo is private or gated, "
+            f"or does not exist ({hint}; see hf.token_file)"
+        )
+
+    async def _get_json(self, url: URL, what: str) -> tuple[Any, URL | None]:
+        """A JSON API answer and the URL of its next page, if any."""
+
+        async def attempt() -> tuple[Any, URL | None]:
+            resp = await self.transport.request("GET", url, headers=self._headers())
+            async with resp:
+                self._check_status(resp, what)
+                body = await read_bounded(resp, _MAX_API_BYTES, what=what)
+                link = resp.links.get("next")
+                next_link = link.get("url") if link is not None else None
+            try:
+                doc = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise SourceError(f"{self.origin}: {what}: the Hub answered non-JSON") from None
+            return doc, self._next_page(next_link, what)
+
+        result: tuple[Any, URL | None] = await self._retrying(
+            attempt, what=what, origin=self.origin
+        )
+        return result
+
+    def _next_page(self, link: object, what: str) -> URL | None:
+        if link is None:
+            return None
+        url = self.endpoint.join(URL(str(link), encoded=True))
+        if (url.scheme, host_port(url)) != (self.endpoint.scheme, self.origin):
+            raise SourceError(f"{self.origin}: {what}: next page points at another host")
+        return url
+
+
+def _entry_path(entry: Mapping[str, Any]) -> str:
+    path = entry.get("path")
+    if not isinstance(path, str):
+        raise SourceError(f"hf tree entry without a path: {str(entry)[:200]}")
+    return safe_relpath(path)
+
+
+def _lfs_file(path: str, lfs: Mapping[str, Any]) -> HfFile:
+    oid, size = lfs.get("oid"), lfs.get("size")
+    digest = f"sha256:{oid}"
+    if not isinstance(oid, str) or not is_digest(digest):
+        raise SourceError(f"hf file {path!r}: lfs.oid is not a sha256: {oid!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise SourceError(f"hf file {path!r}: bad lfs.size {size!r}")
+    return HfFile(path, digest, size)

@@ -1,0 +1,487 @@
+"""HttpSource and HfSource against local servers, and the fetch rules against a faulty origin.
+
+The fault cases run through HttpSource (the simplest source); RegistrySource and HfSource share
+the same streaming code (sources/streaming.py), and the registry tests cover its auth/redirect
+specifics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from cacheagent.digest import sha256_digest
+from cacheagent.errors import (
+    ModelNotFoundError,
+    OriginUnavailableError,
+    SizeMismatchError,
+    SourceError,
+    UnsafePathError,
+)
+from cacheagent.refs import HfRef, HttpRef, parse_ref
+from cacheagent.sources.base import BlobRef, ResolvedModel, Source
+from cacheagent.sources.hf import HfOptions, HfSource
+from cacheagent.sources.http import HttpOptions, HttpSource
+from cacheagent.sources.retry import RetryPolicy
+from cacheagent.sources.transport import Transport, TransportOptions
+from tests.certs import make_pki
+from tests.fault_server import Fault, FaultServer
+from tests.hf_server import HfRepo, HfServer
+
+FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=2.0, max_total_seconds=10.0)
+DATA = random.Random(7).randbytes(256 * 1024 + 17)
+DIGEST = sha256_digest(DATA)
+TOKEN = "hf_TESTtokenThatMustNeverLeak0123456789"
+
+MakeHttp = Callable[..., HttpSource]
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[FaultServer]:
+    async with FaultServer(stall_seconds=5.0) as server:
+        server.add("files/model.bin", DATA)
+        yield server
+
+
+@pytest.fixture
+async def make_http() -> AsyncIterator[MakeHttp]:
+    made: list[HttpSource] = []
+
+    def build(
+        *insecure: str,
+        read_timeout: float = 10.0,
+        retry: RetryPolicy = FAST,
+        proxies: dict[str, str] | None = None,
+        ca_file: Path | None = None,
+    ) -> HttpSource:
+        source = HttpSource(
+            Transport(
+                TransportOptions(
+                    insecure=frozenset(insecure),
+                    read_timeout=read_timeout,
+                    proxies=proxies or {},
+                    ca_file=ca_file,
+                )
+            ),
+            options=HttpOptions(retry=retry, chunk_bytes=32 * 1024),
+            rng=random.Random(0),
+        )
+        made.append(source)
+        return source
+
+    yield build
+    for source in made:
+        await source.transport.aclose()
+
+
+async def read_all(source: Source, blob: BlobRef, start: int = 0, end: int | None = None) -> bytes:
+    return b"".join([chunk async for chunk in source.fetch(blob, start, end)])
+
+
+def http_ref(url: str, data: bytes = DATA) -> HttpRef:
+    ref = parse_ref(f"{url}#sha256={hashlib.sha256(data).hexdigest()}")
+    assert isinstance(ref, HttpRef)
+    return ref
+
+
+async def resolved(
+    source: HttpSource, server: FaultServer, name: str = "files/model.bin"
+) -> ResolvedModel:
+    return await source.resolve(http_ref(server.url(name)))
+
+
+def gets(server: FaultServer, name: str = "files/model.bin") -> list[str | None]:
+    """The Range header of every GET the server saw for ``name`` (None: no Range)."""
+    return [r.headers.get("Range") for r in server.seen(name) if r.method == "GET"]
+
+
+# -- HttpSource ---------------------------------------------------------------------------------
+
+
+async def test_http_resolve_and_fetch(origin: FaultServer, make_http: MakeHttp) -> None:
+    source = make_http(origin.host)
+    model = await resolved(source, origin)
+    (layer,) = model.layers
+    assert (layer.path, layer.unpack) == ("model.bin", "raw")
+    assert layer.blob == BlobRef(DIGEST, len(DATA), "application/octet-stream")
+    manifest = json.loads(model.manifest)
+    assert manifest["url"] == origin.url("files/model.bin")
+    assert manifest["files"] == [{"path": "model.bin", "digest": DIGEST, "size": len(DATA)}]
+    assert model.manifest == json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    assert model.manifest_digest == sha256_digest(model.manifest)
+    assert (await resolved(source, origin)).manifest_digest == model.manifest_digest
+
+    assert await read_all(source, layer.blob) == DATA
+    assert await read_all(source, layer.blob, 1000, 70_000) == DATA[1000:70_000]
+    assert gets(origin) == [None, "bytes=1000-69999"]
+    assert origin.served["files/model.bin"] == len(DATA) + 69_000
+    assert source.supports_ranges
+
+
+async def test_ranged_fetches_reuse_one_connection(
+    origin: FaultServer, make_http: MakeHttp
+) -> None:
+    source = make_http(origin.host)
+    blob = (await resolved(source, origin)).layers[0].blob
+    for start in range(0, 200_000, 40_000):
+        assert await read_all(source, blob, start, start + 40_000) == DATA[start : start + 40_000]
+    assert len(origin.requests) == 6
+    assert len({r.peer for r in origin.requests}) == 1  # keep-alive, no handshake per range
+
+
+async def test_http_size_without_content_length(origin: FaultServer, make_http: MakeHttp) -> None:
+    origin.add("files/unsized.bin", DATA, declare_length=False)
+    source = make_http(origin.host)
+    model = await resolved(source, origin, "files/unsized.bin")
+    assert model.layers[0].blob.size == len(DATA)  # learned from a Range: bytes=0-0 probe
+    assert gets(origin, "files/unsized.bin") == ["bytes=0-0"]
+    assert await read_all(source, model.layers[0].blob) == DATA
+
+    # HEAD refused (as with URLs presigned for GET only): the Range probe gives the size.
+    origin.inject("files/model.bin", Fault("status", status=403, method="HEAD"))
+    assert (await resolved(make_http(origin.host), origin)).layers[0].blob.size == len(DATA)
+    assert gets(origin) == ["bytes=0-0"]
+
+    origin.inject("files/unsized.bin", Fault("ignore_range"))
+    with pytest.raises(SourceError, match="declares no size"):
+        await make_http(origin.host).resolve(http_ref(origin.url("files/unsized.bin")))
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "match"),
+    [
+        ("files/", SourceError, "names no file"),
+        ("files/%2e%2e", UnsafePathError, r"\.\."),
+        ("files/a%2Fb", UnsafePathError, "encoded '/'"),
+    ],
+)
+async def test_http_file_name_is_checked(
+    origin: FaultServer, make_http: MakeHttp, path: str, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        await make_http(origin.host).resolve(HttpRef(origin.url(path), DIGEST))
+
+
+async def test_http_requires_insecure_listing_for_plain_http(
+    origin: FaultServer, make_http: MakeHttp
+) -> None:
+    with pytest.raises(SourceError, match=r"registries\.insecure") as info:
+        await make_http().resolve(http_ref(origin.url("files/model.bin")))
+    assert origin.host in str(info.value)
+    assert origin.requests == []  # refused before any connection
+
+
+async def test_http_missing_file_is_not_found(origin: FaultServer, make_http: MakeHttp) -> None:
+    with pytest.raises(ModelNotFoundError, match="nothing-here"):
+        await make_http(origin.host).resolve(http_ref(origin.url("files/nothing-here")))
+
+
+async def test_https_with_private_ca(tmp_path: Path, make_http: MakeHttp) -> None:
+    pki = make_pki(tmp_path / "pki")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    app = web.Application()
+
+    async def serve(_: web.Request) -> web.Response:
+        return web.Response(body=DATA)
+
+    app.router.add_get("/w.bin", serve)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context)
+    await site.start()
+    try:
+        ref = http_ref(f"https://127.0.0.1:{port}/w.bin")
+        with pytest.raises(SourceError, match=r"registries\.ca_file"):
+            await make_http().resolve(ref)
+        source = make_http(ca_file=pki.ca_cert)
+        model = await source.resolve(ref)
+        assert await read_all(source, model.layers[0].blob) == DATA
+    finally:
+        await runner.cleanup()
+
+
+async def test_upstream_proxy_per_origin(origin: FaultServer, make_http: MakeHttp) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        unreachable = f"127.0.0.1:{s.getsockname()[1]}"
+    source = make_http(unreachable, proxies={unreachable: origin.url()})
+    ref = http_ref(f"http://{unreachable}/files/model.bin")
+    model = await source.resolve(ref)
+    assert await read_all(source, model.layers[0].blob, 10, 20) == DATA[10:20]
+    # The proxy saw absolute-form requests for the origin it stood in for.
+    assert origin.requests[-1].raw_path == f"http://{unreachable}/files/model.bin"
+
+
+# -- the fault cases ----------------------------------------------------------------------------
+
+
+async def test_429_retry_after_is_honoured(origin: FaultServer, make_http: MakeHttp) -> None:
+    source = make_http(origin.host)
+    model = await resolved(source, origin)
+    origin.inject("files/model.bin", Fault("status", status=429, retry_after="1"))
+    began = time.monotonic()
+    assert await read_all(source, model.layers[0].blob) == DATA
+    assert time.monotonic() - began >= 0.95
+    assert gets(origin) == [None, None]
+
+
+async def test_503_then_success(origin: FaultServer, make_http: MakeHttp) -> None:
+    source = make_http(origin.host)
+    model = await resolved(source, origin)
+    origin.inject("files/model.bin", Fault("status", times=2, status=503))
+    assert await read_all(source, model.layers[0].blob, 5, 500) == DATA[5:500]
+    assert gets(origin) == ["bytes=5-499"] * 3
+
+
+async def test_retries_run_out(origin: FaultServer, make_http: MakeHttp) -> None:
+    source = make_http(origin.host)
+    model = await resolved(source, origin)
+    origin.inject("files/model.bin", Fault("status", times=99, status=502))
+    with pytest.raises(OriginUnavailableError) as info:
+        await read_all(source, model.layers[0].blob)
+    message = str(info.value)
+    assert origin.host in message and DIGEST in message and "HTTP 502" in message
+    assert len(gets(origin)) == FAST.max_attempts
+
+
+async def test_dropped_connection_resumes_where_it_stopped(
+    origin: FaultServer, make_http: MakeHttp
+) -> None:
+    source = make_http(origin.host)
+    model = await resolved(source, origin)
+    origin.inject("files/model.bin", Fault("drop"))
+    assert await read_all(source, model.layers[0].blob) == DATA
+    first, second = gets(origin)
+    assert first is None
+    assert second is not None and second.endswith(f"-{len(DATA) - 1}")
+    resumed_at = int(second.removeprefix("bytes=").split("-")[0])
+    assert resumed_at > 0
+    # The origin sent each byte about once, not the whole blob twice.
+    assert origin.served["files/model.bin"] < len(DATA) + 64 * 1024
+
+
+@pytest.mark.parametrize("kind", ["long", "long_chunked"])
+async def test_body_longer_than_declared_is_cut_off(
+    origin: FaultServer, make_http: MakeHttp, kind: str
+) -> None:
+    source = make_http(origin.host)
+    model = await resolved(source, origin)
+    blob = model.layers[0].blob
+    origin.inject("files/model.bin", Fault(kind, extra=100_000))  # type: ignore[arg-type]
+    received = 0
+    with pytest.raises(SizeMismatchError) as info:
+        async for chunk in source.fetch(blob):
+            received += len(chunk)
+    assert info.value.digest == DIGEST and info.value.expected == len(DATA)
+    assert received <= len(DATA)
+
+
+async def test_stalled_body_times_out(origin: FaultServer, make_http: MakeHttp) -> None:
+    retry = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=1.0, max_total_seconds=5.0)
+    source = make_http(origin.host, read_timeout=0.3, retry=retry)
+    model = await resolved(source, origin)
+    origin.inject("files/model.bin", Fault("stall", times=2, cut_at=0.0))
+    began = time.monotonic()
+    with pytest.raises(OriginUnavailableError, match="Timeout") as info:
+        await read_all(source, model.layers[0].blob)
+    assert time.monotonic() - began < 3.0
+    assert DIGEST in str(info.value)
+
+
+async def test_stalls_with_progress_do_not_exhaust_retries(
+    origin: FaultServer, make_http: MakeHttp
+) -> None:
+    retry = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=1.0, max_total_seconds=5.0)
+    source = make_http(origin.host, read_timeout=0.3, retry=retry)
+    model = await resolved(source, origin)
+    # Three stalls in a row, each after some bytes: more failures than max_attempts, but every
+    # attempt gained ground, so the budget restarts and the download completes.
+    origin.inject("files/model.bin", Fault("stall", times=3))
+    assert await read_all(source, model.layers[0].blob) == DATA
+    assert len(gets(origin)) == 4
+
+
+async def test_origin_ignoring_range_is_handled(origin: FaultServer, make_http: MakeHttp) -> None:
+    source = make_http(origin.host)
+    model = await resolved(source, origin)
+    origin.inject("files/model.bin", Fault("ignore_range", times=2))
+    blob = model.layers[0].blob
+    assert await read_all(source, blob, 100_000, 100_100) == DATA[100_000:100_100]
+    assert await read_all(source, blob, 200_000) == DATA[200_000:]
+    assert not source.supports_ranges
+    assert source.ranges_ignored_by == {origin.host}
+
+
+async def test_wrong_bytes_pass_through_for_the_verifier(
+    origin: FaultServer, make_http: MakeHttp
+) -> None:
+    source = make_http(origin.host)
+    model = await resolved(source, origin)
+    origin.inject("files/model.bin", Fault("wrong"))
+    data = await read_all(source, model.layers[0].blob)
+    assert len(data) == len(DATA) and sha256_digest(data) != DIGEST
+
+
+async def test_redirect_to_blob_storage_is_followed(
+    origin: FaultServer, make_http: MakeHttp
+) -> None:
+    async with FaultServer() as storage:
+        storage.add("obj", DATA)
+        source = make_http(origin.host, storage.host)
+        model = await resolved(source, origin)
+        origin.inject("files/model.bin", Fault("redirect", location=storage.url("obj")))
+        assert await read_all(source, model.layers[0].blob, 7, 99) == DATA[7:99]
+        assert [r.headers.get("Range") for r in storage.seen("obj")] == ["bytes=7-98"]
+
+
+async def test_redirect_to_plain_http_of_a_secure_host_is_refused(
+    origin: FaultServer, make_http: MakeHttp
+) -> None:
+    async with FaultServer() as storage:
+        storage.add("obj", DATA)
+        source = make_http(origin.host)  # storage is NOT listed insecure
+        model = await resolved(source, origin)
+        origin.inject("files/model.bin", Fault("redirect", location=storage.url("obj")))
+        with pytest.raises(SourceError, match=r"registries\.insecure"):
+            await read_all(source, model.layers[0].blob)
+        assert storage.requests == []
+
+
+# -- HfSource -----------------------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SAFETENSORS = random.Random(3).randbytes(150_000)
+CONFIG_JSON = b'{"model_type": "test", "hidden_size": 8}\n'
+
+
+def hf_repo() -> HfRepo:
+    return HfRepo(
+        repo_id="acme/tiny-model",
+        commit=COMMIT,
+        branches={"main": COMMIT, "v1.0": COMMIT},
+        files={"config.json": CONFIG_JSON, ".gitattributes": b"*.safetensors filter=lfs\n"},
+        lfs_files={"model.safetensors": SAFETENSORS, "sub/dir/extra.bin": b"lfs extra"},
+    )
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[tuple[HfServer, FaultServer]]:
+    async with FaultServer() as cdn:
+        server = HfServer(cdn_url=cdn.url("lfs/"), token=TOKEN)
+        server.add(hf_repo())
+        for data in hf_repo().lfs_files.values():
+            cdn.add(f"lfs/{hashlib.sha256(data).hexdigest()}", data)
+        await server.start()
+        try:
+            yield server, cdn
+        finally:
+            await server.stop()
+
+
+@pytest.fixture
+async def make_hf(hub: tuple[HfServer, FaultServer]) -> AsyncIterator[Callable[..., HfSource]]:
+    server, cdn = hub
+    made: list[HfSource] = []
+
+    def build(token: str | None = TOKEN, small_file_max_bytes: int = 1 << 20) -> HfSource:
+        source = HfSource(
+            Transport(TransportOptions(insecure=frozenset({server.host, cdn.host}))),
+            options=HfOptions(
+                endpoint=server.endpoint,
+                token=token,
+                retry=FAST,
+                small_file_max_bytes=small_file_max_bytes,
+            ),
+        )
+        made.append(source)
+        return source
+
+    yield build
+    for source in made:
+        await source.transport.aclose()
+
+
+async def test_hf_resolve_and_fetch(
+    hub: tuple[HfServer, FaultServer],
+    make_hf: Callable[..., HfSource],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server, cdn = hub
+    source = make_hf()
+    model = await source.resolve(HfRef("acme/tiny-model", "main"))
+    by_path = {layer.path: layer.blob for layer in model.layers}
+    assert sorted(by_path) == [
+        ".gitattributes",
+        "config.json",
+        "model.safetensors",
+        "sub/dir/extra.bin",
+    ]
+    assert by_path["model.safetensors"].digest == sha256_digest(SAFETENSORS)  # lfs.oid
+    assert by_path["config.json"] == BlobRef(
+        sha256_digest(CONFIG_JSON), len(CONFIG_JSON), "application/octet-stream"
+    )
+    manifest = json.loads(model.manifest)
+    assert (manifest["repo"], manifest["commit"]) == ("acme/tiny-model", COMMIT)
+    assert model.manifest_digest == sha256_digest(model.manifest)
+
+    # Same commit, any name for it: same model digest.
+    for revision in ("v1.0", COMMIT):
+        again = await make_hf().resolve(HfRef("acme/tiny-model", revision))
+        assert again.manifest_digest == model.manifest_digest
+
+    weights = by_path["model.safetensors"]
+    assert await read_all(source, weights) == SAFETENSORS
+    assert await read_all(source, weights, 1000, 2000) == SAFETENSORS[1000:2000]
+    cdn_gets = cdn.seen(f"lfs/{hashlib.sha256(SAFETENSORS).hexdigest()}")
+    assert [r.headers.get("Range") for r in cdn_gets] == [None, "bytes=1000-1999"]
+    assert all("Authorization" not in r.headers for r in cdn.requests)  # the token stayed home
+    resolve_calls = [p for p, _ in server.requests if "/resolve/" in p]
+    assert all(headers["Authorization"] == f"Bearer {TOKEN}" for _, headers in server.requests)
+
+    # Small git files were hashed at resolve and are served from memory.
+    assert await read_all(source, by_path["config.json"], 2) == CONFIG_JSON[2:]
+    assert [p for p, _ in server.requests if "/resolve/" in p] == resolve_calls
+    assert TOKEN not in caplog.text and TOKEN not in repr(source)
+
+
+async def test_hf_tree_pages_are_followed(
+    hub: tuple[HfServer, FaultServer], make_hf: Callable[..., HfSource]
+) -> None:
+    server, _ = hub
+    server.page_size = 2
+    model = await make_hf().resolve(HfRef("acme/tiny-model", "main"))
+    assert len(model.layers) == 4
+    assert sum("/tree/" in p for p, _ in server.requests) == 3  # 4 files + 1 dir, 2 per page
+
+
+async def test_hf_errors(
+    hub: tuple[HfServer, FaultServer], make_hf: Callable[..., HfSource]
+) -> None:
+    with pytest.raises(ModelNotFoundError):
+        await make_hf().resolve(HfRef("acme/absent", "main"))
+    with pytest.raises(ModelNotFoundError):
+        await make_hf().resolve(HfRef("acme/tiny-model", "no-such-branch"))
+    with pytest.raises(SourceError, match="no hf token is configured"):
+        await make_hf(token=None).resolve(HfRef("acme/tiny-model", "main"))
+    with pytest.raises(SourceError, match="token was refused") as refused:
+        await make_hf(token="hf_wrong-" + TOKEN).resolve(HfRef("acme/tiny-model", "main"))
+    assert TOKEN not in str(refused.value)
+    with pytest.raises(SourceError, match=r"'\.gitattributes' is 25 bytes, not in LFS, and over"):
+        await make_hf(small_file_max_bytes=10).resolve(HfRef("acme/tiny-model", "main"))
+    with pytest.raises(SourceError, match="resolve the model first"):
+        await read_all(make_hf(), BlobRef(sha256_digest(b"?"), 1, "x"))
