@@ -68,3 +68,4 @@ def build_sources(config: Config) -> Origins:
             transport, options=HfOptions(endpoint=config.hf.endpoint, token=token, retry=retry)
         ),
     ]
+    return Origins(sources, transport)
