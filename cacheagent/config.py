@@ -356,6 +356,7 @@ class CsiConfig(_Section):
 @dataclass(frozen=True)
 class FuseConfig(_Section):
     section: ClassVar[str] = "fuse"
+    enabled: bool = True
     mountpoint: Path = Path("/run/cacheagent/fuse")
     read_ahead_kb: Annotated[int, Range(0, 1024 * 1024)] = 8192
 
@@ -613,6 +614,18 @@ def _to_str(raw: object) -> str:
     return raw
 
 
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def _to_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
 def _to_path(raw: object) -> Path:
     if not isinstance(raw, str | Path) or not Path(raw).is_absolute():
         raise ValueError(f"expected an absolute path, got {raw!r}")
@@ -620,6 +633,7 @@ def _to_path(raw: object) -> Path:
 
 
 _SCALARS: dict[type, Callable[[object], object]] = {
+    bool: _to_bool,
     int: _to_int,
     float: _to_float,
     str: _to_str,

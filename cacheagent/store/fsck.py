@@ -1,0 +1,273 @@
+"""Reconcile the index with the disk: run by ``Store.open`` and by ``Store.fsck``.
+
+The disk is the truth for bytes, the index for intent. Every repair moves toward a state in
+which each indexed blob is a whole verified file and each ready model is a complete tree:
+
+- ``models/sha256/.tmp-*`` trees (builds or deletes cut short): deleted.
+- blob files the index does not know: adopted if the name is a digest (and, with ``rehash``,
+  the bytes hash to it), else deleted; wrong size or hash: deleted; wrong mode: fixed.
+- blob rows whose file is gone: dropped. A ready model that needs a dropped blob, or whose tree
+  does not match its record, is reset to pending: its tree is removed, its record, pins and
+  tags stay, ``get_model`` returns None and the next pull re-fetches only what is missing.
+- model trees with no ready record: deleted.
+- partial downloads: deleted when their blob is already committed, or when untouched for a day
+  and no pull holds a lease on a model that needs them; otherwise kept (and made writable
+  again if a commit sealed it before crashing) so a pull can resume.
+- at start-up only: fuse and pull leases (their processes died with the previous agent) dropped;
+  csi leases stay, the CSI publish journal owns them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from cacheagent.store import tree
+from cacheagent.store.blobs import BLOB_MODE, hash_file
+from cacheagent.store.index import Index
+from cacheagent.store.paths import TMP_PREFIX, Layout, digest_of_hex, digest_of_partial, tree_shape
+
+STALE_PARTIAL_SECONDS = 24 * 3600
+SESSION_LEASE_KINDS = ("fuse", "pull")
+_TWO_HEX = re.compile(r"^[0-9a-f]{2}$")
+
+
+@dataclass
+class FsckReport:
+    """What reconciliation found and fixed. ``str()`` gives a printable summary."""
+
+    rehashed: bool = False
+    blobs_checked: int = 0
+    models_checked: int = 0
+    blobs_adopted: int = 0
+    blob_rows_dropped: int = 0
+    corrupt_blobs_removed: int = 0
+    stray_files_removed: int = 0
+    models_reset: int = 0
+    tmp_trees_removed: int = 0
+    stray_trees_removed: int = 0
+    partials_removed: int = 0
+    modes_fixed: int = 0
+    leases_dropped: int = 0
+    refcounts_fixed: int = 0
+    actions: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Each kind of fix and how many times it was applied."""
+        skip = {"rehashed", "blobs_checked", "models_checked", "actions"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    @property
+    def fixes(self) -> int:
+        return sum(self.counts().values())
+
+    @property
+    def clean(self) -> bool:
+        return self.fixes == 0
+
+    def note(self, counter: str, action: str) -> None:
+        setattr(self, counter, getattr(self, counter) + 1)
+        self.actions.append(action)
+
+    def __str__(self) -> str:
+        mode = "with re-hash" if self.rehashed else "without re-hash"
+        lines = [
+            f"fsck ({mode}): checked {self.blobs_checked} blobs, {self.models_checked} models; "
+            + ("no problems" if self.clean else f"{self.fixes} fixes")
+        ]
+        lines += [f"  {name.replace('_', ' ')}: {n}" for name, n in self.counts().items() if n]
+        lines += [f"  - {action}" for action in self.actions]
+        return "\n".join(lines)
+
+
+def reconcile(
+    index: Index, layout: Layout, *, rehash: bool, now: float, at_start: bool
+) -> FsckReport:
+    """Repair the store in place (the caller holds the store lock); see the module docstring."""
+    report = FsckReport(rehashed=rehash)
+    with index.transaction():
+        _remove_tmp_trees(layout, report)
+        gone = _reconcile_blobs(index, layout, report, rehash=rehash, now=now)
+        for digest in sorted(index.models_using(sorted(gone))):
+            _reset_model(index, layout, digest, "needs a blob that is missing or corrupt", report)
+        _check_trees(index, layout, report)
+        _remove_stray_trees(index, layout, report)
+        _clean_partials(index, layout, report, now=now)
+        if at_start:
+            dropped = index.drop_leases(kinds=SESSION_LEASE_KINDS)
+            report.leases_dropped += dropped
+            if dropped:
+                report.actions.append(f"dropped {dropped} fuse/pull leases of the previous agent")
+        fixed = index.recount_refs()
+        report.refcounts_fixed += fixed
+        if fixed:
+            report.actions.append(f"recounted references of {fixed} blobs")
+    return report
+
+
+def _entries(directory: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as it:
+            yield from sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        tree.remove(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_tmp_trees(layout: Layout, report: FsckReport) -> None:
+    for entry in _entries(layout.models_dir):
+        if entry.name.startswith(TMP_PREFIX):
+            _remove_entry(Path(entry.path))
+            report.note("tmp_trees_removed", f"removed unfinished tree {entry.name}")
+
+
+def _reconcile_blobs(
+    index: Index, layout: Layout, report: FsckReport, *, rehash: bool, now: float
+) -> set[str]:
+    """Check every blob file; returns the indexed blobs that are no longer there."""
+    indexed = index.all_blobs()
+    present: set[str] = set()
+    for group in _entries(layout.blobs_dir):
+        if not (_TWO_HEX.match(group.name) and group.is_dir(follow_symlinks=False)):
+            _remove_entry(Path(group.path))
+            report.note("stray_files_removed", f"removed {group.path}: not a blob directory")
+            continue
+        for entry in _entries(Path(group.path)):
+            digest = _check_blob_file(entry, group.name, indexed, report, rehash=rehash)
+            if digest is None:
+                continue
+            present.add(digest)
+            if digest not in indexed:
+                index.insert_blob(digest, entry.stat(follow_symlinks=False).st_size, now)
+                report.note("blobs_adopted", f"adopted {digest}: on disk but not in the index")
+    report.blobs_checked = len(present)
+    gone = set(indexed) - present
+    index.delete_blobs(sorted(gone))
+    for digest in sorted(gone):
+        report.note("blob_rows_dropped", f"dropped {digest} from the index: file missing")
+    return gone
+
+
+def _check_blob_file(
+    entry: os.DirEntry[str],
+    group: str,
+    indexed: dict[str, int],
+    report: FsckReport,
+    *,
+    rehash: bool,
+) -> str | None:
+    """The digest of a good blob file (mode fixed if needed), or None after deleting a bad one."""
+    path = Path(entry.path)
+    digest = digest_of_hex(entry.name)
+    if digest is None or entry.name[:2] != group or not entry.is_file(follow_symlinks=False):
+        _remove_entry(path)
+        report.note("stray_files_removed", f"removed {entry.path}: not a blob file")
+        return None
+    st = entry.stat(follow_symlinks=False)
+    problem = None
+    if digest in indexed and st.st_size != indexed[digest]:
+        problem = f"size {st.st_size}, index says {indexed[digest]}"
+    elif rehash and (actual := hash_file(path)[0]) != digest:
+        problem = f"content hashes to {actual}"
+    if problem is not None:
+        path.unlink()
+        report.note("corrupt_blobs_removed", f"removed corrupt blob {digest}: {problem}")
+        return None
+    if stat.S_IMODE(st.st_mode) != BLOB_MODE:
+        path.chmod(BLOB_MODE)
+        report.note("modes_fixed", f"blob {digest}: mode {stat.S_IMODE(st.st_mode):o} -> 444")
+    return digest
+
+
+def _reset_model(index: Index, layout: Layout, digest: str, why: str, report: FsckReport) -> None:
+    index.set_state(digest, "pending")
+    tree.remove(layout.model_path(digest))
+    report.note("models_reset", f"model {digest} {why}: tree removed, will be re-pulled")
+
+
+def _check_trees(index: Index, layout: Layout, report: FsckReport) -> None:
+    inodes: dict[str, tuple[int, int]] = {}
+    models = index.ready_models()
+    report.models_checked = len(models)
+    for digest in models:
+        files = index.model_files(digest)
+        expected: dict[str, tuple[int, int]] = {}
+        for f in files:
+            if f.blob not in inodes:
+                inodes[f.blob] = _inode(layout.blob_path(f.blob))
+            expected[f.path] = inodes[f.blob]
+        shape = tree_shape(f.path for f in files)
+        problems, fixed = tree.check(layout.model_path(digest), expected, shape.dirs)
+        if fixed:
+            report.modes_fixed += fixed
+            report.actions.append(f"model {digest}: fixed the mode of {fixed} directories")
+        if problems:
+            first = problems[0]
+            where = f" {first.path!r}" if first.path else ""
+            _reset_model(index, layout, digest, f"tree broken ({first.problem}{where})", report)
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    """(st_dev, st_ino) of a blob file; (-1, -1) if it is gone, which no tree entry matches."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return (-1, -1)
+    return (st.st_dev, st.st_ino)
+
+
+def _remove_stray_trees(index: Index, layout: Layout, report: FsckReport) -> None:
+    ready = set(index.ready_models())
+    for entry in _entries(layout.models_dir.parent):
+        if entry.name != layout.models_dir.name:
+            _remove_entry(Path(entry.path))
+            report.note("stray_trees_removed", f"removed {entry.path}: not part of the store")
+    for entry in _entries(layout.models_dir):
+        if digest_of_hex(entry.name) not in ready:
+            _remove_entry(Path(entry.path))
+            report.note("stray_trees_removed", f"removed {entry.path}: no ready model record")
+
+
+def _clean_partials(index: Index, layout: Layout, report: FsckReport, *, now: float) -> None:
+    committed = index.all_blobs()
+    live = index.pulling_blobs()
+    entries = list(_entries(layout.partial_dir))
+    # A download and its ranges sidecar age together: the newest of the two counts.
+    newest: dict[str, float] = {}
+    for entry in entries:
+        key = digest_of_partial(entry.name) or entry.name
+        mtime = entry.stat(follow_symlinks=False).st_mtime
+        newest[key] = max(newest.get(key, 0.0), mtime)
+    for entry in entries:
+        digest = digest_of_partial(entry.name)
+        if digest in committed:
+            why = "blob already committed"
+        elif digest in live:
+            continue
+        elif now - newest[digest or entry.name] > STALE_PARTIAL_SECONDS:
+            why = "untouched for over a day"
+        else:
+            _make_writable(entry, report)
+            continue
+        _remove_entry(Path(entry.path))
+        report.note("partials_removed", f"removed partial/{entry.name}: {why}")
+
+
+def _make_writable(entry: os.DirEntry[str], report: FsckReport) -> None:
+    """A commit cut short after sealing leaves a read-only partial; a resuming pull writes it."""
+    if not entry.is_file(follow_symlinks=False):
+        return
+    mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+    if not mode & stat.S_IWUSR:
+        Path(entry.path).chmod(mode | stat.S_IWUSR)
+        report.note("modes_fixed", f"partial/{entry.name}: made writable again for resume")
