@@ -34,10 +34,14 @@ def require_fuse() -> None:
 
 
 def require_binary(name: str) -> str:
-    path = shutil.which(name) or (
-        f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None
-    )
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
     if path is None:
         _missing(f"needs the {name} binary (installed by scripts/bootstrap.sh)")
         raise AssertionError("unreachable")
     return path
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip (locally) or fail (in CI) unless the machine offers what the test needs."""
+    if not condition:
+        _missing(reason)

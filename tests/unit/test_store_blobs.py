@@ -11,6 +11,7 @@ import pytest
 from cacheagent.digest import sha256_digest
 from cacheagent.errors import DigestMismatchError, SizeMismatchError
 from cacheagent.store import Store
+from tests.support import require
 from tests.unit.store_helpers import mode_of, visible_blobs, write_partial
 
 
@@ -101,8 +102,10 @@ def test_commit_from_a_file_outside_partial(store: Store, tmp_path: Path) -> Non
 
 def test_commit_from_another_filesystem_copies(store: Store) -> None:
     shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == store.root.stat().st_dev:
-        pytest.skip("needs /dev/shm on a filesystem other than the store's")
+    require(
+        shm.is_dir() and shm.stat().st_dev != store.root.stat().st_dev,
+        "needs /dev/shm on a filesystem other than the store's",
+    )
     src = shm / f"cacheagent-test-{os.getpid()}"
     src.write_bytes(b"from tmpfs")
     digest = sha256_digest(b"from tmpfs")
