@@ -234,6 +234,10 @@ class Index:
 
     # models
 
+    def model_digests(self) -> list[str]:
+        """Every model, ready or pending (the FUSE root lists both)."""
+        return [str(r[0]) for r in self._conn.execute("SELECT digest FROM models ORDER BY digest")]
+
     def model_state(self, digest: str) -> str | None:
         row = self._conn.execute("SELECT state FROM models WHERE digest = ?", (digest,)).fetchone()
         return None if row is None else str(row[0])

@@ -246,6 +246,11 @@ class Store:
         with self._lock:
             return self._index.list_models()
 
+    def model_digests(self) -> list[str]:
+        """Digests of every model the store knows, ready or still pending."""
+        with self._lock:
+            return self._index.model_digests()
+
     def model_path(self, manifest_digest: str) -> Path:
         return self._layout.model_path(manifest_digest)
 

@@ -245,3 +245,12 @@ def test_ready_model_replaces_a_partial_pending_file_list(store: Store) -> None:
     assert listed.files == model.files and listed.size == 24
     assert (store.model_path(digest) / "code/x.py").read_bytes() == b"member of a tar"
     assert store.fsck().clean
+
+
+def test_model_digests_lists_ready_and_pending_models(store: Store) -> None:
+    ready = add_model(store, "ready", {"a": b"a"})
+    manifest, pending = manifest_for("pending")
+    files = [ModelFile("w.bin", sha256_digest(b"not yet"), 7)]
+    store.put_pending(pending, files, ref=None, source_kind="oci", manifest=manifest)
+    assert sorted(store.model_digests()) == sorted([ready.digest, pending])
+    assert store.get_model(pending) is None

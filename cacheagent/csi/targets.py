@@ -1,0 +1,160 @@
+"""Where a volume may be mounted: a directory under the kubelet directory, never via a symlink.
+
+The driver runs privileged in the host's mount namespace, so a target path is an attack surface:
+``/var/lib/kubelet/../../etc`` or a symlink planted under the kubelet directory would otherwise
+let a caller of the socket mount over any host directory. Two layers:
+
+1. ``check_target`` (pure): the path must be absolute, normalised (no ``.``, ``..`` or empty
+   components) and strictly below the configured kubelet directory (or its resolved form, since
+   ``/var/lib/kubelet`` is itself a symlink on some distributions). Refused: INVALID_ARGUMENT.
+2. ``open_parent`` walks the components below the kubelet directory with
+   ``O_PATH|O_NOFOLLOW|O_DIRECTORY``, one ``openat`` at a time, and the mount is made through
+   those descriptors (mounts.py). A symlink anywhere below the kubelet directory is refused with
+   PERMISSION_DENIED: it was put there by someone, and we will not guess what they meant.
+
+The CO creates the target's parent directory; the driver creates the target itself (mode 0750,
+narrowed by the umask) and removes it again on unpublish.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from .mounts import DIR_PATH_FLAGS
+from .status import CsiFailure, invalid
+
+log = logging.getLogger(__name__)
+
+TARGET_DIR_MODE = 0o750
+MAX_PATH_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class KubeletDir:
+    """The configured kubelet directory and what it resolves to on this host."""
+
+    configured: str
+    real: str
+
+    @classmethod
+    def resolve(cls, path: Path | str) -> KubeletDir:
+        configured = os.path.normpath(os.fspath(path))
+        if not Path(configured).is_absolute():
+            raise ValueError(f"kubelet directory must be absolute: {configured!r}")
+        return cls(configured=configured, real=os.path.realpath(configured))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked target: ``path`` is absolute under the *resolved* kubelet dir."""
+
+    path: str
+    parts: tuple[str, ...]  # components below the kubelet directory; at least one
+
+    @property
+    def name(self) -> str:
+        return self.parts[-1]
+
+
+def check_target(text: str, kubelet: KubeletDir, field: str = "target_path") -> Target:
+    """Lexical checks only (no I/O); raise CsiFailure(INVALID_ARGUMENT) naming ``field``."""
+    if "\0" in text or len(text.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise invalid(f"{field} is not a usable path: {text[:200]!r}")
+    if not text.startswith("/"):
+        raise invalid(f"{field} must be an absolute path, got {text!r}")
+    parts = text.rstrip("/").split("/")[1:]
+    if any(p in ("", ".", "..") for p in parts):
+        raise invalid(f"{field} must be a normalised path (no '.', '..' or '//'), got {text!r}")
+    for base in dict.fromkeys((kubelet.configured, kubelet.real)):
+        base_parts = [p for p in base.split("/") if p]
+        if len(parts) > len(base_parts) and parts[: len(base_parts)] == base_parts:
+            below = tuple(parts[len(base_parts) :])
+            return Target(path="/".join((kubelet.real.rstrip("/"), *below)), parts=below)
+    raise invalid(f"{field} {text!r} is not under the kubelet directory {kubelet.configured}")
+
+
+def _refuse_symlink(target: Target, depth: int) -> CsiFailure:
+    shown = "/".join(target.parts[: depth + 1])
+    return CsiFailure(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"target {target.path}: {shown!r} under the kubelet directory is a symlink or not a "
+        "directory; refusing to follow it",
+    )
+
+
+def _walk_to_parent(target: Target, kubelet: KubeletDir) -> int | None:
+    fd = os.open(kubelet.real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for depth, part in enumerate(target.parts[:-1]):
+            try:
+                child = os.open(part, DIR_PATH_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _refuse_symlink(target, depth) from exc
+                raise
+            fd, child = child, fd
+            os.close(child)
+        fd, parent = -1, fd
+        return parent
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+@contextmanager
+def open_parent(target: Target, kubelet: KubeletDir) -> Iterator[int | None]:
+    """Yield an O_PATH descriptor of the target's parent, or None if the parent does not exist."""
+    fd = _walk_to_parent(target, kubelet)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def leaf_kind(parent_fd: int, target: Target) -> str:
+    """'missing', 'dir', or (refused) symlink / other file: raises CsiFailure for those."""
+    try:
+        st = os.lstat(target.name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISDIR(st.st_mode):
+        return "dir"
+    if stat.S_ISLNK(st.st_mode):
+        raise _refuse_symlink(target, len(target.parts) - 1)
+    raise CsiFailure(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"target {target.path} exists and is not a directory",
+    )
+
+
+def make_target_dir(parent_fd: int, target: Target) -> None:
+    """Create the target directory if it is missing (the SP's job per the CSI spec)."""
+    if leaf_kind(parent_fd, target) == "missing":
+        try:
+            os.mkdir(target.name, TARGET_DIR_MODE, dir_fd=parent_fd)
+        except FileExistsError:
+            leaf_kind(parent_fd, target)  # raced with someone: refuse unless it is a directory
+
+
+def remove_target_dir(parent_fd: int, target: Target) -> None:
+    """Remove the (unmounted) target directory; leave it, with a warning, if it is not empty."""
+    try:
+        os.rmdir(target.name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        log.warning("target %s is not empty after unmount; leaving it in place", target.path)
