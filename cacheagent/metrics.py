@@ -9,11 +9,12 @@ request; per-model gauges exist only for models in the store.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -65,6 +66,47 @@ class Snapshot:
 def short_digest(digest: str) -> str:
     """The 12-hex prefix used as a bounded, readable label value."""
     return digest.split(":", 1)[-1][:12]
+
+
+class FuseCounts(Protocol):
+    """The FUSE filesystem's own counters (``fuse.stats.FuseStatsSnapshot`` has this shape)."""
+
+    @property
+    def reads(self) -> int: ...
+    @property
+    def read_bytes(self) -> int: ...
+    @property
+    def lazy_fetched_bytes(self) -> int: ...
+    @property
+    def errors(self) -> Mapping[str, int]: ...
+
+
+class _FuseCollector(Collector):
+    """Reads the filesystem's counters at scrape time: they live in the FUSE threads."""
+
+    def __init__(self, get: Callable[[], FuseCounts | None]) -> None:
+        self._get = get
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._get()
+        if counts is None:
+            return
+        for name, doc, value in (
+            ("cacheagent_fuse_reads", "FUSE read calls.", counts.reads),
+            ("cacheagent_fuse_read_bytes", "Bytes answered by FUSE reads.", counts.read_bytes),
+            (
+                "cacheagent_fuse_lazy_fetched_bytes",
+                "Bytes fetched on demand for FUSE reads ahead of the background pull.",
+                counts.lazy_fetched_bytes,
+            ),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        errors = CounterMetricFamily(
+            "cacheagent_fuse_errors", "FUSE errors returned.", labels=["kind"]
+        )
+        for kind, value in sorted(counts.errors.items()):
+            errors.add_metric([kind], value)
+        yield errors
 
 
 class _SnapshotCollector(Collector):
@@ -184,19 +226,9 @@ class Metrics:
             buckets=_CSI_BUCKETS,
             registry=reg,
         )
-        self.fuse_reads = Counter("cacheagent_fuse_reads", "FUSE read calls.", registry=reg)
-        self.fuse_read_bytes = Counter(
-            "cacheagent_fuse_read_bytes", "Bytes answered by FUSE reads.", registry=reg
-        )
-        self.fuse_lazy_bytes = Counter(
-            "cacheagent_fuse_lazy_fetched_bytes",
-            "Bytes fetched on demand for FUSE reads ahead of the background pull.",
-            registry=reg,
-        )
-        self.fuse_errors = Counter(
-            "cacheagent_fuse_errors", "FUSE errors returned.", ["kind"], registry=reg
-        )
+        self.fuse_counts: Callable[[], FuseCounts | None] = lambda: None
         reg.register(_SnapshotCollector(lambda: self.snapshot))
+        reg.register(_FuseCollector(lambda: self.fuse_counts()))
 
     def observe_csi(self, method: str, code: str, seconds: float) -> None:
         self.csi_operations.labels(method, code).inc()

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from cacheagent.config import load_config
+from cacheagent.fuse.stats import FuseStats
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
 from tests.support import require_binary
 
@@ -106,6 +107,7 @@ def _exported_metric_names() -> set[str]:
         nvml_up=True,
         gpus=[GpuFigures(0, "GPU-0", "H100", 80, 40, 0.5, 40.0, 300.0)],
     )
+    metrics.fuse_counts = FuseStats().snapshot
     names: set[str] = set()
     for family in metrics.registry.collect():
         names.add(family.name)

@@ -1,0 +1,270 @@
+"""The agent API (proto/cacheagent/v1/agent.proto) over grpc.aio: a thin translation layer.
+
+Each handler turns a request into a ModelService call and the result into a message; errors map
+to status codes a client can act on (see ``grpc_code``). Every call is counted by method and
+code in ``cacheagent_api_requests_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+
+from cacheagent import __version__
+from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb
+from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
+from cacheagent.errors import (
+    CacheAgentError,
+    CacheFullError,
+    ConfigError,
+    ModelInUseError,
+    ModelNotFoundError,
+    OriginUnavailableError,
+    PolicyDeniedError,
+    RefError,
+    UnsafePathError,
+)
+from cacheagent.gpu import GpuInventory
+from cacheagent.logs import request_context
+from cacheagent.progress import PullProgress
+from cacheagent.service import ModelService, PreheatUpdate
+from cacheagent.store import Model
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (RefError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnsafePathError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PolicyDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ModelInUseError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OriginUnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def grpc_code(err: BaseException) -> grpc.StatusCode:
+    """The status code for a cacheagent error; INTERNAL only for what we did not expect."""
+    for kind, code in _CODES:
+        if isinstance(err, kind):
+            return code
+    if isinstance(err, CacheAgentError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INTERNAL
+
+
+_PHASES: dict[str, pb.PreheatEvent.Phase.ValueType] = {
+    "resolving": pb.PreheatEvent.RESOLVING,
+    "downloading": pb.PreheatEvent.DOWNLOADING,
+    "unpacking": pb.PreheatEvent.MATERIALIZING,
+    "committing": pb.PreheatEvent.MATERIALIZING,
+    "warming": pb.PreheatEvent.WARMING,
+    "done": pb.PreheatEvent.DONE,
+    "failed": pb.PreheatEvent.FAILED,
+}
+
+
+def model_info(
+    model: Model,
+    *,
+    path: str = "",
+    state: str = "ready",
+    resident: int = 0,
+    leases: list[pb.Lease] | None = None,
+) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        manifest_digest=model.digest,
+        ref=model.ref or "",
+        refs=list(model.refs),
+        size_bytes=model.size,
+        files=[pb.ModelFile(path=f.path, size=f.size, blob=f.blob) for f in model.files],
+        state=state,
+        pinned=model.pinned,
+        leases=leases or [],
+        last_used_unix=model.last_used,
+        created_unix=model.created,
+        resident_bytes=resident,
+        source_kind=model.source_kind,
+        path=path,
+    )
+
+
+def preheat_event(update: PreheatUpdate) -> pb.PreheatEvent:
+    event = pb.PreheatEvent(
+        ref=update.ref, phase=_PHASES.get(update.phase, pb.PreheatEvent.PHASE_UNSPECIFIED)
+    )
+    snap: PullProgress | None = update.progress
+    if snap is not None:
+        event.phase = _PHASES.get(snap.state, pb.PreheatEvent.DOWNLOADING)
+        event.manifest_digest = snap.manifest_digest
+        event.bytes_done = snap.done_bytes
+        event.bytes_total = snap.total_bytes
+        event.bytes_per_second = snap.rate
+        event.eta_seconds = snap.eta_seconds or 0.0
+        event.blobs.extend(
+            pb.BlobProgress(digest=b.digest, bytes_done=b.done_bytes, bytes_total=b.total_bytes)
+            for b in snap.blobs
+        )
+    if update.model is not None:
+        event.manifest_digest = update.model.digest
+        event.bytes_total = event.bytes_done = update.model.size
+        event.cache_hit = update.cache_hit
+    if update.warmed is not None:
+        event.bytes_warmed = update.warmed.bytes_warmed
+    if update.error is not None:
+        event.error_code = grpc_code(update.error).name
+        event.error = str(update.error)
+    return event
+
+
+class AgentService(pb_grpc.AgentServicer):
+    def __init__(
+        self, service: ModelService, *, gpus: GpuInventory | None = None, node_id: str = ""
+    ) -> None:
+        self.service = service
+        self.gpus = gpus
+        self.node_id = node_id
+        self.started = time.monotonic()
+
+    async def _call(self, method: str, context: Context, work: Callable[[], Awaitable[T]]) -> T:
+        code = grpc.StatusCode.OK
+        with request_context():
+            try:
+                return await work()
+            except Exception as err:
+                code = grpc_code(err)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", method)
+                await context.abort(code, str(err))
+                raise AssertionError("abort() raises") from err
+            finally:
+                metrics = self.service.metrics
+                if metrics is not None:
+                    metrics.api_requests.labels(method, code.name).inc()
+
+    async def Preheat(  # noqa: N802 - gRPC method names
+        self, request: pb.PreheatRequest, context: Context
+    ) -> AsyncIterator[pb.PreheatEvent]:
+        if not request.refs:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "preheat needs at least one ref")
+        failed = False
+        with request_context(ref=",".join(request.refs)):
+            async for update in self.service.preheat(
+                list(request.refs),
+                warm_memory=request.warm_memory,
+                gpus=list(request.gpus),
+                lock_memory=request.lock_memory,
+            ):
+                failed |= update.error is not None
+                yield preheat_event(update)
+        metrics = self.service.metrics
+        if metrics is not None:
+            metrics.api_requests.labels("Preheat", "ABORTED" if failed else "OK").inc()
+
+    async def Stat(  # noqa: N802
+        self, request: pb.StatRequest, context: Context
+    ) -> pb.ModelInfo:
+        return await self._call("Stat", context, lambda: self._stat(request.model))
+
+    async def _stat(self, text: str) -> pb.ModelInfo:
+        service = self.service
+        model = await service.find(text)
+        leases = await asyncio.to_thread(service.store.leases, model.digest)
+        resident = await service.residency(model)
+        return model_info(
+            model,
+            path=str(service.store.model_path(model.digest)),
+            resident=resident.bytes_resident,
+            leases=[pb.Lease(holder=x.holder, kind=x.kind, created_unix=x.created) for x in leases],
+        )
+
+    async def List(  # noqa: N802
+        self, request: pb.ListRequest, context: Context
+    ) -> pb.ListResponse:
+        async def work() -> pb.ListResponse:
+            models = await self.service.list_models()
+            infos = []
+            for model in models:
+                resident = await self.service.residency(model)
+                infos.append(model_info(model, resident=resident.bytes_resident))
+            return pb.ListResponse(models=infos)
+
+        return await self._call("List", context, work)
+
+    async def Evict(  # noqa: N802
+        self, request: pb.EvictRequest, context: Context
+    ) -> pb.EvictResponse:
+        async def work() -> pb.EvictResponse:
+            digest, freed = await self.service.evict(request.model, force=request.force)
+            return pb.EvictResponse(manifest_digest=digest, bytes_freed=freed)
+
+        return await self._call("Evict", context, work)
+
+    async def Pin(  # noqa: N802
+        self, request: pb.PinRequest, context: Context
+    ) -> pb.ModelInfo:
+        async def work() -> pb.ModelInfo:
+            return model_info(await self.service.set_pinned(request.model, True))
+
+        return await self._call("Pin", context, work)
+
+    async def Unpin(  # noqa: N802
+        self, request: pb.PinRequest, context: Context
+    ) -> pb.ModelInfo:
+        async def work() -> pb.ModelInfo:
+            return model_info(await self.service.set_pinned(request.model, False))
+
+        return await self._call("Unpin", context, work)
+
+    async def Status(  # noqa: N802
+        self, request: pb.StatusRequest, context: Context
+    ) -> pb.StatusResponse:
+        return await self._call("Status", context, self._status)
+
+    async def _status(self) -> pb.StatusResponse:
+        store = self.service.store
+        usage = await asyncio.to_thread(store.usage)
+        response = pb.StatusResponse(
+            version=__version__,
+            store_root=str(store.root),
+            capacity_bytes=usage.capacity or 0,
+            used_bytes=usage.used,
+            models=usage.models,
+            blobs=usage.blobs,
+            pulls=[
+                pb.PullInfo(
+                    ref=p.ref,
+                    manifest_digest=p.manifest_digest,
+                    bytes_done=p.done_bytes,
+                    bytes_total=p.total_bytes,
+                )
+                for p in self.service.engine.in_flight.values()
+            ],
+            node_id=self.node_id,
+            uptime_seconds=time.monotonic() - self.started,
+        )
+        if self.gpus is not None:
+            snap = await asyncio.to_thread(self.gpus.snapshot)
+            response.nvml_up = snap.up
+            response.nvml_reason = snap.reason or ""
+            for gpu in snap.gpus:
+                response.gpus.append(
+                    pb.GpuInfo(
+                        index=gpu.index,
+                        uuid=gpu.uuid or "",
+                        name=gpu.name or "",
+                        memory_total_bytes=gpu.memory_total_bytes or 0,
+                        memory_used_bytes=gpu.memory_used_bytes or 0,
+                        numa_node=-1 if gpu.numa_node is None else gpu.numa_node,
+                    )
+                )
+        return response

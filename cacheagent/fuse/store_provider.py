@@ -1,0 +1,190 @@
+"""The FUSE content provider over the real store and pull engine (the lazy mode's read path).
+
+FUSE callbacks run in libfuse's threads; the store is thread-safe and is called directly, while
+anything that waits for the network is handed to the agent's event loop with
+``run_coroutine_threadsafe`` and awaited with a bound, so a dead origin turns into EIO, never a
+hung reader.
+
+Reads of a blob already committed come from the blob file through a descriptor kept per open
+file. Reads of a blob still downloading ask the pull engine for exactly that range first
+(``PullEngine.ensure_range``: ahead of the background order, shared between concurrent readers),
+then read it from the partial file. Tar-layer members only exist once their layer is unpacked,
+so a read of one waits for that. If the finished blob fails verification the engine discards it
+and every later read of it raises, which the filesystem answers with EIO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cacheagent.errors import CacheAgentError, ModelNotFoundError, OriginUnavailableError
+from cacheagent.fuse.provider import FuseFile, ModelListing
+from cacheagent.fuse.stats import FuseStats
+from cacheagent.pull import PullEngine
+from cacheagent.store import ModelFile, Store
+
+T = TypeVar("T")
+
+LEASE_KIND = "fuse"
+READ_TIMEOUT_SECONDS = 120.0
+
+
+@dataclass
+class _Open:
+    digest: str
+    file: ModelFile
+    holder: str
+    fd: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class StoreProvider:
+    def __init__(
+        self,
+        store: Store,
+        engine: PullEngine,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        stats: FuseStats | None = None,
+        read_timeout: float = READ_TIMEOUT_SECONDS,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.loop = loop
+        self.stats = stats
+        self.read_timeout = read_timeout
+        self._handles: dict[int, _Open] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- tree ----------------------------------------------------------------------------------
+
+    def models(self) -> Sequence[str]:
+        return self.store.model_digests()
+
+    def _files(self, digest: str) -> tuple[Sequence[ModelFile], float]:
+        model = self.store.get_model(digest)
+        if model is not None:
+            return model.files, model.created
+        pending = self.store.get_pending(digest)
+        if pending is not None:
+            return pending.files, pending.created
+        raise ModelNotFoundError(f"model {digest} is not in the store")
+
+    def listing(self, digest: str) -> ModelListing:
+        files, created = self._files(digest)
+        return ModelListing(
+            files=tuple(FuseFile(f.path, f.size, f.mode, f.blob) for f in files), created=created
+        )
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def open_file(self, digest: str, path: str) -> int:
+        files, _ = self._files(digest)
+        match = next((f for f in files if f.path == path), None)
+        if match is None:
+            raise FileNotFoundError(path)
+        handle = next(self._ids)
+        holder = f"fuse:{os.getpid()}:{handle}"
+        self.store.add_lease(digest, holder, LEASE_KIND)
+        with self._lock:
+            self._handles[handle] = _Open(digest, match, holder)
+        return handle
+
+    def release(self, handle: int) -> None:
+        with self._lock:
+            opened = self._handles.pop(handle, None)
+        if opened is None:
+            return
+        if opened.fd is not None:
+            os.close(opened.fd)
+        self.store.release_lease(opened.holder)
+        self.store.touch(opened.digest)
+
+    def read(self, handle: int, offset: int, size: int) -> bytes:
+        with self._lock:
+            opened = self._handles.get(handle)
+        if opened is None:
+            raise OSError(9, "bad file handle")
+        size = max(0, min(size, opened.file.size - offset))
+        if size == 0:
+            return b""
+        fd = self._committed_fd(opened)
+        if fd is not None:
+            return _pread_exact(fd, size, offset)
+        return self._lazy_read(opened, offset, size)
+
+    def _committed_fd(self, opened: _Open) -> int | None:
+        with opened.lock:
+            if opened.fd is None and self.store.has_blob(opened.file.blob):
+                opened.fd = os.open(self.store.blob_path(opened.file.blob), os.O_RDONLY)
+            return opened.fd
+
+    def _lazy_read(self, opened: _Open, offset: int, size: int) -> bytes:
+        blob = opened.file.blob
+        try:
+            path = self._wait(self.engine.ensure_range(blob, offset, offset + size))
+        except ModelNotFoundError:
+            # Not a raw blob being downloaded: a tar member, whose layer must unpack first.
+            self._wait(self._model_done(opened.digest))
+            fd = self._committed_fd(opened)
+            if fd is None:
+                raise
+            return _pread_exact(fd, size, offset)
+        data = _read_path(path, blob, self.store, size, offset)
+        if self.stats is not None:
+            self.stats.record_lazy_fetch(len(data))
+        return data
+
+    async def _model_done(self, digest: str) -> None:
+        async for _ in self.engine.watch(digest):
+            pass
+        if await asyncio.to_thread(self.store.get_model, digest) is None:
+            raise ModelNotFoundError(f"model {digest} did not finish downloading")
+
+    def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(self.read_timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise OriginUnavailableError(
+                f"lazy read timed out after {self.read_timeout:.0f}s waiting for the download"
+            ) from None
+
+
+def _read_path(path: Path, blob: str, store: Store, size: int, offset: int) -> bytes:
+    """Read from the partial file, or from the blob if the commit renamed it meanwhile."""
+    for candidate in (path, store.blob_path(blob)):
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(candidate, os.O_RDONLY)
+            try:
+                return _pread_exact(fd, size, offset)
+            finally:
+                os.close(fd)
+    raise CacheAgentError(f"blob {blob} vanished while being read (verification failed?)")
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) == size:
+        return data
+    chunks = [data]
+    done = len(data)
+    while done < size:
+        more = os.pread(fd, size - done, offset + done)
+        if not more:
+            raise CacheAgentError(f"short read at offset {offset + done}: file is truncated")
+        chunks.append(more)
+        done += len(more)
+    return b"".join(chunks)

@@ -1,0 +1,119 @@
+"""CLI operations on the store itself, for when no agent is running.
+
+They take the store's lock like the agent does, so while an agent owns the store they fail with
+a StoreLockedError that says so, instead of racing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from cacheagent.config import Config
+from cacheagent.errors import ModelNotFoundError, StoreLockedError
+from cacheagent.progress import PullProgress
+from cacheagent.pull import PullEngine, PullTuning, SourceRegistry
+from cacheagent.refs import parse_ref
+from cacheagent.sources.factory import build_sources
+from cacheagent.store import FsckReport, Model, Store
+
+
+@contextmanager
+def open_store(config: Config) -> Iterator[Store]:
+    try:
+        store = open_configured_store(config)
+    except StoreLockedError as err:
+        raise StoreLockedError(
+            f"{err}; an agent is running: use the agent commands (without --offline)"
+        ) from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def open_configured_store(config: Config) -> Store:
+    """The store as the config describes it (capacity resolved against its filesystem)."""
+    cfg = config.store
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    stats = os.statvfs(cfg.root)
+    capacity = cfg.capacity.resolve(stats.f_blocks * stats.f_frsize)
+    return Store.open(
+        cfg.root,
+        capacity_bytes=capacity,
+        high_watermark=cfg.high_watermark,
+        low_watermark=cfg.low_watermark,
+    )
+
+
+def _find(store: Store, text: str) -> Model:
+    model = store.get_model(text)
+    if model is None:
+        canonical = parse_ref(text).canonical if ":" in text or "/" in text else text
+        model = next(
+            (m for m in store.list_models() if m.ref == canonical or canonical in m.refs), None
+        )
+    if model is None:
+        raise ModelNotFoundError(f"no model {text!r} in the store at {store.root}")
+    return model
+
+
+def model_dict(model: Model) -> dict[str, Any]:
+    return {
+        "manifest_digest": model.digest,
+        "ref": model.ref or "",
+        "refs": list(model.refs),
+        "size_bytes": model.size,
+        "files": [{"path": f.path, "size": f.size, "blob": f.blob} for f in model.files],
+        "pinned": model.pinned,
+        "last_used_unix": model.last_used,
+        "created_unix": model.created,
+        "source_kind": model.source_kind,
+    }
+
+
+def offline_models(config: Config) -> list[dict[str, Any]]:
+    with open_store(config) as store:
+        return [model_dict(m) for m in store.list_models()]
+
+
+def remove(config: Config, text: str, *, force: bool) -> dict[str, Any]:
+    with open_store(config) as store:
+        model = _find(store, text)
+        freed = store.remove_model(model.digest, force=force)
+    return {"manifest_digest": model.digest, "bytes_freed": freed}
+
+
+def set_pinned(config: Config, text: str, pinned: bool) -> dict[str, Any]:
+    with open_store(config) as store:
+        model = _find(store, text)
+        (store.pin if pinned else store.unpin)(model.digest)
+        return model_dict(_find(store, model.digest))
+
+
+def gc(config: Config, *, fsck: bool, rehash: bool) -> FsckReport:
+    with open_store(config) as store:
+        return store.fsck(rehash=rehash) if fsck else store.last_reconcile
+
+
+async def pull_offline(
+    config: Config, refs: Sequence[str], progress: Callable[[PullProgress], None] | None = None
+) -> list[Model]:
+    """Pull ``refs`` into the store with the same engine the agent uses."""
+    store = await asyncio.to_thread(open_configured_store, config)
+    origins = build_sources(config)
+    engine = PullEngine(
+        store,
+        SourceRegistry(origins.sources),
+        config.pull,
+        tuning=PullTuning(tag_ttl_seconds=config.store.tag_ttl_seconds),
+    )
+    try:
+        return list(await asyncio.gather(*(engine.pull(r, progress=progress) for r in refs)))
+    finally:
+        await engine.aclose()
+        await origins.aclose()
+        await asyncio.to_thread(store.close)

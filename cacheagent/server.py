@@ -1,0 +1,344 @@
+"""The daemon: the one place where the agent's parts are built, started and stopped.
+
+Start order: store (lock + reconcile) → origins and pull engine → model service → FUSE mount →
+agent API socket → CSI socket → HTTP (/metrics, /healthz, /readyz). Shutdown runs the same list
+backwards, each step bounded in time: readiness goes false first, the sockets stop taking calls,
+pulls in flight are cancelled at a consistent point (their partial files and ranges records stay
+for the next start to resume), the FUSE mount is unmounted, and the store is closed last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+
+from cacheagent import __version__
+from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
+from cacheagent.api import AgentService
+from cacheagent.config import Config
+from cacheagent.csi.server import CsiServer, resolve_node_id, start_csi_server
+from cacheagent.fuse.mount import FuseMount, MountOptions
+from cacheagent.fuse.stats import FuseStats
+from cacheagent.fuse.store_provider import StoreProvider
+from cacheagent.gpu import GpuInfo, GpuInventory
+from cacheagent.logs import setup_logging
+from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
+from cacheagent.offline import open_configured_store
+from cacheagent.pagecache import residency
+from cacheagent.prefetch import MemoryLocker, Prefetcher
+from cacheagent.pull import PullEngine, PullTuning, SourceRegistry
+from cacheagent.service import ModelService
+from cacheagent.sources.factory import Origins, build_sources
+from cacheagent.store import Store
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o660
+STOP_GRACE_SECONDS = 5.0
+SNAPSHOT_INTERVAL_SECONDS = 10.0
+
+
+@dataclass
+class Health:
+    """What /readyz reports: each part says whether it is serving."""
+
+    store: bool = False
+    api: bool = False
+    csi: bool = False
+    fuse: FuseMount | None = None
+    fuse_required: bool = False
+    stopping: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.stopping:
+            problems.append("shutting down")
+        if not self.store:
+            problems.append("store not open")
+        if not self.api:
+            problems.append("agent API socket not serving")
+        if not self.csi:
+            problems.append("CSI socket not serving")
+        if self.fuse_required and (self.fuse is None or not self.fuse.healthy()):
+            problems.append("FUSE mount not serving")
+        return problems
+
+
+async def start_agent_api(socket_path: Path, servicer: AgentService) -> grpc.aio.Server:
+    await asyncio.to_thread(_prepare_socket, socket_path)
+    server = grpc.aio.server()
+    pb_grpc.add_AgentServicer_to_server(servicer, server)
+    server.add_insecure_port(f"unix://{socket_path}")
+    # The socket is created by start(); a tight umask means it never exists with wider rights.
+    old = os.umask(0o117)
+    try:
+        await server.start()
+    finally:
+        os.umask(old)
+    await asyncio.to_thread(socket_path.chmod, SOCKET_MODE)
+    log.info("agent API serving on %s", socket_path)
+    return server
+
+
+def _prepare_socket(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()  # left by a crashed agent; the store lock says we are the only one
+        else:
+            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+
+
+def http_app(
+    metrics: Metrics, health: Health, refresh: Callable[[], None] | None = None
+) -> web.Application:
+    async def metrics_handler(request: web.Request) -> web.Response:
+        if refresh is not None:
+            await asyncio.to_thread(refresh)
+        body = await asyncio.to_thread(metrics.exposition)
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        problems = health.check()
+        if problems:
+            return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n")
+        return web.Response(text="ready\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def store_figures(store: Store) -> StoreFigures:
+    usage = store.usage()
+    return StoreFigures(usage.capacity or 0, usage.used, usage.models, usage.blobs)
+
+
+def take_snapshot(
+    store: Store, gpus: GpuInventory, volumes: Callable[[], dict[str, int]]
+) -> Snapshot:
+    """The slow figures (mincore over every model, NVML); blocking, so run it in a thread.
+
+    Residency costs about 10 ms per GiB of model, which is why it is refreshed on a timer
+    rather than on every scrape; the store's own counts are refreshed per scrape.
+    """
+    models = []
+    for model in store.list_models():
+        root = store.model_path(model.digest)
+        try:
+            resident: int | None = residency([root / f.path for f in model.files]).bytes_resident
+        except OSError:
+            resident = None
+        name = (model.ref or "").rsplit("/", 1)[-1][:64]
+        models.append(ModelFigures(model.digest, name, model.size, resident))
+    snap = gpus.snapshot()
+    return Snapshot(
+        store=store_figures(store),
+        models=models,
+        nvml_up=snap.up,
+        gpus=[gpu_figures(g) for g in snap.gpus],
+        volumes=volumes(),
+    )
+
+
+def gpu_figures(g: GpuInfo) -> GpuFigures:
+    utilization = g.utilization_gpu_percent
+    return GpuFigures(
+        index=g.index,
+        uuid=g.uuid or "",
+        name=g.name or "",
+        memory_total_bytes=g.memory_total_bytes,
+        memory_used_bytes=g.memory_used_bytes,
+        utilization_ratio=None if utilization is None else utilization / 100,
+        temperature_celsius=g.temperature_celsius,
+        power_watts=g.power_watts,
+    )
+
+
+class Agent:
+    """The running daemon; ``run`` blocks until ``stop`` (SIGTERM/SIGINT) and cleans up."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.health = Health()
+        self.stopped = asyncio.Event()
+        self._cleanup: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        self.store: Store | None = None
+        self.service: ModelService | None = None
+        self.csi: CsiServer | None = None
+
+    def _on_stop(self, name: str, action: Callable[[], Awaitable[object]]) -> None:
+        self._cleanup.append((name, action))
+
+    async def start(self) -> None:
+        cfg = self.config
+        store = await asyncio.to_thread(open_configured_store, cfg)
+        self.store = store
+        self._on_stop("store", lambda: asyncio.to_thread(store.close))
+        self.health.store = True
+
+        origins: Origins = build_sources(cfg)
+        self._on_stop("origins", origins.aclose)
+        engine = PullEngine(
+            store,
+            SourceRegistry(origins.sources),
+            cfg.pull,
+            tuning=PullTuning(tag_ttl_seconds=cfg.store.tag_ttl_seconds),
+        )
+        self._on_stop("pull engine", engine.aclose)
+
+        gpus = GpuInventory()
+        self._on_stop("nvml", lambda: asyncio.to_thread(gpus.close))
+        locker = MemoryLocker(cfg.prefetch.mlock_limit_bytes)
+        self._on_stop("mlock", lambda: asyncio.to_thread(locker.release_all))
+        service = ModelService(
+            store,
+            engine,
+            cfg.policy,
+            metrics=self.metrics,
+            prefetcher=Prefetcher(
+                memory_share=cfg.prefetch.memory_share, gpu_cpus=gpus.numa_cpus_for
+            ),
+            locker=locker,
+        )
+        self.service = service
+        await self._start_fuse(service)
+
+        api = await start_agent_api(
+            cfg.agent.socket, AgentService(service, gpus=gpus, node_id=self._node_id())
+        )
+        self._on_stop("agent API", lambda: api.stop(STOP_GRACE_SECONDS))
+        self.health.api = True
+
+        csi = await start_csi_server(
+            cfg.csi.socket_path,
+            cfg.csi.driver_name,
+            self._node_id(),
+            cfg.csi.kubelet_dir,
+            service,
+            store_root=cfg.store.root,
+            publish_wait_seconds=cfg.csi.publish_wait_seconds,
+            on_operation=self.metrics.observe_csi,
+        )
+        self.csi = csi
+        self._on_stop("CSI", lambda: csi.stop(STOP_GRACE_SECONDS))
+        self.health.csi = True
+
+        snapshots = asyncio.create_task(self._refresh_snapshots(store, gpus))
+        self._on_stop("metrics snapshots", lambda: _cancel(snapshots))
+        await self._start_http()
+        log.info("cacheagent %s ready (store %s)", __version__, cfg.store.root)
+
+    def _node_id(self) -> str:
+        try:
+            return resolve_node_id(self.config.csi.node_id)
+        except Exception:
+            return os.uname().nodename
+
+    async def _start_fuse(self, service: ModelService) -> None:
+        cfg = self.config.fuse
+        if not cfg.enabled:
+            log.info("FUSE lazy mode disabled by config")
+            return
+        if not Path("/dev/fuse").exists():
+            log.warning("no /dev/fuse: mode: lazy volumes are unavailable on this node")
+            return
+        loop = asyncio.get_running_loop()
+        stats = FuseStats()
+        provider = StoreProvider(service.store, service.engine, loop, stats=stats)
+        mount = FuseMount(
+            cfg.mountpoint,
+            provider,
+            stats=stats,
+            options=MountOptions(read_ahead_kb=cfg.read_ahead_kb),
+        )
+        self.metrics.fuse_counts = stats.snapshot
+        await asyncio.to_thread(mount.start)
+        self._on_stop("FUSE", lambda: asyncio.to_thread(mount.stop))
+        service.fuse_root = cfg.mountpoint
+        self.health.fuse = mount
+        self.health.fuse_required = True
+
+    async def _start_http(self) -> None:
+        host, _, port_text = self.config.agent.http_listen.rpartition(":")
+        host, port = host.strip("[]") or "0.0.0.0", int(port_text)
+        runner = web.AppRunner(
+            http_app(self.metrics, self.health, self._refresh_store_figures), access_log=None
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._on_stop("HTTP", runner.cleanup)
+        log.info("metrics and health on http://%s:%d", host, port)
+
+    async def _refresh_snapshots(self, store: Store, gpus: GpuInventory) -> None:
+        while True:
+            try:
+                self.metrics.snapshot = await asyncio.to_thread(
+                    take_snapshot, store, gpus, self._volume_counts
+                )
+            except Exception:
+                log.exception("refreshing metrics failed")
+            await asyncio.sleep(SNAPSHOT_INTERVAL_SECONDS)
+
+    def _refresh_store_figures(self) -> None:
+        if self.store is not None:
+            figures = store_figures(self.store)
+            self.metrics.snapshot = dataclasses.replace(
+                self.metrics.snapshot, store=figures, volumes=self._volume_counts()
+            )
+
+    def _volume_counts(self) -> dict[str, int]:
+        return self.csi.node.volume_counts() if self.csi is not None else {}
+
+    async def stop(self) -> None:
+        self.health.stopping = True
+        for name, action in reversed(self._cleanup):
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(action(), timeout=STOP_GRACE_SECONDS * 2)
+            except Exception:
+                log.exception("stopping %s failed", name)
+            log.debug("stopped %s in %.2fs", name, time.monotonic() - started)
+        self._cleanup.clear()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def serve(config: Config) -> int:
+    setup_logging(fmt=config.agent.log_format, level=config.agent.log_level)
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await agent.stop()
+    return 0
