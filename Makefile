@@ -6,7 +6,7 @@ setup:
 	@bash scripts/bootstrap.sh
 
 demo: setup
-	@.venv/bin/python -m cacheagent.demo
+	@.venv/bin/python scripts/demo.py
 
 lint: setup
 	.venv/bin/ruff check cacheagent tests bench scripts
