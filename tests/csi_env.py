@@ -22,7 +22,7 @@ from grpc import aio
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
 from cacheagent.csi import CsiServer, start_csi_server
-from cacheagent.csi.mounts import read_mountinfo
+from cacheagent.mountinfo import read_mountinfo
 from cacheagent.store import Store
 from tests.csi_backend import StoreBackend, model_ref
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .mounts import MountInfo
+from cacheagent.mountinfo import MountInfo
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS publishes (

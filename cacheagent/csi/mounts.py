@@ -1,4 +1,4 @@
-"""Read-only bind mounts through mount(2), and the /proc/self/mountinfo parser.
+"""Read-only bind mounts through mount(2) and umount2(2).
 
 mount(2) and umount2(2) are called through ctypes rather than mount(8)/umount(8): no fork/exec
 per publish (a publish stays in the low milliseconds), errno arrives as a number (EBUSY is told
@@ -7,7 +7,7 @@ a symlink behind our back. The target and source arrive as O_PATH file descripto
 following symlinks (see targets.py); mount(2) is handed ``/proc/self/fd/<n>``, so the directory
 that was checked is the directory that gets mounted on.
 
-Every function here blocks: async callers run them with ``asyncio.to_thread``. The parser is pure.
+Every function here blocks: async callers run them with ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from cacheagent.errors import CacheAgentError
+from cacheagent.mountinfo import MountInfo, mounts_at, read_mountinfo
+from cacheagent.store.crashpoints import crashpoint
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -35,9 +35,7 @@ DIR_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 READ_ONLY_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV
 """What every published volume gets, whatever the pod asked for: ``ro,nosuid,nodev``."""
 
-MOUNTINFO = Path("/proc/self/mountinfo")
 _MAX_STACKED_UNMOUNTS = 16
-_ESCAPE_RE = re.compile(r"\\([0-7]{3})")
 
 
 class MountError(CacheAgentError):
@@ -59,76 +57,6 @@ class MountBusyError(MountError):
             f"unmount {path}: the mount is busy (a process still has files open or its working "
             "directory there); it was not lazily detached, retry once the pod's processes exit",
         )
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    """One line of /proc/self/mountinfo (proc(5)); paths are unescaped."""
-
-    mount_id: int
-    parent_id: int
-    major_minor: str
-    root: str
-    mount_point: str
-    options: frozenset[str]
-    fs_type: str
-    source: str
-    super_options: frozenset[str]
-
-    @property
-    def read_only(self) -> bool:
-        return "ro" in self.options
-
-
-def _unescape(field: str) -> str:
-    return _ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo_line(line: str) -> MountInfo:
-    """Parse one mountinfo line; ValueError names the line when it is not one."""
-    fields = line.split()
-    try:
-        sep = fields.index("-", 6)
-        mount_id, parent_id, major_minor, root, mount_point, options = fields[:6]
-        fs_type, source, super_options = fields[sep + 1 : sep + 4]
-        return MountInfo(
-            mount_id=int(mount_id),
-            parent_id=int(parent_id),
-            major_minor=major_minor,
-            root=_unescape(root),
-            mount_point=_unescape(mount_point),
-            options=frozenset(options.split(",")),
-            fs_type=fs_type,
-            source=_unescape(source),
-            super_options=frozenset(super_options.split(",")),
-        )
-    except (ValueError, IndexError) as exc:
-        raise ValueError(f"not a mountinfo line: {line!r}") from exc
-
-
-def parse_mountinfo(text: str) -> list[MountInfo]:
-    """Parse the whole of /proc/self/mountinfo, in mount order, skipping malformed lines.
-
-    Skipping rather than failing: a line a future kernel formats differently must not make
-    every publish fail; it only makes that one mount invisible to us.
-    """
-    entries = []
-    for line in text.splitlines():
-        try:
-            entries.append(parse_mountinfo_line(line))
-        except ValueError:
-            continue
-    return entries
-
-
-def read_mountinfo() -> list[MountInfo]:
-    return parse_mountinfo(MOUNTINFO.read_text(encoding="utf-8", errors="surrogateescape"))
-
-
-def mounts_at(path: Path | str, mounts: Iterable[MountInfo]) -> list[MountInfo]:
-    """The mounts stacked on exactly ``path`` (an absolute, symlink-free path), bottom first."""
-    target = os.fspath(path)
-    return [m for m in mounts if m.mount_point == target]
 
 
 def is_mountpoint(path: Path | str, mounts: Sequence[MountInfo] | None = None) -> bool:
@@ -192,14 +120,25 @@ def bind_mount_read_only(source_fd: int, parent_fd: int, name: str, target_path:
         _mount(_fd_path(source_fd), _fd_path(leaf), MS_BIND, target_path)
     finally:
         os.close(leaf)
+    crashpoint("publish.after_bind")
+    try:
+        remount_read_only(parent_fd, name, target_path)
+    except MountError:
+        _umount_once(target_path)
+        raise
+
+
+def remount_read_only(parent_fd: int, name: str, target_path: str) -> None:
+    """Make the mount on ``name`` inside ``parent_fd`` ``ro,nosuid,nodev``, in place.
+
+    The second step of ``bind_mount_read_only``; the journal reconcile also calls it on a mount
+    that a crash between the two steps left writable.
+    """
     mounted = os.open(name, DIR_PATH_FLAGS, dir_fd=parent_fd)
     try:
         _mount(None, _fd_path(mounted), MS_REMOUNT | MS_BIND | READ_ONLY_FLAGS, target_path)
-    except MountError:
-        os.close(mounted)  # an open handle on the mount would make the unmount EBUSY
-        _umount_once(target_path)
-        raise
-    os.close(mounted)
+    finally:
+        os.close(mounted)  # before any unmount: an open handle on the mount makes it EBUSY
 
 
 def _umount_once(path: str) -> bool:

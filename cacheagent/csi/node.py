@@ -38,17 +38,19 @@ import grpc
 from cacheagent import logs
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
+from cacheagent.mountinfo import MountInfo, mounts_at, read_mountinfo
+from cacheagent.store.crashpoints import crashpoint
 
 from .attributes import VolumeAttributes, parse_volume_context
 from .backend import LEASE_KIND, CsiBackend, ReadyModel, StillPulling
 from .journal import Publish, PublishJournal, ReconcilePlan, plan_reconcile
 from .mounts import (
     DIR_PATH_FLAGS,
+    MountError,
     bind_mount_read_only,
     fs_location,
     is_mountpoint,
-    mounts_at,
-    read_mountinfo,
+    remount_read_only,
     unmount_all,
 )
 from .rpc import Context, KeyedLocks, RpcRunner
@@ -161,6 +163,7 @@ class NodeService(pb_grpc.NodeServicer):
             models_location=location,
         )
         for row in plan.keep:
+            self._make_read_only(row, mounts)
             self._backend.add_lease(row.manifest_digest, row.holder, LEASE_KIND)
         for row in plan.drop:
             self._forget(row)
@@ -174,6 +177,23 @@ class NodeService(pb_grpc.NodeServicer):
             len(plan.adopt),
         )
         return plan
+
+    def _make_read_only(self, row: Publish, mounts: Sequence[MountInfo]) -> None:
+        """A crash between a publish's bind mount and its read-only remount leaves the mount
+        writable, and an idempotent retry would accept it: finish the remount now."""
+        if all(m.read_only for m in mounts_at(row.target_path, mounts)):
+            return
+        log.warning(
+            "mount at %s is writable (a publish was cut short); remounting read-only",
+            row.target_path,
+        )
+        try:
+            target = check_target(row.target_path, self._config.kubelet)
+            with open_parent(target, self._config.kubelet) as parent:
+                if parent is not None:
+                    remount_read_only(parent, target.name, target.path)
+        except (CsiFailure, OSError, MountError) as exc:
+            log.error("could not make %s read-only: %s", row.target_path, exc)
 
     async def aclose(self) -> None:
         """Cancel background prefetches (the daemon is stopping)."""
@@ -279,6 +299,7 @@ class NodeService(pb_grpc.NodeServicer):
                 created=time.time(),
             )
             await asyncio.to_thread(self._mount, row, model.path, target)
+            crashpoint("publish.after_mount")
             log.info("published %s (%s) at %s", attrs.ref, model.digest, target.path)
             return model
 
@@ -341,7 +362,9 @@ class NodeService(pb_grpc.NodeServicer):
             if existing is not None:
                 self._forget(existing)
             self._journal.put(row)
+            crashpoint("publish.after_journal")
             self._backend.add_lease(row.manifest_digest, row.holder, LEASE_KIND)
+            crashpoint("publish.after_lease")
             try:
                 self._bind(source, parent, target)
             except BaseException:
@@ -373,6 +396,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     def _forget(self, row: Publish) -> None:
         self._backend.release_lease(row.holder)
+        crashpoint("journal.after_release")
         self._journal.remove(row.target_path)
 
     async def _prefetch(self, digest: str, gpus: Sequence[str], budget: Budget) -> None:
@@ -421,7 +445,9 @@ class NodeService(pb_grpc.NodeServicer):
         with open_parent(target, self._config.kubelet) as parent:
             if parent is not None and leaf_kind(parent, target) == "dir":
                 count = unmount_all(target.path)  # MountBusyError: row and lease stay
+                crashpoint("unpublish.after_unmount")
                 remove_target_dir(parent, target)
+                crashpoint("unpublish.after_rmdir")
                 log.info("unpublished volume %s from %s (%d mounts)", volume_id, target.path, count)
         if row is not None:
             self._forget(row)

@@ -13,6 +13,7 @@ import grpc
 from cacheagent.errors import (
     CacheFullError,
     DigestMismatchError,
+    DiskFullError,
     ModelInUseError,
     ModelNotFoundError,
     OriginUnavailableError,
@@ -48,6 +49,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (OriginUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     # A download that failed verification is worth another try (another mirror, a fixed proxy).
     (DigestMismatchError, grpc.StatusCode.UNAVAILABLE),
     (SizeMismatchError, grpc.StatusCode.UNAVAILABLE),

@@ -39,9 +39,9 @@ import psutil
 from cacheagent.errors import CacheAgentError
 from cacheagent.fuse.fs import CacheFilesystem
 from cacheagent.fuse.libfuse import FUSE
-from cacheagent.fuse.mountinfo import MountEntry, find_mount
 from cacheagent.fuse.provider import ContentProvider
 from cacheagent.fuse.stats import FuseStats
+from cacheagent.mountinfo import MountInfo, find_mount
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class FuseMount:
         if thread is None or not thread.is_alive() or not self._ready.is_set():
             return False
         entry = find_mount(self.mountpoint)
-        return entry is not None and entry.fstype == FS_TYPE
+        return entry is not None and entry.fs_type == FS_TYPE
 
     def __enter__(self) -> FuseMount:
         self.start()
@@ -173,13 +173,13 @@ class FuseMount:
             self._failure = exc
             log.error("fuse: the FUSE loop for %s ended with an error: %s", self.mountpoint, exc)
 
-    def _wait_mounted(self) -> MountEntry:
+    def _wait_mounted(self) -> MountInfo:
         assert self._thread is not None
         deadline = time.monotonic() + self.options.start_timeout_s
         while time.monotonic() < deadline:
             if self._ready.is_set():
                 entry = find_mount(self.mountpoint)
-                if entry is not None and entry.fstype == FS_TYPE:
+                if entry is not None and entry.fs_type == FS_TYPE:
                     return entry
             if not self._thread.is_alive():
                 raise MountError(f"mounting FUSE at {self.mountpoint} failed: {self._failure}")
@@ -230,12 +230,12 @@ def clear_stale_mount(mountpoint: Path) -> None:
                 raise MountError(f"cannot detach the stale mount at {mountpoint}") from exc
             continue
         raise MountError(
-            f"{mountpoint} is already a live {entry.fstype} mount (is another agent running?)"
+            f"{mountpoint} is already a live {entry.fs_type} mount (is another agent running?)"
         )
     raise MountError(f"more than {_MAX_STACKED} stale mounts stacked at {mountpoint}")
 
 
-def set_read_ahead(entry: MountEntry, read_ahead_kb: int) -> int | None:
+def set_read_ahead(entry: MountInfo, read_ahead_kb: int) -> int | None:
     """Set the mount's readahead window; returns what the kernel reports (None if unknown).
 
     The kernel gives a FUSE mount a 128 KiB window whatever libfuse asks for, and a sequential

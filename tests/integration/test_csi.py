@@ -25,7 +25,7 @@ from grpc import aio
 import cacheagent
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent.csi import start_csi_server
-from cacheagent.csi.mounts import MS_BIND, mounts_at, read_mountinfo
+from cacheagent.csi.mounts import MS_BIND
 from cacheagent.errors import (
     CacheFullError,
     ConfigError,
@@ -34,6 +34,7 @@ from cacheagent.errors import (
     PolicyDeniedError,
     RefError,
 )
+from cacheagent.mountinfo import mounts_at, read_mountinfo
 from tests.csi_backend import model_ref
 from tests.csi_env import DRIVER, NODE, CsiEnv, mount_capability, mounts_under, publish_request
 from tests.support import require_root

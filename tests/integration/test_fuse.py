@@ -20,7 +20,7 @@ import pytest
 
 from cacheagent.fuse.directory import DirectoryProvider
 from cacheagent.fuse.mount import FS_TYPE, FuseMount, MountError, MountOptions, unmount
-from cacheagent.fuse.mountinfo import find_mount
+from cacheagent.mountinfo import find_mount
 from cacheagent.fuse.stats import FuseStats
 from tests.fuse_support import LazyTestProvider, MiB, fake_digest, running, write_random_file
 from tests.support import require_fuse
@@ -69,8 +69,8 @@ def test_reads_a_model_byte_identical_with_manifest_metadata(
     provider = RecordingProvider(model_root)
     with FuseMount(mountpoint, provider) as mount:
         entry = find_mount(mountpoint)
-        assert entry is not None and entry.fstype == FS_TYPE
-        assert "ro" in entry.options.split(",")
+        assert entry is not None and entry.fs_type == FS_TYPE
+        assert "ro" in entry.options
         assert mount.read_ahead_kb == MountOptions().read_ahead_kb
         assert mount.healthy()
 

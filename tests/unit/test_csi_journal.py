@@ -13,7 +13,7 @@ from cacheagent.csi.journal import (
     lease_holder,
     plan_reconcile,
 )
-from cacheagent.csi.mounts import parse_mountinfo
+from cacheagent.mountinfo import parse_mountinfo
 
 HEX = "ab" * 32
 DIGEST = f"sha256:{HEX}"

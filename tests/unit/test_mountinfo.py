@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from cacheagent.csi.mounts import fs_location, mounts_at, parse_mountinfo, parse_mountinfo_line
+from cacheagent.csi.mounts import fs_location
+from cacheagent.mountinfo import find_mount, mounts_at, parse_mountinfo, parse_mountinfo_line
 
 SAMPLE = (
     "22 1 0:21 / /proc rw,relatime - proc proc rw\n"
@@ -65,3 +66,11 @@ def test_fs_location_maps_a_host_path_into_its_filesystem() -> None:
         "/host/agent/models/sha256",
     )
     assert fs_location("/x", []) is None
+
+
+def test_find_mount_sees_the_root_filesystem() -> None:
+    root = find_mount("/")
+    assert root is not None
+    assert root.mount_point == "/"
+    major, minor = root.device.split(":")
+    assert major.isdigit() and minor.isdigit()
