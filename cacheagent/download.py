@@ -1,0 +1,608 @@
+"""One blob into its partial file: parallel Range requests, resume, size limits, verification.
+
+Crash safety rests on write order. Bytes are ``pwrite``n into a preallocated partial file and
+only then added to the in-memory ``held`` set; a background recorder (rate limited) snapshots
+``held``, ``fdatasync``s the file and only then atomically replaces the ``<partial>.ranges``
+sidecar. The sidecar therefore never claims a byte a crash could lose, and a restarted pull
+trusts it (after checking it names this digest and size) and fetches only the rest. Whatever a
+record claims is still hashed before the blob is committed, so even a lying disk cannot make a
+wrong blob visible.
+
+Memory stays flat: the chunks a source yields are gathered up to ``batch_bytes`` (1 MiB) per
+connection and written with one ``pwritev`` in a worker thread (one thread hop per batch, never
+per network chunk, and no copy on the way); hashing re-reads through one reused buffer. A pull
+therefore holds about ``batch_bytes`` per connection, whatever the blob's size. A thread
+operation is never abandoned half way: cancelling a download waits for its in-flight write
+before the file descriptor is closed.
+
+Two verification modes (``HashMode``): ``running`` hashes the contiguous prefix from the file
+while the rest downloads (the page cache makes the re-read cheap), ``final`` re-reads the whole
+file once at the end. ``bench/pull.py`` measures both; ``running`` won (a 2 GiB blob from a
+loopback registry on the 2-core dev VM: 3.0 s against 3.55 s, best of 3), so it is the default:
+only the last few MiB are left to hash when the last byte lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, ParamSpec, TypeVar
+
+import aiohttp
+
+from cacheagent.errors import (
+    DISK_FULL_ERRNOS,
+    DigestMismatchError,
+    DiskFullError,
+    OriginUnavailableError,
+    SizeMismatchError,
+    SourceError,
+    StoreError,
+)
+from cacheagent.ranges import RangeSet, dump_sidecar, load_sidecar, split
+from cacheagent.sources.base import BlobRef, Source
+from cacheagent.sources.retry import RetryPolicy
+from cacheagent.sources.streaming import MIN_PROGRESS_BYTES, stalled_error
+from cacheagent.store.crashpoints import crashpoint
+
+log = logging.getLogger(__name__)
+
+HashMode = Literal["running", "final"]
+SIDECAR_SUFFIX = ".ranges"
+
+_HASH_STEP = 8 << 20
+_HASH_BUFFER_BYTES = 1 << 20
+_MAX_IOVECS = 512  # well under IOV_MAX (1024), however small the chunks a source yields
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+# Failures a later attempt may not see again. OriginUnavailableError is absent on purpose: a
+# source raises it after its own retries are spent, and retrying that again only multiplies waits.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    aiohttp.ClientError,
+    asyncio.IncompleteReadError,
+)
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    range_threshold_bytes: int = 64 << 20
+    range_chunk_bytes: int = 16 << 20
+    ranges_per_blob: int = 8
+    batch_bytes: int = 1 << 20
+    idle_timeout_seconds: float = 60.0
+    record_interval_seconds: float = 1.0
+    hash_mode: HashMode = "running"
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def chunk_for(self, size: int) -> int:
+        """Blobs under the threshold are one piece (one request); larger ones are cut up."""
+        if size < self.range_threshold_bytes:
+            return max(size, 1)
+        return self.range_chunk_bytes
+
+
+class Limits:
+    """Connection slots shared by every download: per origin and per node."""
+
+    def __init__(self, per_origin: int, total: int) -> None:
+        self._per_origin = per_origin
+        self._node = asyncio.Semaphore(total)
+        self._origins: dict[str, asyncio.Semaphore] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, origin: str) -> AsyncIterator[None]:
+        # Always origin first, then node: one order everywhere, so no two waits can deadlock.
+        sem = self._origins.setdefault(origin, asyncio.Semaphore(self._per_origin))
+        async with sem, self._node:
+            yield
+
+
+class Signal:
+    """Wakes every waiter each time something changed; waiters re-check their own condition."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    @property
+    def next(self) -> asyncio.Event:
+        """The event the next ``fire`` sets (take it before checking, so no change is missed)."""
+        return self._event
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while True:
+            event = self._event
+            if predicate():
+                return
+            await event.wait()
+
+
+@dataclass
+class _Batch:
+    """Chunks received for ``[start, end)`` and not written yet (bounded by ``batch_bytes``)."""
+
+    start: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    @property
+    def full(self) -> bool:
+        return len(self.chunks) >= _MAX_IOVECS
+
+    def add(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def clear(self) -> None:
+        self.start = self.end
+        self.chunks = []
+        self.size = 0
+
+
+@dataclass
+class _Cursor:
+    """Where a piece's bytes have landed so far (survives the exception that ends an attempt)."""
+
+    pos: int
+
+
+def sidecar_path(partial: Path) -> Path:
+    return partial.with_name(partial.name + SIDECAR_SUFFIX)
+
+
+class BlobDownload:
+    """Fills ``partial`` with ``blob``'s bytes and verifies them; the caller commits the file.
+
+    One object per blob being pulled; the engine makes sure there is never a second one for the
+    same digest. ``ensure_range`` lets a reader (FUSE lazy mode) jump the queue.
+    """
+
+    def __init__(
+        self,
+        blob: BlobRef,
+        source: Source,
+        origin: str,
+        partial: Path,
+        settings: DownloadSettings,
+        limits: Limits,
+    ) -> None:
+        self.blob = blob
+        self.source = source
+        self.origin = origin
+        self.partial = partial
+        self.settings = settings
+        self._limits = limits
+        self.held = RangeSet()
+        self.resumed_bytes = 0
+        self.fetched_bytes = 0
+        self._recorded = RangeSet()
+        self._claimed = RangeSet()
+        self._todo: deque[tuple[int, int]] = deque()
+        self._priority: set[asyncio.Task[None]] = set()
+        self._fd = -1
+        self._opened = False
+        self._hash_buf: bytearray | None = None
+        self._error: BaseException | None = None
+        self._changed = Signal()
+        self._io: set[asyncio.Future[object]] = set()
+
+    @property
+    def done_bytes(self) -> int:
+        return self.held.total()
+
+    # -- the whole download ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Download what is missing and verify every byte. On success the partial file holds
+        exactly the blob; on a digest or size mismatch it is deleted; on any other failure it
+        is kept with an up-to-date ranges record, so the next attempt resumes."""
+        size = self.blob.size
+        try:
+            try:
+                await self._run_io(self._open)
+                self._opened = True
+                self._changed.fire()
+                digest = await self._fill_and_hash()
+                if digest != self.blob.digest:
+                    raise DigestMismatchError(self.blob.digest, digest)
+                if self.held.total() != size:  # pragma: no cover - guarded by the fill loop
+                    raise SizeMismatchError(self.blob.digest, size, self.held.total())
+            except (DigestMismatchError, SizeMismatchError) as exc:
+                self._fail(exc)
+                await self._run_io(self._discard)
+                raise
+            except BaseException as exc:
+                self._fail(exc)
+                if self._fd >= 0:
+                    await self._checkpoint()
+                raise
+        finally:
+            await self._stop_priority()
+            await self._close()
+
+    async def ensure_range(self, start: int, end: int) -> None:
+        """Return once bytes ``[start, end)`` are in the partial file, fetching them first
+        (ahead of the background order) if no one is fetching them yet."""
+        end = min(end, self.blob.size)
+        if not 0 <= start <= end:
+            raise ValueError(f"blob {self.blob.digest}: bad range [{start}, {end})")
+        await self._changed.wait_until(lambda: self._opened or self._error is not None)
+        self._raise_if_failed()
+        if self._ranged():
+            pieces = self._claim(start, end, self.settings.range_chunk_bytes)
+            if pieces:
+                task = asyncio.create_task(self._fetch_pieces(pieces))
+                self._priority.add(task)
+                task.add_done_callback(self._priority_done)
+        await self._changed.wait_until(
+            lambda: self.held.covered(start, end) or self._error is not None
+        )
+        self._raise_if_failed()
+
+    # -- filling -------------------------------------------------------------------------------
+
+    async def _fill_and_hash(self) -> str:
+        hasher = hashlib.sha256()
+        hashing: asyncio.Task[None] | None = None
+        if self.settings.hash_mode == "running":
+            hashing = asyncio.create_task(self._hash_running(hasher))
+        recorder = asyncio.create_task(self._record_periodically())
+        try:
+            await self._fill()
+            if hashing is not None:
+                await hashing
+            else:
+                await self._run_io(self._hash_span, hasher, 0, self.blob.size)
+        finally:
+            for task in (hashing, recorder):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(*(t for t in (hashing, recorder) if t), return_exceptions=True)
+        return f"sha256:{hasher.hexdigest()}"
+
+    async def _fill(self) -> None:
+        size = self.blob.size
+        if self._ranged():
+            self._claimed = self.held.copy()
+            self._todo = deque(split(self.held.missing(0, size), self.settings.chunk_for(size)))
+            workers = min(self.settings.ranges_per_blob, len(self._todo))
+            await all_or_nothing([self._worker() for _ in range(workers)])
+            while self._priority:
+                await all_or_nothing([asyncio.shield(t) for t in list(self._priority)])
+        # Whatever is still missing: a source that cannot do ranges (or stopped honouring them
+        # mid-way) gets one stream from the first gap to the end.
+        gaps = self.held.missing(0, size)
+        if gaps:
+            self._claimed.add(gaps[0][0], size)
+            await self._fetch_piece(gaps[0][0], size)
+
+    def _ranged(self) -> bool:
+        return self.source.supports_ranges
+
+    def _claim(self, start: int, end: int, piece: int) -> list[tuple[int, int]]:
+        """Mark the unclaimed parts of ``[start, end)`` as ours; return them cut into requests
+        of at most ``piece`` bytes."""
+        gaps = self._claimed.missing(start, end)
+        for s, e in gaps:
+            self._claimed.add(s, e)
+        return split(gaps, piece)
+
+    async def _worker(self) -> None:
+        piece = self.settings.chunk_for(self.blob.size)
+        while self._todo and self._ranged():
+            start, end = self._todo.popleft()
+            await self._fetch_pieces(self._claim(start, end, piece))
+
+    async def _fetch_pieces(self, pieces: list[tuple[int, int]]) -> None:
+        for start, end in pieces:
+            await self._fetch_piece(start, end)
+
+    def _priority_done(self, task: asyncio.Task[None]) -> None:
+        self._priority.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())
+
+    async def _fetch_piece(self, start: int, end: int) -> None:
+        """Bytes ``[start, end)`` into the file; a dropped connection keeps what landed and asks
+        again for the rest, with backoff, a bounded number of times."""
+        cursor = _Cursor(start)
+        failures, mark, since = 0, start, time.monotonic()
+        while cursor.pos < end:
+            self._raise_if_failed()
+            try:
+                async with self._limits.slot(self.origin):
+                    await self._stream(cursor, end)
+                if cursor.pos < end:
+                    raise ConnectionError(f"body ended at byte {cursor.pos}, wanted {end}")
+            except _TRANSIENT as exc:
+                if cursor.pos - mark >= MIN_PROGRESS_BYTES:  # a slowloris gains a few bytes
+                    failures, mark, since = 0, cursor.pos, time.monotonic()
+                failures += 1
+                delay = self.settings.retry.next_delay(failures, elapsed=time.monotonic() - since)
+                if delay is None:
+                    raise OriginUnavailableError(
+                        f"origin {self.origin}: blob {self.blob.digest}: giving up after "
+                        f"{failures} attempt(s) at byte {cursor.pos} of {self.blob.size}; "
+                        f"last: {type(exc).__name__}: {exc}"
+                    ) from exc
+                log.info(
+                    "origin %s: blob %s: retrying at byte %d in %.2fs after %s",
+                    *(self.origin, self.blob.digest, cursor.pos, delay, exc),
+                )
+                await asyncio.sleep(delay)
+
+    async def _stream(self, cursor: _Cursor, end: int) -> None:
+        """One request for ``[cursor.pos, end)``, written as it arrives: the chunks the source
+        yields are gathered up to ``batch_bytes`` and written with one ``pwritev`` (one thread
+        hop, no copy in between). Bytes past ``end`` are never written.
+
+        A source without range support still honours ``start`` (it skips bytes itself); the
+        engine only avoids asking it for many pieces."""
+        loop = asyncio.get_running_loop()
+        idle = self.settings.idle_timeout_seconds
+        batch = _Batch(cursor.pos)
+        stream = self.source.fetch(self.blob, cursor.pos, end)
+        timer: asyncio.Timeout | None = None
+        progress = 0
+        try:
+            async with _closing(stream), asyncio.timeout_at(loop.time() + idle) as timer:
+                async for data in stream:
+                    # Progress is MIN_PROGRESS_BYTES, not any byte: a slowloris origin that
+                    # drips a byte at a time times out like a silent one.
+                    progress += len(data)
+                    if progress >= MIN_PROGRESS_BYTES:
+                        timer.reschedule(loop.time() + idle)
+                        progress = 0
+                    self._check_overflow(batch.end + len(data), end)
+                    self.fetched_bytes += len(data)
+                    batch.add(data)
+                    if batch.size >= self.settings.batch_bytes or batch.full:
+                        await self._write(batch, cursor)
+            await self._write(batch, cursor)
+        except Exception as exc:
+            # Keep what arrived before the failure (a drop, a timeout, a source that gave up):
+            # those bytes lie within the range asked for, and the final hash checks them anyway.
+            await self._write(batch, cursor)
+            if timer is not None and timer.expired():
+                raise stalled_error(idle) from exc
+            raise
+
+    def _check_overflow(self, reach: int, end: int) -> None:
+        if reach > self.blob.size:
+            raise SizeMismatchError(self.blob.digest, self.blob.size, reach)
+        if reach > end:
+            raise SourceError(
+                f"origin {self.origin}: blob {self.blob.digest}: sent bytes past {end}, "
+                "the end of the range asked for"
+            )
+
+    async def _write(self, batch: _Batch, cursor: _Cursor) -> None:
+        if not batch.size:
+            return
+        start, end = batch.start, batch.end
+        await self._run_io(self._pwrite_all, batch.chunks, start)
+        crashpoint("pull.range_written")
+        batch.clear()
+        self.held.add(start, end)
+        cursor.pos = end
+        self._changed.fire()
+
+    # -- hashing ---------------------------------------------------------------------------------
+
+    async def _hash_running(self, hasher: hashlib._Hash) -> None:
+        hashed = 0
+        size = self.blob.size
+        while hashed < size:
+            await self._changed.wait_until(self._prefix_reaches(min(size, hashed + _HASH_STEP)))
+            upto = self.held.prefix_end()
+            await self._run_io(self._hash_span, hasher, hashed, upto)
+            hashed = upto
+
+    def _prefix_reaches(self, target: int) -> Callable[[], bool]:
+        return lambda: self.held.prefix_end() >= target
+
+    def _hash_span(self, hasher: hashlib._Hash, start: int, end: int) -> None:
+        if self._hash_buf is None:
+            self._hash_buf = bytearray(_HASH_BUFFER_BYTES)
+        buf = self._hash_buf
+        view = memoryview(buf)
+        pos = start
+        while pos < end:
+            want = min(len(buf), end - pos)
+            n = os.preadv(self._fd, [view[:want]], pos)
+            if n <= 0:
+                raise StoreError(f"partial file {self.partial} ends at byte {pos}, wanted {end}")
+            hasher.update(view[:n])
+            pos += n
+
+    # -- ranges record -----------------------------------------------------------------------
+
+    async def _record_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.record_interval_seconds)
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Make ``held`` durable: fdatasync the data first, then replace the record."""
+        if self.held == self._recorded or self._fd < 0:
+            return
+        snapshot = self.held.copy()
+        await self._run_io(self._sync_and_record, snapshot)
+        self._recorded = snapshot
+        crashpoint("pull.ranges_recorded")
+
+    def _sync_and_record(self, snapshot: RangeSet) -> None:
+        os.fdatasync(self._fd)
+        side = sidecar_path(self.partial)
+        tmp = self._sidecar_tmp()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, dump_sidecar(self.blob.digest, self.blob.size, snapshot).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(side)
+        _fsync_dir(side.parent)
+
+    # -- file handling (worker threads) --------------------------------------------------------
+
+    def _open(self) -> None:
+        """Open the partial file, trusting its ranges record only if it matches this blob."""
+        size = self.blob.size
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._sidecar_tmp().unlink(missing_ok=True)  # a record being written when we died
+        side = sidecar_path(self.partial)
+        held = RangeSet()
+        if os.fstat(self._fd).st_size == size:
+            with contextlib.suppress(FileNotFoundError):
+                held = load_sidecar(side.read_text(), self.blob.digest, size)
+        if held.total() == 0:
+            # Forget any record before the file changes under it, or a crash right after the
+            # truncate would leave a record that claims zeros.
+            if side.exists():
+                side.unlink()
+                _fsync_dir(side.parent)
+            os.ftruncate(self._fd, 0)
+            _preallocate(self._fd, size, self.partial)
+        self.held = held
+        self._recorded = held.copy()
+        self.resumed_bytes = held.total()
+        if self.resumed_bytes:
+            log.info(
+                "blob %s: resuming with %d of %d bytes held",
+                self.blob.digest,
+                self.resumed_bytes,
+                size,
+            )
+
+    def _pwrite_all(self, chunks: list[bytes], offset: int) -> None:
+        views = [memoryview(c) for c in chunks]
+        try:
+            while views:
+                n = os.pwritev(self._fd, views, offset)
+                offset += n
+                while views and n >= len(views[0]):
+                    n -= len(views.pop(0))
+                if views:
+                    views[0] = views[0][n:]
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise DiskFullError(self.partial, "writing a partial download") from exc
+            raise StoreError(f"writing partial file {self.partial}: {exc}") from exc
+
+    def _discard(self) -> None:
+        self.partial.unlink(missing_ok=True)
+        sidecar_path(self.partial).unlink(missing_ok=True)
+
+    def _sidecar_tmp(self) -> Path:
+        return self.partial.with_name(self.partial.name + ".tmp-ranges")
+
+    async def _stop_priority(self) -> None:
+        for task in self._priority:
+            task.cancel()
+        await asyncio.gather(*self._priority, return_exceptions=True)
+
+    async def _close(self) -> None:
+        """Close the file once no thread can still be using it (even if we are cancelled)."""
+        cancelled = False
+        while self._io:
+            try:
+                await asyncio.wait(set(self._io))
+            except asyncio.CancelledError:
+                cancelled = True
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _run_io(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run blocking file work in a thread and see it through even if we are cancelled: the
+        thread uses our file descriptor and buffer, which must outlive it."""
+        fut: asyncio.Future[_T] = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        self._io.add(fut)  # type: ignore[arg-type]
+        fut.add_done_callback(self._io.discard)
+        cancelled = False
+        while not fut.done():
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        return fut.result()
+
+    # -- failure -----------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException | None) -> None:
+        if self._error is None and exc is not None:
+            self._error = exc
+        self._changed.fire()
+
+    def _raise_if_failed(self) -> None:
+        error = self._error
+        if isinstance(error, Exception):
+            raise error
+        if error is not None:  # cancelled: tell waiters plainly rather than cancel them too
+            raise SourceError(f"the download of blob {self.blob.digest} was stopped")
+
+
+async def all_or_nothing(aws: Iterable[Awaitable[_T]]) -> list[_T]:
+    """Await all; on the first failure cancel the rest, wait for them, and re-raise it."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+@contextlib.asynccontextmanager
+async def _closing(stream: AsyncIterator[bytes]) -> AsyncIterator[AsyncIterator[bytes]]:
+    """Close an abandoned fetch at once (its connection or file), not whenever GC gets to it."""
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _preallocate(fd: int, size: int, path: Path) -> None:
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(path, f"preallocating {size} bytes for a partial download") from exc
+        os.ftruncate(fd, size)  # filesystems without fallocate: a sparse file will do
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,625 @@
+"""The pull engine: reference in, verified model tree in the store out, each byte fetched once.
+
+Dedupe happens at three levels, all keyed so that concurrent callers share one piece of work:
+resolving a reference (by canonical ref), pulling a model (by manifest digest) and downloading a
+blob (by digest, agent-wide). A hundred pods asking for one model at once therefore cost the
+origin one manifest and one copy of each blob; every caller awaits the same tasks. The shared
+tasks are shielded from any one caller's cancellation; a blob download is cancelled only when no
+model pull is waiting for it any more.
+
+A model pull: record the model as pending, hold a "pull" lease on it (eviction skips it), make
+room for the bytes still missing (``CacheFullError`` before anything is written), download every
+blob not already in the store (``download.BlobDownload``), unpack tar layers member by member
+into blobs, then build the tree atomically (``Store.put_model``), set the tag and release the
+lease.
+
+Tags resolve through the store's tag cache first (TTL), so a warm node answers a tag without the
+network; an immutable reference already in the store is a cache hit with no network at all. If
+the origin is unreachable, a tag falls back to the last digest it pointed to when that model is
+still in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cacheagent.config import PullConfig
+from cacheagent.download import (
+    BlobDownload,
+    DownloadSettings,
+    HashMode,
+    Limits,
+    Signal,
+    all_or_nothing,
+    sidecar_path,
+)
+from cacheagent.errors import (
+    DISK_FULL_ERRNOS,
+    DiskFullError,
+    ModelNotFoundError,
+    OriginUnavailableError,
+    SourceError,
+)
+from cacheagent.progress import BlobProgress, PullProgress, PullState, RateMeter, eta_seconds
+from cacheagent.refs import ModelRef, parse_ref
+from cacheagent.sources.base import Layer, ResolvedModel, Source
+from cacheagent.sources.retry import RetryPolicy
+from cacheagent.sources.tarsafe import UnpackedFile, unpack_tar
+from cacheagent.store import Model, ModelFile, Store
+from cacheagent.store.crashpoints import crashpoint
+from cacheagent.store.paths import safe_relpath
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[PullProgress], None]
+
+
+@dataclass(frozen=True)
+class PullTuning:
+    """Engine knobs that are not (yet) user configuration; the defaults are the measured ones."""
+
+    ranges_per_blob: int = 8
+    batch_bytes: int = 1 << 20
+    hash_mode: HashMode = "running"
+    record_interval_seconds: float = 1.0
+    tag_ttl_seconds: float = 300.0
+    progress_interval_seconds: float = 0.25
+    max_blob_bytes: int | None = None
+    # A compressed tar layer may unpack to at most this many times its size (zip-bomb guard).
+    max_unpack_ratio: float = 32.0
+
+
+class SourceRegistry:
+    """Which Source serves which kind of reference ("oci", "oci-layout", "hf", "http")."""
+
+    def __init__(self, sources: Mapping[str, Source] | Iterable[Source]) -> None:
+        items = sources.items() if isinstance(sources, Mapping) else ((s.kind, s) for s in sources)
+        self._by_kind: dict[str, Source] = dict(items)
+
+    def for_ref(self, ref: ModelRef) -> Source:
+        source = self._by_kind.get(ref.kind)
+        if source is None:
+            raise SourceError(f"no source configured for {ref.kind} references ({ref})")
+        return source
+
+    async def aclose(self) -> None:
+        for source in self._by_kind.values():
+            await source.aclose()
+
+
+@dataclass
+class _BlobJob:
+    """One download of one blob, shared by every model pull that needs it."""
+
+    unpack: str
+    source_kind: str
+    task: asyncio.Task[tuple[UnpackedFile, ...]] | None = None
+    download: BlobDownload | None = None
+    waiters: int = 0
+    abandoned: bool = False
+
+
+@dataclass
+class _ModelJob:
+    """One pull of one manifest, shared by every caller that asked for it."""
+
+    ref: ModelRef
+    resolved: ResolvedModel
+    source: Source
+    task: asyncio.Task[Model] | None = None
+    listeners: list[ProgressCallback] = field(default_factory=list)
+    blobs: dict[str, _BlobJob] = field(default_factory=dict)
+    done: dict[str, int] = field(default_factory=dict)
+    state: PullState = "downloading"
+    snapshot: PullProgress | None = None
+    changed: Signal = field(default_factory=Signal)
+    rate: RateMeter = field(default_factory=RateMeter)
+    blob_rates: dict[str, RateMeter] = field(default_factory=dict)
+
+
+class PullEngine:
+    def __init__(
+        self,
+        store: Store,
+        sources: SourceRegistry,
+        config: PullConfig | None = None,
+        *,
+        tuning: PullTuning | None = None,
+    ) -> None:
+        self.store = store
+        self.sources = sources
+        self.config = config or PullConfig()
+        self.tuning = tuning or PullTuning()
+        cfg, tun = self.config, self.tuning
+        self.settings = DownloadSettings(
+            range_threshold_bytes=cfg.range_threshold_bytes,
+            range_chunk_bytes=cfg.range_chunk_bytes,
+            ranges_per_blob=tun.ranges_per_blob,
+            batch_bytes=tun.batch_bytes,
+            idle_timeout_seconds=cfg.timeout_seconds,
+            record_interval_seconds=tun.record_interval_seconds,
+            hash_mode=tun.hash_mode,
+            retry=RetryPolicy(max_attempts=cfg.retries + 1, max_delay=cfg.retry_max_seconds),
+        )
+        self.in_flight: dict[str, PullProgress] = {}
+        self._limits = Limits(cfg.max_connections_per_origin, cfg.max_connections_total)
+        self._resolving: dict[str, asyncio.Task[_ModelJob | Model]] = {}
+        self._fetched: Counter[str] = Counter()
+        self._models: dict[str, _ModelJob] = {}
+        self._blobs: dict[str, _BlobJob] = {}
+        self._changed = Signal()
+
+    # -- public API ----------------------------------------------------------------------------
+
+    async def pull(self, ref: ModelRef | str, *, progress: ProgressCallback | None = None) -> Model:
+        """Make ``ref`` a complete, verified model in the store and return it."""
+        model_ref = parse_ref(ref) if isinstance(ref, str) else ref
+        digest = await self._known_digest(model_ref)
+        if digest is not None:
+            cached = await self._stored_model(digest)
+            if cached is not None:
+                _notify(progress, _finished_snapshot(model_ref, cached))
+                return cached
+            job = self._models.get(digest)
+            if job is not None:  # resolved moments ago by another caller: join that pull
+                return await self._join(job, model_ref, progress)
+        if progress is not None:
+            _notify(progress, PullProgress(str(model_ref), "", "resolving", 0, 0))
+        try:
+            outcome = await self._resolve(model_ref)
+        except OriginUnavailableError:
+            offline = await self._offline_fallback(model_ref)
+            if offline is None:
+                raise
+            outcome = offline
+        if isinstance(outcome, _ModelJob):
+            return await self._join(outcome, model_ref, progress)
+        _notify(progress, _finished_snapshot(model_ref, outcome))
+        return outcome
+
+    def fetched_bytes(self) -> dict[str, int]:
+        """Bytes received from origins since start, by source kind, downloads in flight
+        included (what ``cacheagent_pull_bytes_total`` exports)."""
+        totals = Counter(self._fetched)
+        for bj in self._blobs.values():
+            if bj.download is not None:
+                totals[bj.source_kind] += bj.download.fetched_bytes
+        return dict(totals)
+
+    def progress(self, manifest_digest: str) -> PullProgress | None:
+        return self.in_flight.get(manifest_digest)
+
+    async def watch(self, manifest_digest: str) -> AsyncIterator[PullProgress]:
+        """Every progress snapshot of a pull in flight until it finishes (nothing if none is)."""
+        job = self._models.get(manifest_digest)
+        if job is None:
+            return
+        last: PullProgress | None = None
+        while True:
+            event = job.changed.next
+            snap = job.snapshot
+            if snap is not None and snap is not last:
+                last = snap
+                yield snap
+                if snap.finished:
+                    return
+            await event.wait()
+
+    async def ensure_range(self, blob_digest: str, start: int, end: int) -> Path:
+        """Return once bytes ``[start, end)`` of a raw blob can be read, fetching them ahead of
+        the background order if needed (the FUSE lazy mode's read path).
+
+        The path returned is the partial file while the blob downloads, else the committed blob.
+        A reader that finds the partial file gone opens ``store.blob_path`` instead: the commit
+        renames the same inode, so an already open descriptor stays valid. Callers bound the
+        wait with ``asyncio.timeout``.
+        """
+        while True:
+            event = self._changed.next
+            job = self._blobs.get(blob_digest)
+            if job is not None and job.download is not None:
+                await job.download.ensure_range(start, end)
+                return self.store.partial_path(blob_digest)
+            if await asyncio.to_thread(self.store.has_blob, blob_digest):
+                return self.store.blob_path(blob_digest)
+            if job is None and not self._resolving_now() and not self._wanted(blob_digest):
+                raise ModelNotFoundError(
+                    f"blob {blob_digest} is neither in the store nor being pulled"
+                )
+            await event.wait()
+
+    async def aclose(self) -> None:
+        """Cancel every pull in flight (partial files keep their ranges records)."""
+        tasks: list[asyncio.Task[Any]] = list(self._resolving.values())
+        tasks += [j.task for j in self._models.values() if j.task is not None]
+        tasks += [j.task for j in self._blobs.values() if j.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- resolving -----------------------------------------------------------------------------
+
+    async def _known_digest(self, ref: ModelRef) -> str | None:
+        """The manifest digest ``ref`` names without asking the origin: an unexpired tag
+        resolution, or any resolution of an immutable reference."""
+        store = self.store
+        lookup = store.lookup_ref if ref.is_immutable else store.resolve_tag
+        digest = await asyncio.to_thread(lookup, ref.canonical)
+        return digest or getattr(ref, "digest", None)
+
+    async def _stored_model(self, digest: str) -> Model | None:
+        model = await asyncio.to_thread(self.store.get_model, digest)
+        if model is not None:
+            await asyncio.to_thread(self.store.touch, digest)
+        return model
+
+    async def _offline_fallback(self, ref: ModelRef) -> Model | None:
+        digest = await asyncio.to_thread(self.store.lookup_ref, ref.canonical)
+        model = None if digest is None else await self._stored_model(digest)
+        if model is not None:
+            log.warning("origin of %s unreachable; using the cached %s", ref, model.digest)
+        return model
+
+    async def _resolve(self, ref: ModelRef) -> _ModelJob | Model:
+        """Resolve ``ref`` once however many callers ask, and start (or find) its pull.
+
+        The shared task stays in ``_resolving`` until the pull it started ends, so a caller
+        whose tag-cache lookup raced the resolution still gets the answer without the origin.
+        """
+        key = ref.canonical
+        task = self._resolving.get(key)
+        if task is None:
+            task = asyncio.create_task(self._resolve_and_start(ref))
+            self._resolving[key] = task
+            task.add_done_callback(self._resolved)
+        return await asyncio.shield(task)
+
+    def _resolving_now(self) -> bool:
+        return any(not task.done() for task in self._resolving.values())
+
+    def _resolved(self, task: asyncio.Task[_ModelJob | Model]) -> None:
+        self._changed.fire()
+        outcome = None if task.cancelled() or task.exception() else task.result()
+        if isinstance(outcome, _ModelJob):
+            assert outcome.task is not None
+            outcome.task.add_done_callback(lambda _: self._forget_resolution(task))
+        else:
+            self._forget_resolution(task)
+
+    def _forget_resolution(self, task: asyncio.Task[_ModelJob | Model]) -> None:
+        for key, value in list(self._resolving.items()):
+            if value is task:
+                del self._resolving[key]
+
+    async def _resolve_and_start(self, ref: ModelRef) -> _ModelJob | Model:
+        resolved = await self.sources.for_ref(ref).resolve(ref)
+        digest = resolved.manifest_digest
+        # Cache the answer at once: callers arriving while the model downloads find the pull
+        # through the tag cache instead of asking the origin again.
+        await asyncio.to_thread(
+            self.store.set_tag, ref.canonical, digest, self.tuning.tag_ttl_seconds
+        )
+        existing = await self._stored_model(digest)
+        if existing is not None:
+            return existing
+        job = self._models.get(digest)
+        if job is None:
+            job = _ModelJob(ref, resolved, self.sources.for_ref(ref))
+            self._models[digest] = job
+            job.task = asyncio.create_task(self._run_model(job))
+            job.task.add_done_callback(lambda _: self._model_finished(job))
+            self._changed.fire()
+        return job
+
+    # -- model pulls ---------------------------------------------------------------------------
+
+    async def _join(
+        self, job: _ModelJob, ref: ModelRef, progress: ProgressCallback | None
+    ) -> Model:
+        """Wait for a model pull in flight (shielded: this caller leaving does not stop it)."""
+        if progress is not None:
+            job.listeners.append(progress)
+            if job.snapshot is not None:
+                _notify(progress, job.snapshot)
+        try:
+            assert job.task is not None
+            model = await asyncio.shield(job.task)
+        finally:
+            if progress is not None:
+                job.listeners.remove(progress)
+        if ref.canonical != job.ref.canonical:
+            await self._record_ref(ref, model.digest)
+        return model
+
+    def _model_finished(self, job: _ModelJob) -> None:
+        assert job.task is not None
+        _retrieve(job.task)
+        digest = job.resolved.manifest_digest
+        if self._models.get(digest) is job:
+            del self._models[digest]
+            self.in_flight.pop(digest, None)
+        self._changed.fire()
+
+    async def _run_model(self, job: _ModelJob) -> Model:
+        store, resolved = self.store, job.resolved
+        digest = resolved.manifest_digest
+        holder = f"pull:{uuid.uuid4().hex}"
+        ticker: asyncio.Task[None] | None = None
+        leased = False
+        try:
+            await asyncio.to_thread(
+                store.put_pending,
+                digest,
+                [_raw_file(layer) for layer in resolved.layers if layer.unpack == "raw"],
+                ref=job.ref.canonical,
+                source_kind=job.source.kind,
+                manifest=resolved.manifest,
+            )
+            await asyncio.to_thread(store.add_lease, digest, holder, "pull")
+            leased = True
+            crashpoint("pull.after_pending")
+            self._publish(job)
+            ticker = asyncio.create_task(self._tick(job))
+            await self._make_room(job)
+            groups = await all_or_nothing(
+                self._layer_files(job, layer) for layer in resolved.layers
+            )
+            job.state = "committing"
+            self._publish(job)
+            files = [f for group in groups for f in group]
+            crashpoint("pull.before_tree")
+            model = await asyncio.to_thread(
+                store.put_model,
+                digest,
+                files,
+                ref=job.ref.canonical,
+                source_kind=job.source.kind,
+                manifest=resolved.manifest,
+            )
+            crashpoint("pull.after_tree")
+            await self._record_ref(job.ref, digest)
+        except BaseException as exc:
+            error = _disk_full(exc, store.root)
+            self._publish(job, state="failed", error=str(error) or type(error).__name__)
+            if error is not exc:
+                raise error from exc
+            raise
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
+            if leased:
+                await asyncio.to_thread(store.release_lease, holder)
+        self._publish(job, state="done")
+        return model
+
+    async def _make_room(self, job: _ModelJob) -> None:
+        """Reserve the bytes still to land before writing any. Tar layers count twice (the
+        archive, then its members); a compressed one may unpack to more, which the store's
+        watermarks absorb."""
+        need = 0
+        for layer in job.resolved.layers:
+            size = layer.blob.size
+            cap = self.tuning.max_blob_bytes
+            if cap is not None and size > cap:
+                raise SourceError(
+                    f"blob {layer.blob.digest} declares {size} bytes, over the {cap}-byte limit"
+                )
+            if layer.unpack != "raw":
+                need += 2 * size
+            elif not await asyncio.to_thread(self.store.has_blob, layer.blob.digest):
+                need += size
+        if need:
+            digest = job.resolved.manifest_digest
+            await asyncio.to_thread(self.store.ensure_room, need, protect=(digest,))
+
+    async def _record_ref(self, ref: ModelRef, digest: str) -> None:
+        await asyncio.to_thread(
+            self.store.set_tag, ref.canonical, digest, self.tuning.tag_ttl_seconds
+        )
+        await asyncio.to_thread(self.store.touch, digest)
+
+    # -- layers and blobs ----------------------------------------------------------------------
+
+    async def _layer_files(self, job: _ModelJob, layer: Layer) -> list[ModelFile]:
+        blob = layer.blob
+        if layer.unpack == "raw" and await asyncio.to_thread(self.store.has_blob, blob.digest):
+            job.done[blob.digest] = blob.size
+            return [_raw_file(layer)]
+        entries = await self._shared_blob(job, layer)
+        job.done[blob.digest] = blob.size
+        if layer.unpack == "raw":
+            return [_raw_file(layer)]
+        return [ModelFile(_join(layer.path, e.path), e.digest, e.size, e.mode) for e in entries]
+
+    async def _shared_blob(self, job: _ModelJob, layer: Layer) -> tuple[UnpackedFile, ...]:
+        digest = layer.blob.digest
+        while True:
+            bj = self._blobs.get(digest)
+            if bj is None:
+                bj = _BlobJob(layer.unpack, job.source.kind)
+                self._blobs[digest] = bj
+                bj.task = asyncio.create_task(self._run_blob(bj, layer, job))
+                bj.task.add_done_callback(functools.partial(self._blob_finished, digest, bj))
+                self._changed.fire()
+                break
+            if bj.unpack == layer.unpack and not bj.abandoned:
+                break
+            # Being cancelled (its last waiter left), or the same bytes wanted raw by one model
+            # and unpacked by another: let it finish, then start afresh.
+            assert bj.task is not None
+            await asyncio.wait([bj.task])
+        assert bj.task is not None
+        bj.waiters += 1
+        job.blobs[digest] = bj
+        try:
+            return await asyncio.shield(bj.task)
+        finally:
+            bj.waiters -= 1
+            if bj.waiters == 0 and not bj.task.done():
+                bj.abandoned = True
+                bj.task.cancel()
+
+    def _blob_finished(self, digest: str, bj: _BlobJob, task: asyncio.Task[Any]) -> None:
+        _retrieve(task)
+        if bj.download is not None:
+            self._fetched[bj.source_kind] += bj.download.fetched_bytes
+        if self._blobs.get(digest) is bj:
+            del self._blobs[digest]
+        self._changed.fire()
+
+    async def _run_blob(
+        self, bj: _BlobJob, layer: Layer, job: _ModelJob
+    ) -> tuple[UnpackedFile, ...]:
+        blob, store = layer.blob, self.store
+        raw_entry = (UnpackedFile("", blob.digest, blob.size, 0o444),)
+        if layer.unpack == "raw" and await asyncio.to_thread(store.has_blob, blob.digest):
+            return raw_entry
+        partial = store.partial_path(blob.digest)
+        download = BlobDownload(
+            blob, job.source, job.ref.origin, partial, self.settings, self._limits
+        )
+        bj.download = download
+        self._changed.fire()
+        await download.run()
+        if layer.unpack == "raw":
+            crashpoint("pull.before_commit")
+            # commit_blob renames the partial file into blobs/ and drops its ranges record
+            await asyncio.to_thread(
+                store.commit_blob, blob.digest, blob.size, partial, verified=True
+            )
+            return raw_entry
+        try:
+            return await asyncio.to_thread(self._unpack, layer, partial)
+        finally:
+            await asyncio.to_thread(_remove_partial, partial)
+
+    def _unpack(self, layer: Layer, partial: Path) -> tuple[UnpackedFile, ...]:
+        ratio = 1.0 if layer.unpack == "tar" else self.tuning.max_unpack_ratio
+
+        def commit(entry: UnpackedFile, tmp: Path) -> None:
+            # tarsafe hashed every byte as it copied the member out
+            self.store.commit_blob(entry.digest, entry.size, tmp, verified=True)
+
+        return unpack_tar(
+            partial,
+            layer.unpack,
+            partial.parent,
+            commit,
+            max_total_bytes=int(layer.blob.size * ratio),
+        )
+
+    def _wanted(self, blob_digest: str) -> bool:
+        return any(
+            layer.blob.digest == blob_digest
+            for job in self._models.values()
+            for layer in job.resolved.layers
+        )
+
+    # -- progress ------------------------------------------------------------------------------
+
+    async def _tick(self, job: _ModelJob) -> None:
+        while True:
+            await asyncio.sleep(self.tuning.progress_interval_seconds)
+            self._publish(job)
+
+    def _publish(
+        self, job: _ModelJob, *, state: PullState | None = None, error: str | None = None
+    ) -> None:
+        if state is not None:
+            job.state = state
+        snap = self._snapshot(job, error)
+        job.snapshot = snap
+        digest = job.resolved.manifest_digest
+        if not snap.finished:
+            self.in_flight[digest] = snap
+        for listener in list(job.listeners):
+            _notify(listener, snap)
+        job.changed.fire()
+
+    def _snapshot(self, job: _ModelJob, error: str | None) -> PullProgress:
+        now = time.monotonic()
+        blobs: dict[str, BlobProgress] = {}
+        for layer in job.resolved.layers:
+            digest, size = layer.blob.digest, layer.blob.size
+            done = job.done.get(digest)
+            if done is None:
+                bj = job.blobs.get(digest)
+                done = bj.download.done_bytes if bj and bj.download else 0
+            if job.state == "done":
+                done = size
+            blob_rate = job.blob_rates.setdefault(digest, RateMeter()).sample(now, done)
+            blobs[digest] = BlobProgress(
+                digest, done, size, blob_rate, eta_seconds(size - done, blob_rate)
+            )
+        total = sum(b.total_bytes for b in blobs.values())
+        done_bytes = sum(b.done_bytes for b in blobs.values())
+        rate = job.rate.sample(now, done_bytes)
+        return PullProgress(
+            ref=job.ref.canonical,
+            manifest_digest=job.resolved.manifest_digest,
+            state=job.state,
+            done_bytes=done_bytes,
+            total_bytes=total,
+            rate=rate,
+            eta_seconds=eta_seconds(total - done_bytes, rate),
+            blobs=tuple(blobs.values()),
+            error=error,
+        )
+
+
+def _disk_full(exc: BaseException, root: Path) -> BaseException:
+    """ENOSPC/EDQUOT from any write of a pull (unpacking a tar layer, building the tree) as the
+    DiskFullError a client can act on; any other exception unchanged."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return DiskFullError(root, exc.strerror or str(exc))
+    return exc
+
+
+def _raw_file(layer: Layer) -> ModelFile:
+    return ModelFile(layer.path, layer.blob.digest, layer.blob.size)
+
+
+def _join(prefix: str, rel: str) -> str:
+    return safe_relpath(f"{prefix}/{rel}") if prefix else rel
+
+
+def _remove_partial(partial: Path) -> None:
+    partial.unlink(missing_ok=True)
+    sidecar_path(partial).unlink(missing_ok=True)
+
+
+def _finished_snapshot(ref: ModelRef, model: Model) -> PullProgress:
+    return PullProgress(
+        ref=ref.canonical,
+        manifest_digest=model.digest,
+        state="done",
+        done_bytes=model.size,
+        total_bytes=model.size,
+        eta_seconds=0.0,
+    )
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a shared task's failure as seen: its callers got it; nobody else should log it."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _notify(listener: ProgressCallback | None, snap: PullProgress) -> None:
+    """Progress is advisory: a failing listener is logged, never allowed to break the pull."""
+    if listener is None:
+        return
+    try:
+        listener(snap)
+    except Exception:
+        log.exception("progress listener failed")
