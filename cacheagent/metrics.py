@@ -13,12 +13,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from cacheagent import __version__
+
+# `_created` series double every counter's output and no dashboard here uses them.
+disable_created_metrics()
 
 _DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _CSI_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 20, 60)
@@ -81,14 +91,20 @@ class FuseCounts(Protocol):
     def errors(self) -> Mapping[str, int]: ...
 
 
-class _FuseCollector(Collector):
-    """Reads the filesystem's counters at scrape time: they live in the FUSE threads."""
+class _LiveCounters(Collector):
+    """Counters that live in other threads' hands (pull engine, FUSE), read at scrape time."""
 
-    def __init__(self, get: Callable[[], FuseCounts | None]) -> None:
-        self._get = get
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        counts = self._get()
+        pulled = CounterMetricFamily(
+            "cacheagent_pull_bytes", "Bytes fetched from origins.", labels=["source"]
+        )
+        for source, value in sorted(self._metrics.pulled_bytes().items()):
+            pulled.add_metric([source], value)
+        yield pulled
+        counts = self._metrics.fuse_counts()
         if counts is None:
             return
         for name, doc, value in (
@@ -196,9 +212,6 @@ class Metrics:
         self.cache_misses = Counter(
             "cacheagent_cache_misses", "Requests that needed a pull.", ["source"], registry=reg
         )
-        self.pull_bytes = Counter(
-            "cacheagent_pull_bytes", "Bytes fetched from origins.", ["source"], registry=reg
-        )
         self.pull_duration = Histogram(
             "cacheagent_pull_duration_seconds",
             "Duration of model pulls.",
@@ -226,9 +239,11 @@ class Metrics:
             buckets=_CSI_BUCKETS,
             registry=reg,
         )
+        # Counters kept by the pull engine and the FUSE threads, read at scrape time.
+        self.pulled_bytes: Callable[[], Mapping[str, int]] = dict
         self.fuse_counts: Callable[[], FuseCounts | None] = lambda: None
         reg.register(_SnapshotCollector(lambda: self.snapshot))
-        reg.register(_FuseCollector(lambda: self.fuse_counts()))
+        reg.register(_LiveCounters(self))
 
     def observe_csi(self, method: str, code: str, seconds: float) -> None:
         self.csi_operations.labels(method, code).inc()

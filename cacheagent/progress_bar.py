@@ -27,7 +27,8 @@ from cacheagent.render import short_digest
 class PullBars:
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._console = Console(file=sys.stderr)
+        # Off a terminal (logs, CI) rich would wrap at 80 columns; references are long.
+        self._console = Console(file=sys.stderr, width=None if sys.stderr.isatty() else 140)
         self._progress = Progress(
             TextColumn("{task.description}", justify="left"),
             BarColumn(),
@@ -61,9 +62,7 @@ class PullBars:
         return task
 
     def update(self, ref: str, *, done: int, total: int, phase: str) -> None:
-        self._progress.update(
-            self._task(ref), completed=done, total=total or None, phase=phase
-        )
+        self._progress.update(self._task(ref), completed=done, total=total or None, phase=phase)
 
     def __call__(self, snap: PullProgress) -> None:
         """Use as a pull-engine progress callback."""

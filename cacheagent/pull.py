@@ -124,6 +124,7 @@ class _ModelJob:
     changed: Signal = field(default_factory=Signal)
     rate: RateMeter = field(default_factory=RateMeter)
     blob_rates: dict[str, RateMeter] = field(default_factory=dict)
+    pending_recorded: bool = False  # the store lists the model (lazy mode can show it)
 
 
 class PullEngine:
@@ -185,6 +186,25 @@ class PullEngine:
             return await self._join(outcome, model_ref, progress)
         _notify(progress, _finished_snapshot(model_ref, outcome))
         return outcome
+
+    async def start_background(self, ref: ModelRef | str) -> str:
+        """Start (or join) the pull of ``ref``; return its manifest digest as soon as the store
+        lists the model as pending, without waiting for its bytes (the FUSE lazy mode serves it
+        meanwhile). The pull goes on in the background; a failure is logged, and readers of
+        the model see it as EIO. Callers bound the wait (resolution) with ``asyncio.timeout``.
+        """
+        model_ref = parse_ref(ref) if isinstance(ref, str) else ref
+        pull = asyncio.create_task(self.pull(model_ref))
+        pull.add_done_callback(_log_background_failure)
+        while True:
+            event = self._changed.next
+            if pull.done():
+                return (await pull).digest
+            digest = await self._known_digest(model_ref)
+            job = None if digest is None else self._models.get(digest)
+            if digest is not None and job is not None and job.pending_recorded:
+                return digest
+            await event.wait()
 
     def fetched_bytes(self) -> dict[str, int]:
         """Bytes received from origins since start, by source kind, downloads in flight
@@ -366,6 +386,8 @@ class PullEngine:
             )
             await asyncio.to_thread(store.add_lease, digest, holder, "pull")
             leased = True
+            job.pending_recorded = True
+            self._changed.fire()
             crashpoint("pull.after_pending")
             self._publish(job)
             ticker = asyncio.create_task(self._tick(job))
@@ -623,3 +645,8 @@ def _notify(listener: ProgressCallback | None, snap: PullProgress) -> None:
         listener(snap)
     except Exception:
         log.exception("progress listener failed")
+
+
+def _log_background_failure(task: asyncio.Task[Model]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.warning("background pull failed: %s", error)

@@ -205,6 +205,7 @@ class Agent:
             tuning=PullTuning(tag_ttl_seconds=cfg.store.tag_ttl_seconds),
         )
         self._on_stop("pull engine", engine.aclose)
+        self.metrics.pulled_bytes = engine.fetched_bytes
 
         gpus = GpuInventory()
         self._on_stop("nvml", lambda: asyncio.to_thread(gpus.close))

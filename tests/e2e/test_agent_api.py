@@ -22,7 +22,11 @@ from tests.fault_server import Fault, FaultServer
 from tests.support import require_binary
 from tests.threaded import serve_in_thread
 
-PHASE_ORDER = [pb.PreheatEvent.RESOLVING, pb.PreheatEvent.DOWNLOADING, pb.PreheatEvent.MATERIALIZING]
+PHASE_ORDER = [
+    pb.PreheatEvent.RESOLVING,
+    pb.PreheatEvent.DOWNLOADING,
+    pb.PreheatEvent.MATERIALIZING,
+]
 
 
 def metric(agent: AgentProcess, name: str, **labels: str) -> float:
@@ -140,8 +144,11 @@ def test_metrics_follow_a_miss_then_a_hit_and_pass_promtool(
     agent.cli("preheat", model.ref)
     assert metric(agent, "cacheagent_cache_misses_total", source="oci") == 1
     assert metric(agent, "cacheagent_cache_hits_total", source="oci") == 0
+    pulled = metric(agent, "cacheagent_pull_bytes_total", source="oci")
+    assert 24 << 20 <= pulled < 26 << 20
     agent.cli("preheat", model.ref)
     assert metric(agent, "cacheagent_cache_hits_total", source="oci") == 1
+    assert metric(agent, "cacheagent_pull_bytes_total", source="oci") == pulled
     assert metric(agent, "cacheagent_cache_models") == 1
     assert metric(agent, "cacheagent_cache_used_bytes") >= 24 << 20
     assert metric(agent, "cacheagent_api_requests_total", method="Preheat", code="OK") == 2

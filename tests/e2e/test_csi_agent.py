@@ -1,0 +1,221 @@
+"""The CSI driver inside the real agent: kubelet-style calls over the CSI socket, real registry,
+real bind and FUSE mounts, restarts and crashes of the agent process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cacheagent._proto.csi.v1 import csi_pb2 as pb
+from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
+from cacheagent.client import AgentCallError, AgentClient
+from cacheagent.mountinfo import find_mount
+from tests.agent_process import AgentProcess
+from tests.csi_env import force_unmount, mount_capability, mounts_under
+from tests.e2e.conftest import Origin
+from tests.support import require_fuse, require_root
+
+
+@pytest.fixture
+def lazy_agent(tmp_path: Path, origin: Origin) -> Iterator[AgentProcess]:
+    require_fuse()
+    agent = AgentProcess(tmp_path / "agent", insecure=(origin.registry.host,), fuse=True)
+    try:
+        yield agent.start()
+    finally:
+        agent.stop()
+        for leftover in mounts_under(agent.kubelet_dir):
+            force_unmount(leftover)
+        agent.cleanup()
+
+
+def node(agent: AgentProcess) -> pb_grpc.NodeStub:
+    return pb_grpc.NodeStub(grpc.insecure_channel(f"unix://{agent.csi_socket}"))
+
+
+def target_for(agent: AgentProcess, pod: str) -> Path:
+    target = agent.kubelet_dir / "pods" / pod / "volumes" / "kubernetes.io~csi" / "model"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def publish(
+    agent: AgentProcess, volume: str, target: Path, ref: str, **attrs: str
+) -> pb.NodePublishVolumeResponse:
+    request = pb.NodePublishVolumeRequest(
+        volume_id=volume,
+        target_path=str(target),
+        volume_capability=mount_capability(),
+        readonly=True,
+        volume_context={"model": ref, "csi.storage.k8s.io/pod.namespace": "default", **attrs},
+    )
+    return node(agent).NodePublishVolume(request, timeout=60)
+
+
+def unpublish(agent: AgentProcess, volume: str, target: Path) -> None:
+    node(agent).NodeUnpublishVolume(
+        pb.NodeUnpublishVolumeRequest(volume_id=volume, target_path=str(target)), timeout=60
+    )
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_publish_of_an_uncached_model_is_retryable_then_mounts(
+    agent: AgentProcess, origin: Origin
+) -> None:
+    require_root()
+    model = origin.models["alpha"]
+    target = target_for(agent, "pod-a")
+    attempts = 0
+    for attempts in range(1, 61):  # noqa: B007 - the count is asserted below
+        try:
+            publish(agent, "vol-a", target, model.ref)
+            break
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+    try:
+        assert find_mount(target) is not None
+        assert {"ro", "nosuid", "nodev"} <= find_mount(target).options  # type: ignore[union-attr]
+        with AgentClient(agent.socket) as client:
+            info = client.stat(model.ref)
+        assert tree_digests(target) == tree_digests(Path(info.path))
+        with pytest.raises(OSError, match="Read-only"):
+            (target / "config.json").write_text("x")
+        publish(agent, "vol-a", target, model.ref)  # idempotent
+        assert len([m for m in mounts_under(agent.kubelet_dir) if m == str(target)]) == 1
+    finally:
+        unpublish(agent, "vol-a", target)
+    assert not target.exists()
+    assert attempts >= 1
+
+
+def test_restart_keeps_leases_so_eviction_skips_published_models(
+    agent: AgentProcess, origin: Origin
+) -> None:
+    require_root()
+    alpha, beta = origin.models["alpha"], origin.models["beta"]
+    with AgentClient(agent.socket) as client:
+        list(client.preheat([alpha.ref, beta.ref]))
+    targets = {name: target_for(agent, f"pod-{name}") for name in ("alpha", "beta")}
+    publish(agent, "vol-alpha", targets["alpha"], alpha.ref)
+    publish(agent, "vol-beta", targets["beta"], beta.ref)
+
+    agent.stop()
+    agent.start()
+
+    with AgentClient(agent.socket) as client:
+        info = client.stat(alpha.digest)
+        assert [lease.kind for lease in info.leases] == ["csi"]
+        with pytest.raises(AgentCallError) as refused:
+            client.evict(alpha.digest, force=True)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    for name, target in targets.items():
+        assert find_mount(target) is not None
+        unpublish(agent, f"vol-{name}", target)
+        assert find_mount(target) is None
+    with AgentClient(agent.socket) as client:
+        assert client.evict(alpha.digest).bytes_freed > 0
+        assert not client.stat(beta.digest).leases
+
+
+def test_sigkill_with_a_volume_published_is_reconciled_on_start(
+    agent: AgentProcess, origin: Origin
+) -> None:
+    require_root()
+    model = origin.models["gamma"]
+    with AgentClient(agent.socket) as client:
+        list(client.preheat([model.ref]))
+    target = target_for(agent, "pod-k")
+    publish(agent, "vol-k", target, model.ref)
+    agent.kill()
+    agent.start()
+    assert find_mount(target) is not None
+    with AgentClient(agent.socket) as client:
+        assert [lease.kind for lease in client.stat(model.digest).leases] == ["csi"]
+    unpublish(agent, "vol-k", target)
+    with AgentClient(agent.socket) as client:
+        assert not client.stat(model.digest).leases
+
+
+def test_prefetch_attribute_warms_the_page_cache(agent: AgentProcess, origin: Origin) -> None:
+    require_root()
+    model = origin.models["beta"]
+    with AgentClient(agent.socket) as client:
+        list(client.preheat([model.ref]))
+        path = Path(client.stat(model.ref).path)
+    _drop_from_page_cache(path)
+    with AgentClient(agent.socket) as client:
+        cold = client.stat(model.ref)
+    target = target_for(agent, "pod-p")
+    publish(agent, "vol-p", target, model.ref, prefetch="true")
+    try:
+        with AgentClient(agent.socket) as client:
+            warm = client.stat(model.ref)
+    finally:
+        unpublish(agent, "vol-p", target)
+    assert cold.resident_bytes < cold.size_bytes // 4
+    assert warm.resident_bytes > warm.size_bytes * 0.9
+
+
+def _drop_from_page_cache(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def test_lazy_publish_serves_the_model_while_it_downloads(
+    lazy_agent: AgentProcess, origin: Origin
+) -> None:
+    model = origin.models["beta"]
+    target = target_for(lazy_agent, "pod-lazy")
+    publish(lazy_agent, "vol-lazy", target, model.ref, mode="lazy")
+    try:
+        mount = find_mount(target)
+        assert mount is not None and "ro" in mount.options
+        shards = sorted(p for p in target.iterdir() if p.suffix == ".safetensors")
+        assert shards, os.listdir(target)
+        # The tail first: it must be fetched ahead of the background pull's order.
+        with shards[-1].open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(size - 65536)
+            tail = f.read()
+        assert len(tail) == 65536
+        with pytest.raises(OSError, match="Read-only"):
+            (target / "new-file").write_text("x")
+        with AgentClient(lazy_agent.socket) as client:
+            list(client.preheat([model.ref]))
+            info = client.stat(model.ref)
+        for f in info.files:
+            if f.path.endswith(".safetensors"):
+                data = (target / f.path).read_bytes()
+                assert "sha256:" + hashlib.sha256(data).hexdigest() == f.blob
+    finally:
+        unpublish(lazy_agent, "vol-lazy", target)
+    assert find_mount(target) is None
+
+
+def test_kill_9_leaves_a_stale_fuse_mount_that_the_next_start_clears(
+    lazy_agent: AgentProcess,
+) -> None:
+    fuse_root = lazy_agent.fuse_root
+    assert find_mount(fuse_root) is not None
+    lazy_agent.kill()
+    lazy_agent.start()
+    mount = find_mount(fuse_root)
+    assert mount is not None and mount.fs_type.startswith("fuse")
+    assert os.listdir(fuse_root) == []
