@@ -22,6 +22,7 @@ from cacheagent.errors import (
     CacheAgentError,
     CacheFullError,
     ConfigError,
+    DiskFullError,
     ModelInUseError,
     ModelNotFoundError,
     OriginUnavailableError,
@@ -47,6 +48,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PolicyDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelInUseError, grpc.StatusCode.FAILED_PRECONDITION),
     (OriginUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )

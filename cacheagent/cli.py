@@ -234,7 +234,9 @@ def cmd_stat(args: argparse.Namespace, config: Config) -> int:
     print(f"\npath: {info.get('path', '')}")
     for lease in info.get("leases", []):
         print(f"lease: {lease['kind']} {lease['holder']}")
-    print(table(["FILE", "SIZE"], [[f["path"], human_bytes(int(f["size"]))] for f in info["files"]]))
+    print(
+        table(["FILE", "SIZE"], [[f["path"], human_bytes(int(f["size"]))] for f in info["files"]])
+    )
     return EXIT_OK
 
 

@@ -7,6 +7,12 @@ to status codes; nothing else should need to inspect messages.
 
 from __future__ import annotations
 
+import errno
+import os
+
+#: errno values that mean the store's filesystem is out of space (or quota).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 class CacheAgentError(Exception):
     """Base class for every error cacheagent raises on purpose."""
@@ -76,6 +82,18 @@ class CacheFullError(StoreError):
         super().__init__(
             f"cache full: need {needed} bytes, at most {available} bytes can be freed "
             "(the rest is pinned, in use or being pulled)"
+        )
+
+
+class DiskFullError(StoreError):
+    """The store's filesystem ran out of space below the configured capacity (something else
+    fills the disk, or the capacity is larger than the disk); nothing was committed."""
+
+    def __init__(self, path: str | os.PathLike[str], detail: str) -> None:
+        self.path = os.fspath(path)
+        super().__init__(
+            f"disk full: no space left on the filesystem of {self.path} ({detail}); "
+            "free space there or lower store.capacity"
         )
 
 

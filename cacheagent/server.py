@@ -29,6 +29,7 @@ from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
 from cacheagent.api import AgentService
 from cacheagent.config import Config
 from cacheagent.csi.server import CsiServer, resolve_node_id, start_csi_server
+from cacheagent.errors import ConfigError
 from cacheagent.fuse.mount import FuseMount, MountOptions
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.store_provider import StoreProvider
@@ -252,7 +253,7 @@ class Agent:
     def _node_id(self) -> str:
         try:
             return resolve_node_id(self.config.csi.node_id)
-        except Exception:
+        except ConfigError:
             return os.uname().nodename
 
     async def _start_fuse(self, service: ModelService) -> None:
@@ -260,7 +261,7 @@ class Agent:
         if not cfg.enabled:
             log.info("FUSE lazy mode disabled by config")
             return
-        if not Path("/dev/fuse").exists():
+        if not await asyncio.to_thread(Path("/dev/fuse").exists):
             log.warning("no /dev/fuse: mode: lazy volumes are unavailable on this node")
             return
         loop = asyncio.get_running_loop()

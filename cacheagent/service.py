@@ -16,11 +16,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from cacheagent.config import PolicyConfig
-from cacheagent.csi.backend import LazyModeUnavailableError, ModelStats, ReadyModel, StillPulling
+from cacheagent.volumes import LazyModeUnavailableError, ModelStats, ReadyModel, StillPulling
 from cacheagent.digest import is_digest
 from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundError, RefError
 from cacheagent.metrics import Metrics
@@ -46,7 +46,7 @@ class PreheatUpdate:
     model: Model | None = None
     cache_hit: bool = False
     warmed: WarmResult | None = None
-    error: CacheAgentError | None = None
+    error: Exception | None = None  # a CacheAgentError, or whatever nobody anticipated
     phase: str = "downloading"
 
 
@@ -125,12 +125,19 @@ class ModelService:
         """Pull every reference concurrently, yielding progress and one final update each."""
         queue: asyncio.Queue[PreheatUpdate | None] = asyncio.Queue()
 
+        def forward(text: str) -> PullProgressSink:
+            # A finished snapshot is not the outcome: the final update below carries that (and
+            # the error with its code), so a client sees exactly one DONE or FAILED per ref.
+            def sink(snap: PullProgress) -> None:
+                if not snap.finished:
+                    queue.put_nowait(PreheatUpdate(text, progress=snap))
+
+            return sink
+
         async def one(text: str) -> None:
             try:
                 ref = self.parse(text)
-                model, hit = await self.pull(
-                    ref, lambda snap: queue.put_nowait(PreheatUpdate(text, progress=snap))
-                )
+                model, hit = await self.pull(ref, forward(text))
                 warmed = None
                 if warm_memory:
                     queue.put_nowait(PreheatUpdate(text, model=model, phase="warming"))
@@ -138,7 +145,9 @@ class ModelService:
                 queue.put_nowait(
                     PreheatUpdate(text, model=model, cache_hit=hit, warmed=warmed, phase="done")
                 )
-            except CacheAgentError as err:
+            except Exception as err:
+                if not isinstance(err, CacheAgentError):
+                    log.exception("preheat of %s failed unexpectedly", text)
                 queue.put_nowait(PreheatUpdate(text, error=err, phase="failed"))
 
         async def run_all() -> None:

@@ -127,9 +127,9 @@ def publish(node: csi_pb2_grpc.NodeStub, volume: str, target: Path, attrs: dict[
             node.NodePublishVolume(request, timeout=120)
             return
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            print(f"  kubelet would retry: {err.details()}")  # type: ignore[attr-defined]
+            print(f"  kubelet would retry: {err.details()}")
             time.sleep(1)
     raise RuntimeError("publish did not succeed")
 
@@ -144,7 +144,8 @@ def csi_bind_demo(agent: AgentProcess, ref: str) -> None:
         for rel in files[:6]:
             print(f"  {rel}")
         options = next(
-            line.split()[5] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            line.split()[5]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
             if line.split()[4] == str(target)
         )
         print(f"mount options: {options}")
@@ -173,8 +174,10 @@ def lazy_demo(agent: AgentProcess, ref: str) -> None:
         first = time.monotonic() - started
         print(f"read the last 4 MiB of {shard.name} ({human_bytes(size)}) after {first:.2f}s")
         digest = hashlib.sha256(shard.read_bytes()).hexdigest()
-        print(f"whole file read through FUSE in {time.monotonic() - started:.2f}s, "
-              f"sha256 {digest[:16]}..., tail ok: {len(tail) == 4 << 20}")
+        print(
+            f"whole file read through FUSE in {time.monotonic() - started:.2f}s, "
+            f"sha256 {digest[:16]}..., tail ok: {len(tail) == 4 << 20}"
+        )
         node.NodeUnpublishVolume(
             csi_pb2.NodeUnpublishVolumeRequest(volume_id="lazy-volume", target_path=str(target))
         )
@@ -192,8 +195,10 @@ def main() -> int:
         step("Starting the agent (cacheagent serve)")
         agent = AgentProcess(WORK / "agent", insecure=(registry.host,), fuse=True)
         with agent:
-            print(f"store {agent.store_root}, API {agent.socket}, CSI {agent.csi_socket}, "
-                  f"metrics {agent.http}/metrics")
+            print(
+                f"store {agent.store_root}, API {agent.socket}, CSI {agent.csi_socket}, "
+                f"metrics {agent.http}/metrics"
+            )
             step("Preheat from the OCI layout and from the registry, through the agent API")
             started = time.monotonic()
             run(agent, "preheat", layout_ref, registry_ref)

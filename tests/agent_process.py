@@ -37,6 +37,7 @@ class AgentProcess:
     insecure: tuple[str, ...] = ()
     extra: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     fuse: bool = False
+    env: Mapping[str, str] = field(default_factory=dict)  # added to os.environ for `serve`
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     # Unix socket paths are limited to 107 bytes; pytest's tmp paths are long.
@@ -87,7 +88,9 @@ class AgentProcess:
             config.setdefault(section, {}).update(values)
         return config
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         """Run the `cacheagent` CLI against this agent."""
         return subprocess.run(
             [sys.executable, "-m", "cacheagent.cli", "--config", str(self.config_path), *args],
@@ -106,6 +109,7 @@ class AgentProcess:
             [sys.executable, "-m", "cacheagent.cli", "--config", str(self.config_path), "serve"],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
         log.close()
         try:

@@ -6,7 +6,7 @@ The composition root builds a ``CsiBackend`` over the store and the pull engine 
 
 from __future__ import annotations
 
-from .backend import (
+from cacheagent.volumes import (
     LEASE_KIND,
     CsiBackend,
     LazyModeUnavailableError,

@@ -42,7 +42,7 @@ from cacheagent.mountinfo import MountInfo, mounts_at, read_mountinfo
 from cacheagent.store.crashpoints import crashpoint
 
 from .attributes import VolumeAttributes, parse_volume_context
-from .backend import LEASE_KIND, CsiBackend, ReadyModel, StillPulling
+from cacheagent.volumes import LEASE_KIND, CsiBackend, ReadyModel, StillPulling
 from .journal import Publish, PublishJournal, ReconcilePlan, plan_reconcile
 from .mounts import (
     DIR_PATH_FLAGS,

@@ -25,7 +25,7 @@ from cacheagent.errors import (
     UnsafePathError,
 )
 
-from .backend import LazyModeUnavailableError
+from cacheagent.volumes import LazyModeUnavailableError
 from .mounts import MountBusyError
 
 

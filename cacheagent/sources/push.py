@@ -72,7 +72,7 @@ async def _upload(session: aiohttp.ClientSession, base: URL, path: Path, digest:
     async with session.post(base / "blobs/uploads/") as resp:
         await _expect(resp, 202, f"upload of {digest}")
         location = base.join(URL(resp.headers["Location"]))
-    with path.open("rb") as f:  # noqa: ASYNC230 - aiohttp streams file objects from a thread
+    with path.open("rb") as f:
         async with session.put(
             location.update_query(digest=digest),
             data=f,

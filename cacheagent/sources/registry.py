@@ -159,7 +159,12 @@ class RegistrySource(StreamingSource):
                 raise_for_status(
                     resp.status, resp.headers.get("Retry-After"), what=what, origin=ref.registry
                 )
-                data = await read_bounded(resp, self.options.manifest_max_bytes, what=what)
+                data = await read_bounded(
+                    resp,
+                    self.options.manifest_max_bytes,
+                    what=what,
+                    stall_seconds=self.transport.options.read_timeout,
+                )
                 advertised = resp.headers.get("Docker-Content-Digest")
                 if advertised and advertised != sha256_digest(data):
                     log.warning(

@@ -12,7 +12,9 @@ mirrors and auth), this module owns the rules:
   size anyway (chunked encoding) is cut off with ``SizeMismatchError``.
 * A dropped connection, a body that ends early, a timeout, 429 and 5xx are retried under the
   ``RetryPolicy``, resuming from the last byte yielded; the attempt budget restarts whenever
-  bytes were gained, so a long download is not failed by scattered hiccups. When the budget is
+  ``MIN_PROGRESS_BYTES`` were gained, so a long download is not failed by scattered hiccups
+  while an origin that drops every connection after a few bytes still runs out of attempts.
+  A body that delivers less than that within a read timeout times out. When the budget is
   spent: ``OriginUnavailableError`` naming the origin, the blob and the last failure.
 * 404 is ``ModelNotFoundError``. Other statuses are final ``SourceError``s.
 """
@@ -48,6 +50,20 @@ T = TypeVar("T")
 OpenResponse = Callable[[Mapping[str, str]], Awaitable[aiohttp.ClientResponse]]
 
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+
+MIN_PROGRESS_BYTES = 16 << 10
+"""What counts as progress on a response body: a body that delivers less than this within a
+read timeout (a stalled or slowloris origin dripping a byte at a time) is timed out, and an
+attempt that gained less does not renew the retry budget."""
+DEFAULT_STALL_SECONDS = 60.0
+
+
+def stalled_error(seconds: float) -> TimeoutError:
+    """The (retryable) error for a body that stopped making progress."""
+    return TimeoutError(
+        f"the origin sent less than {MIN_PROGRESS_BYTES} bytes in {seconds:g} s "
+        "(stalled, or too slow to be useful)"
+    )
 
 
 @dataclass
@@ -124,7 +140,7 @@ async def stream_blob(
             detail, retry_after = describe_failure(exc), None
         else:
             return
-        if position > mark:
+        if position - mark >= MIN_PROGRESS_BYTES:  # a few bytes per attempt do not count
             failures, mark, failing_since = 0, position, settings.clock()
         failures += 1
         delay = settings.policy.next_delay(
@@ -272,18 +288,37 @@ def raise_for_status(status: int, retry_after: str | None, *, what: str, origin:
     raise SourceError(f"{origin}: {what}: unexpected HTTP {status}")
 
 
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int, *, what: str) -> bytes:
-    """Read a whole body of at most ``limit`` bytes; refuse a bigger one without reading it all."""
+async def read_bounded(
+    resp: aiohttp.ClientResponse,
+    limit: int,
+    *,
+    what: str,
+    stall_seconds: float = DEFAULT_STALL_SECONDS,
+) -> bytes:
+    """Read a whole body of at most ``limit`` bytes; refuse a bigger one without reading it all,
+    and time out (TimeoutError, retryable) one that delivers under MIN_PROGRESS_BYTES within
+    ``stall_seconds``."""
     declared = resp.content_length
     if declared is not None and declared > limit:
         raise SourceError(f"{what} is {declared} bytes, over the {limit}-byte limit")
     parts: list[bytes] = []
-    total = 0
-    async for chunk in resp.content.iter_chunked(64 << 10):
-        total += len(chunk)
-        if total > limit:
-            raise SourceError(f"{what} is over the {limit}-byte limit")
-        parts.append(chunk)
+    total = progress = 0
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(stall_seconds) as timer:
+            async for chunk in resp.content.iter_chunked(64 << 10):
+                total += len(chunk)
+                if total > limit:
+                    raise SourceError(f"{what} is over the {limit}-byte limit")
+                parts.append(chunk)
+                progress += len(chunk)
+                if progress >= MIN_PROGRESS_BYTES:
+                    timer.reschedule(loop.time() + stall_seconds)
+                    progress = 0
+    except TimeoutError as exc:
+        if timer.expired():
+            raise stalled_error(stall_seconds) from exc
+        raise
     return b"".join(parts)
 
 

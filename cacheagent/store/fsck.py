@@ -5,7 +5,8 @@ which each indexed blob is a whole verified file and each ready model is a compl
 
 - ``models/sha256/.tmp-*`` trees (builds or deletes cut short): deleted.
 - blob files the index does not know: adopted if the name is a digest (and, with ``rehash``,
-  the bytes hash to it), else deleted; wrong size or hash: deleted; wrong mode: fixed.
+  the bytes hash to it), as evictable at once (no orphan grace period), else deleted; wrong
+  size or hash: deleted; wrong mode: fixed.
 - blob rows whose file is gone: dropped. A ready model that needs a dropped blob, or whose tree
   does not match its record, is reset to pending: its tree is removed, its record, pins and
   tags stay, ``get_model`` returns None and the next pull re-fetches only what is missing.
@@ -91,7 +92,7 @@ def reconcile(
     report = FsckReport(rehashed=rehash)
     with index.transaction():
         _remove_tmp_trees(layout, report)
-        gone = _reconcile_blobs(index, layout, report, rehash=rehash, now=now)
+        gone = _reconcile_blobs(index, layout, report, rehash=rehash)
         for digest in sorted(index.models_using(sorted(gone))):
             _reset_model(index, layout, digest, "needs a blob that is missing or corrupt", report)
         _check_trees(index, layout, report)
@@ -131,9 +132,7 @@ def _remove_tmp_trees(layout: Layout, report: FsckReport) -> None:
             report.note("tmp_trees_removed", f"removed unfinished tree {entry.name}")
 
 
-def _reconcile_blobs(
-    index: Index, layout: Layout, report: FsckReport, *, rehash: bool, now: float
-) -> set[str]:
+def _reconcile_blobs(index: Index, layout: Layout, report: FsckReport, *, rehash: bool) -> set[str]:
     """Check every blob file; returns the indexed blobs that are no longer there."""
     indexed = index.all_blobs()
     present: set[str] = set()
@@ -148,7 +147,10 @@ def _reconcile_blobs(
                 continue
             present.add(digest)
             if digest not in indexed:
-                index.insert_blob(digest, entry.stat(follow_symlinks=False).st_size, now)
+                # A file without a row is what a crash left (a commit or a removal cut short);
+                # no pull can be waiting on it, so it is recorded as old enough to evict at once
+                # rather than taking its size out of the capacity for the orphan grace period.
+                index.insert_blob(digest, entry.stat(follow_symlinks=False).st_size, 0.0)
                 report.note("blobs_adopted", f"adopted {digest}: on disk but not in the index")
     report.blobs_checked = len(present)
     gone = set(indexed) - present

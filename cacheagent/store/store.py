@@ -14,7 +14,7 @@ Removing a model: the index transaction comes first (the model vanishes atomical
 reader and the freed blob rows go with it), then the tree is renamed to a ``.tmp-*`` name, then
 the freed blob files are unlinked, then the tree is deleted. A crash after the transaction
 leaves only files the index does not reference: ``.tmp-*`` trees (deleted on the next open) and
-blob files (adopted as unreferenced blobs, freed by eviction after the grace period, reused if
+blob files (adopted as unreferenced blobs, freed by the next eviction, reused if
 the model is pulled again).
 
 ``lock=False`` opens a read-only view for offline inspection (the CLI's ``ls`` with no agent

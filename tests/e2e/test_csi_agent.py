@@ -200,10 +200,10 @@ def test_lazy_publish_serves_the_model_while_it_downloads(
         with AgentClient(lazy_agent.socket) as client:
             list(client.preheat([model.ref]))
             info = client.stat(model.ref)
-        for f in info.files:
-            if f.path.endswith(".safetensors"):
-                data = (target / f.path).read_bytes()
-                assert "sha256:" + hashlib.sha256(data).hexdigest() == f.blob
+        for entry in info.files:
+            if entry.path.endswith(".safetensors"):
+                data = (target / entry.path).read_bytes()
+                assert "sha256:" + hashlib.sha256(data).hexdigest() == entry.blob
     finally:
         unpublish(lazy_agent, "vol-lazy", target)
     assert find_mount(target) is None

@@ -20,8 +20,8 @@ import pytest
 
 from cacheagent.fuse.directory import DirectoryProvider
 from cacheagent.fuse.mount import FS_TYPE, FuseMount, MountError, MountOptions, unmount
-from cacheagent.mountinfo import find_mount
 from cacheagent.fuse.stats import FuseStats
+from cacheagent.mountinfo import find_mount
 from tests.fuse_support import LazyTestProvider, MiB, fake_digest, running, write_random_file
 from tests.support import require_fuse
 

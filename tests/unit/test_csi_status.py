@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from cacheagent.csi.backend import LazyModeUnavailableError, StillPulling
+from cacheagent.volumes import LazyModeUnavailableError, StillPulling
 from cacheagent.csi.mounts import MountBusyError, MountError
 from cacheagent.csi.node import Budget
 from cacheagent.csi.rpc import KeyedLocks

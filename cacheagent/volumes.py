@@ -1,6 +1,6 @@
-"""What the CSI driver needs from the rest of the agent, and nothing more.
+"""The contract between volume frontends (the CSI driver) and the rest of the agent.
 
-The composition root (cacheagent.server) implements ``CsiBackend`` over the real Store, PullEngine,
+``cacheagent.service.ModelService`` implements ``CsiBackend`` over the real Store, PullEngine,
 policy and prefetcher; the tests implement it over plain directories. Keeping it this narrow is
 what lets the driver be tested with real mounts and real gRPC without a registry.
 """
