@@ -179,10 +179,16 @@ class ModelService:
         return model
 
     def _find_by_name(self, text: str) -> Model | None:
+        """By reference (the tag index, then the models' own refs) or a 6+ hex digest prefix."""
         try:
-            canonical = parse_ref(text).canonical
+            canonical: str | None = parse_ref(text).canonical
         except RefError:
             canonical = None
+        if canonical is not None:
+            digest = self.store.lookup_ref(canonical)
+            model = self.store.get_model(digest) if digest else None
+            if model is not None:
+                return model
         models = self.store.list_models()
         for model in models:
             if canonical is not None and (model.ref == canonical or canonical in model.refs):
