@@ -327,11 +327,25 @@ class HfConfig(_Section):
 
 @dataclass(frozen=True)
 class AgentConfig(_Section):
+    """``tcp_listen`` also serves the agent API on TCP, always with TLS (``tls_cert`` and
+    ``tls_key``); with ``tls_client_ca`` clients must present a certificate it signed."""
+
     section: ClassVar[str] = "agent"
     socket: Path = Path("/run/cacheagent/agent.sock")
     http_listen: ListenAddress = "0.0.0.0:9464"
+    tcp_listen: ListenAddress | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
+
+    def _check(self) -> None:
+        if self.tcp_listen is not None and (self.tls_cert is None or self.tls_key is None):
+            raise ConfigError(
+                "agent.tcp_listen",
+                "the API is only served on TCP with TLS: set agent.tls_cert and agent.tls_key",
+            )
 
 
 @dataclass(frozen=True)

@@ -78,11 +78,17 @@ class Health:
         return problems
 
 
-async def start_agent_api(socket_path: Path, servicer: AgentService) -> grpc.aio.Server:
+async def start_agent_api(
+    socket_path: Path, servicer: AgentService, tls: TcpTls | None = None
+) -> grpc.aio.Server:
     await asyncio.to_thread(_prepare_socket, socket_path)
     server = grpc.aio.server()
     pb_grpc.add_AgentServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix://{socket_path}")
+    if tls is not None:
+        credentials = await asyncio.to_thread(tls.credentials)
+        if server.add_secure_port(tls.address, credentials) == 0:
+            raise ConfigError("agent.tcp_listen", f"cannot listen on {tls.address}")
     # The socket is created by start(); a tight umask means it never exists with wider rights.
     old = os.umask(0o117)
     try:
@@ -91,7 +97,42 @@ async def start_agent_api(socket_path: Path, servicer: AgentService) -> grpc.aio
         os.umask(old)
     await asyncio.to_thread(socket_path.chmod, SOCKET_MODE)
     log.info("agent API serving on %s", socket_path)
+    if tls is not None:
+        log.info(
+            "agent API serving on %s (TLS%s)",
+            tls.address,
+            ", client certs" if tls.client_ca else "",
+        )
     return server
+
+
+@dataclass(frozen=True)
+class TcpTls:
+    """The agent API's optional TCP listener; it never serves without TLS."""
+
+    address: str
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> TcpTls | None:
+        agent = config.agent
+        if agent.tcp_listen is None or agent.tls_cert is None or agent.tls_key is None:
+            return None
+        return cls(agent.tcp_listen, agent.tls_cert, agent.tls_key, agent.tls_client_ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        try:
+            pair = (self.key.read_bytes(), self.cert.read_bytes())
+            roots = self.client_ca.read_bytes() if self.client_ca is not None else None
+        except OSError as err:
+            raise ConfigError(
+                "agent.tls_cert", f"cannot read {err.filename}: {err.strerror}"
+            ) from None
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=roots, require_client_auth=roots is not None
+        )
 
 
 def _prepare_socket(path: Path) -> None:
@@ -226,7 +267,9 @@ class Agent:
         await self._start_fuse(service)
 
         api = await start_agent_api(
-            cfg.agent.socket, AgentService(service, gpus=gpus, node_id=self._node_id())
+            cfg.agent.socket,
+            AgentService(service, gpus=gpus, node_id=self._node_id()),
+            TcpTls.from_config(cfg),
         )
         self._on_stop("agent API", lambda: api.stop(STOP_GRACE_SECONDS))
         self.health.api = True
