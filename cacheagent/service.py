@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from cacheagent.config import PolicyConfig
-from cacheagent.volumes import LazyModeUnavailableError, ModelStats, ReadyModel, StillPulling
 from cacheagent.digest import is_digest
 from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundError, RefError
 from cacheagent.metrics import Metrics
@@ -31,6 +30,7 @@ from cacheagent.progress import PullProgress
 from cacheagent.pull import PullEngine
 from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.store import Model, Store
+from cacheagent.volumes import LazyModeUnavailableError, ModelStats, ReadyModel, StillPulling
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from cacheagent.volumes import (
     ReadyModel,
     StillPulling,
 )
+
 from .rpc import OperationObserver
 from .server import CsiServer, resolve_node_id, start_csi_server
 

@@ -10,8 +10,8 @@ import cacheagent
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
 from cacheagent.errors import ConfigError
-
 from cacheagent.volumes import CsiBackend
+
 from .rpc import Context, RpcRunner
 
 _DRIVER_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$")

@@ -40,9 +40,9 @@ from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
 from cacheagent.mountinfo import MountInfo, mounts_at, read_mountinfo
 from cacheagent.store.crashpoints import crashpoint
+from cacheagent.volumes import LEASE_KIND, CsiBackend, ReadyModel, StillPulling
 
 from .attributes import VolumeAttributes, parse_volume_context
-from cacheagent.volumes import LEASE_KIND, CsiBackend, ReadyModel, StillPulling
 from .journal import Publish, PublishJournal, ReconcilePlan, plan_reconcile
 from .mounts import (
     DIR_PATH_FLAGS,

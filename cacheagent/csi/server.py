@@ -16,8 +16,8 @@ from grpc import aio
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
 from cacheagent.errors import ConfigError
 from cacheagent.store.paths import Layout
-
 from cacheagent.volumes import CsiBackend
+
 from .identity import IdentityService, check_driver_name
 from .journal import PublishJournal
 from .node import NodeConfig, NodeService

@@ -24,8 +24,8 @@ from cacheagent.errors import (
     StoreLockedError,
     UnsafePathError,
 )
-
 from cacheagent.volumes import LazyModeUnavailableError
+
 from .mounts import MountBusyError
 
 

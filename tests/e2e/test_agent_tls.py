@@ -57,7 +57,7 @@ def test_tcp_api_requires_tls(tmp_path: Path) -> None:
         assert status_over(secure).store_root == str(agent.store_root)
         with pytest.raises(grpc.RpcError) as plain:
             status_over(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        assert plain.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_client_certificates_when_a_client_ca_is_set(tmp_path: Path) -> None:
