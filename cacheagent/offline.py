@@ -16,9 +16,9 @@ from cacheagent.config import Config
 from cacheagent.errors import ModelNotFoundError, StoreLockedError
 from cacheagent.progress import PullProgress
 from cacheagent.pull import PullEngine, PullTuning, SourceRegistry
-from cacheagent.refs import parse_ref
 from cacheagent.sources.factory import build_sources
 from cacheagent.store import FsckReport, Model, Store
+from cacheagent.store.lookup import find_model
 
 
 @contextmanager
@@ -50,12 +50,7 @@ def open_configured_store(config: Config) -> Store:
 
 
 def _find(store: Store, text: str) -> Model:
-    model = store.get_model(text)
-    if model is None:
-        canonical = parse_ref(text).canonical if ":" in text or "/" in text else text
-        model = next(
-            (m for m in store.list_models() if m.ref == canonical or canonical in m.refs), None
-        )
+    model = find_model(store, text)
     if model is None:
         raise ModelNotFoundError(f"no model {text!r} in the store at {store.root}")
     return model

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cacheagent.config import PolicyConfig
-from cacheagent.digest import is_digest
-from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundError, RefError
+from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundError
 from cacheagent.metrics import Metrics
 from cacheagent.pagecache import Residency, residency
 from cacheagent.policy import check_mount, check_source
@@ -30,6 +29,7 @@ from cacheagent.progress import PullProgress
 from cacheagent.pull import PullEngine
 from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.store import Model, Store
+from cacheagent.store.lookup import find_model
 from cacheagent.volumes import LazyModeUnavailableError, ModelStats, ReadyModel, StillPulling
 
 log = logging.getLogger(__name__)
@@ -169,33 +169,10 @@ class ModelService:
 
     async def find(self, text: str) -> Model:
         """A model in the store by manifest digest, digest prefix or reference."""
-        store = self.store
-        if is_digest(text):
-            model = await asyncio.to_thread(store.get_model, text)
-        else:
-            model = await asyncio.to_thread(self._find_by_name, text)
+        model = await asyncio.to_thread(find_model, self.store, text)
         if model is None:
             raise ModelNotFoundError(f"no model {text!r} in the store")
         return model
-
-    def _find_by_name(self, text: str) -> Model | None:
-        """By reference (the tag index, then the models' own refs) or a 6+ hex digest prefix."""
-        try:
-            canonical: str | None = parse_ref(text).canonical
-        except RefError:
-            canonical = None
-        if canonical is not None:
-            digest = self.store.lookup_ref(canonical)
-            model = self.store.get_model(digest) if digest else None
-            if model is not None:
-                return model
-        models = self.store.list_models()
-        for model in models:
-            if canonical is not None and (model.ref == canonical or canonical in model.refs):
-                return model
-        prefix = text.removeprefix("sha256:")
-        matches = [m for m in models if len(prefix) >= 6 and m.digest[7:].startswith(prefix)]
-        return matches[0] if len(matches) == 1 else None
 
     async def list_models(self) -> list[Model]:
         return await asyncio.to_thread(self.store.list_models)

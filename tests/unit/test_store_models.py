@@ -18,6 +18,7 @@ from cacheagent.errors import (
     UnsafePathError,
 )
 from cacheagent.store import ModelFile, Store
+from cacheagent.store.lookup import find_model
 from tests.unit.store_helpers import add_model, manifest_for, mode_of, visible_blobs
 
 FILES = {
@@ -254,3 +255,15 @@ def test_model_digests_lists_ready_and_pending_models(store: Store) -> None:
     store.put_pending(pending, files, ref=None, source_kind="oci", manifest=manifest)
     assert sorted(store.model_digests()) == sorted([ready.digest, pending])
     assert store.get_model(pending) is None
+
+
+def test_find_model_by_digest_prefix_and_reference(store: Store) -> None:
+    model = add_model(store, "named", {"a": b"a"}, ref="registry.example.com/m/named:v1")
+    hexdigest = model.digest.removeprefix("sha256:")
+    assert find_model(store, model.digest) == model
+    assert find_model(store, hexdigest[:8]) == model
+    assert find_model(store, "sha256:" + hexdigest[:8]) == model
+    assert find_model(store, hexdigest[:5]) is None, "prefixes under 6 hex are too ambiguous"
+    assert find_model(store, "registry.example.com/m/named:v1") == model
+    assert find_model(store, "oci://registry.example.com/m/named:v1") == model
+    assert find_model(store, "registry.example.com/m/other:v1") is None
