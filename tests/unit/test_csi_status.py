@@ -8,7 +8,6 @@ import time
 import grpc
 import pytest
 
-from cacheagent.volumes import LazyModeUnavailableError, StillPulling
 from cacheagent.csi.mounts import MountBusyError, MountError
 from cacheagent.csi.node import Budget
 from cacheagent.csi.rpc import KeyedLocks
@@ -25,6 +24,7 @@ from cacheagent.errors import (
     StoreError,
     UnsafePathError,
 )
+from cacheagent.volumes import LazyModeUnavailableError, StillPulling
 
 C = grpc.StatusCode
 D = "sha256:" + "0" * 64
