@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb
 from cacheagent.client import AgentCallError, AgentClient
+from cacheagent.pagecache import drop
 from tests.agent_process import AgentProcess
 from tests.e2e.conftest import Origin
 from tests.fault_server import Fault, FaultServer
@@ -225,3 +226,21 @@ def _preheat_until(agent: AgentProcess, ref: str, *, min_bytes: int) -> int:
     finally:
         client.close()
     raise AssertionError("preheat finished before the stall")
+
+
+def test_preheat_with_warm_memory_brings_the_model_into_ram(
+    agent: AgentProcess, origin: Origin
+) -> None:
+    model = origin.models["gamma"]
+    with AgentClient(agent.socket) as client:
+        list(client.preheat([model.ref]))
+        drop([Path(client.stat(model.ref).path)])
+        cold = client.stat(model.ref)
+        final = list(client.preheat([model.ref], warm_memory=True))[-1]
+        warm = client.stat(model.ref)
+    assert final.phase == pb.PreheatEvent.DONE and final.cache_hit
+    assert cold.resident_bytes < cold.size_bytes // 4
+    assert final.bytes_warmed > cold.size_bytes // 2
+    assert warm.resident_bytes > warm.size_bytes * 0.9
+    listed = json.loads(agent.cli("ls", "--json").stdout)
+    assert int(listed[0]["resident_bytes"]) == pytest.approx(warm.resident_bytes, rel=0.1)

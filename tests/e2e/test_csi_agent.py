@@ -15,6 +15,7 @@ from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
 from cacheagent.client import AgentCallError, AgentClient
 from cacheagent.mountinfo import find_mount
+from cacheagent.pagecache import drop
 from tests.agent_process import AgentProcess
 from tests.csi_env import force_unmount, mount_capability, mounts_under
 from tests.e2e.conftest import Origin
@@ -154,7 +155,7 @@ def test_prefetch_attribute_warms_the_page_cache(agent: AgentProcess, origin: Or
     with AgentClient(agent.socket) as client:
         list(client.preheat([model.ref]))
         path = Path(client.stat(model.ref).path)
-    _drop_from_page_cache(path)
+    drop([path])
     with AgentClient(agent.socket) as client:
         cold = client.stat(model.ref)
     target = target_for(agent, "pod-p")
@@ -166,16 +167,6 @@ def test_prefetch_attribute_warms_the_page_cache(agent: AgentProcess, origin: Or
         unpublish(agent, "vol-p", target)
     assert cold.resident_bytes < cold.size_bytes // 4
     assert warm.resident_bytes > warm.size_bytes * 0.9
-
-
-def _drop_from_page_cache(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def test_lazy_publish_serves_the_model_while_it_downloads(
