@@ -320,6 +320,7 @@ class Agent:
         await asyncio.to_thread(mount.start)
         self._on_stop("FUSE", lambda: asyncio.to_thread(mount.stop))
         service.fuse_root = cfg.mountpoint
+        service.on_evicted = mount.fs.forget
         self.health.fuse = mount
         self.health.fuse_required = True
 

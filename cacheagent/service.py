@@ -71,6 +71,8 @@ class ModelService:
     locker: MemoryLocker | None = None
     fuse_root: Path | None = None
     ready: bool = True
+    # Called with a digest after an eviction (the FUSE view drops its cached tree).
+    on_evicted: Callable[[str], None] = lambda digest: None
 
     # -- references and pulls ------------------------------------------------------------------
 
@@ -194,6 +196,7 @@ class ModelService:
         if self.metrics is not None:
             self.metrics.evictions.inc()
             self.metrics.evicted_bytes.inc(freed)
+        self.on_evicted(model.digest)
         return model.digest, freed
 
     async def set_pinned(self, text: str, pinned: bool) -> Model:
