@@ -18,22 +18,12 @@ import grpc
 from cacheagent import __version__
 from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb
 from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
-from cacheagent.errors import (
-    CacheAgentError,
-    CacheFullError,
-    ConfigError,
-    DiskFullError,
-    ModelInUseError,
-    ModelNotFoundError,
-    OriginUnavailableError,
-    PolicyDeniedError,
-    RefError,
-    UnsafePathError,
-)
 from cacheagent.gpu import GpuInventory
 from cacheagent.logs import request_context
+from cacheagent.prefetch import MemoryLockError
 from cacheagent.progress import PullProgress
 from cacheagent.service import ModelService, PreheatUpdate
+from cacheagent.status_codes import ErrorCodes, grpc_code
 from cacheagent.store import Model
 
 log = logging.getLogger(__name__)
@@ -41,28 +31,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
-_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (RefError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
-    (UnsafePathError, grpc.StatusCode.INVALID_ARGUMENT),
-    (PolicyDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ModelInUseError, grpc.StatusCode.FAILED_PRECONDITION),
-    (OriginUnavailableError, grpc.StatusCode.UNAVAILABLE),
-)
-
-
-def grpc_code(err: BaseException) -> grpc.StatusCode:
-    """The status code for a cacheagent error; INTERNAL only for what we did not expect."""
-    for kind, code in _CODES:
-        if isinstance(err, kind):
-            return code
-    if isinstance(err, CacheAgentError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    return grpc.StatusCode.INTERNAL
-
+# Errors of the API's own engines, before the agent-wide table.
+_API_CODES: ErrorCodes = ((MemoryLockError, grpc.StatusCode.RESOURCE_EXHAUSTED),)
 
 _PHASES: dict[str, pb.PreheatEvent.Phase.ValueType] = {
     "resolving": pb.PreheatEvent.RESOLVING,
@@ -123,7 +93,7 @@ def preheat_event(update: PreheatUpdate) -> pb.PreheatEvent:
     if update.warmed is not None:
         event.bytes_warmed = update.warmed.bytes_warmed
     if update.error is not None:
-        event.error_code = grpc_code(update.error).name
+        event.error_code = grpc_code(update.error, _API_CODES).name
         event.error = str(update.error)
     return event
 
@@ -143,7 +113,7 @@ class AgentService(pb_grpc.AgentServicer):
             try:
                 return await work()
             except Exception as err:
-                code = grpc_code(err)
+                code = grpc_code(err, _API_CODES)
                 if code is grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", method)
                 await context.abort(code, str(err))

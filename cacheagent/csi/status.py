@@ -10,20 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-from cacheagent.errors import (
-    CacheFullError,
-    DigestMismatchError,
-    DiskFullError,
-    ModelInUseError,
-    ModelNotFoundError,
-    OriginUnavailableError,
-    PolicyDeniedError,
-    RefError,
-    SizeMismatchError,
-    SourceError,
-    StoreLockedError,
-    UnsafePathError,
-)
+from cacheagent.status_codes import ErrorCodes, grpc_code
 from cacheagent.volumes import LazyModeUnavailableError
 
 from .mounts import MountBusyError
@@ -42,22 +29,8 @@ def invalid(message: str) -> CsiFailure:
     return CsiFailure(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    # Order matters: subclasses before their bases.
-    (RefError, grpc.StatusCode.INVALID_ARGUMENT),
-    (PolicyDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (OriginUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    # A download that failed verification is worth another try (another mirror, a fixed proxy).
-    (DigestMismatchError, grpc.StatusCode.UNAVAILABLE),
-    (SizeMismatchError, grpc.StatusCode.UNAVAILABLE),
-    (StoreLockedError, grpc.StatusCode.UNAVAILABLE),
-    # The artifact itself is unusable (hostile paths, unknown media types): retrying won't help.
-    (UnsafePathError, grpc.StatusCode.FAILED_PRECONDITION),
-    (SourceError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ModelInUseError, grpc.StatusCode.FAILED_PRECONDITION),
+# Answers of the driver's own making, before the agent-wide table.
+_CSI_CODES: ErrorCodes = (
     (LazyModeUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (MountBusyError, grpc.StatusCode.FAILED_PRECONDITION),
 )
@@ -67,7 +40,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The code and message to answer with; INTERNAL only for what nobody anticipated."""
     if isinstance(exc, CsiFailure):
         return exc.code, exc.message
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    code = grpc_code(exc, _CSI_CODES)
+    if code is grpc.StatusCode.INTERNAL:
+        return code, f"internal error: {type(exc).__name__}: {exc}"
+    return code, str(exc)
