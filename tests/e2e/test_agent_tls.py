@@ -38,19 +38,19 @@ def client_cert(pki: Pki, directory: Path) -> tuple[bytes, bytes]:
     return key.read_bytes(), cert.read_bytes()
 
 
+def tls_agent(work: Path, pki: Pki, port: int, **settings: str) -> AgentProcess:
+    listen = {
+        "tcp_listen": f"127.0.0.1:{port}",
+        "tls_cert": str(pki.server_cert),
+        "tls_key": str(pki.server_key),
+    }
+    return AgentProcess(work, extra={"agent": {**listen, **settings}})
+
+
 def test_tcp_api_requires_tls(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     port = free_port()
-    agent = AgentProcess(
-        tmp_path / "agent",
-        extra={
-            "agent": {
-                "tcp_listen": f"127.0.0.1:{port}",
-                "tls_cert": str(pki.server_cert),
-                "tls_key": str(pki.server_key),
-            }
-        },
-    )
+    agent = tls_agent(tmp_path / "agent", pki, port)
     with agent:
         roots = pki.ca_cert.read_bytes()
         secure = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(roots))
@@ -63,18 +63,7 @@ def test_tcp_api_requires_tls(tmp_path: Path) -> None:
 def test_client_certificates_when_a_client_ca_is_set(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     port = free_port()
-    agent = AgentProcess(
-        tmp_path / "agent",
-        extra={
-            "agent": {
-                "tcp_listen": f"127.0.0.1:{port}",
-                "tls_cert": str(pki.server_cert),
-                "tls_key": str(pki.server_key),
-                "tls_client_ca": str(pki.ca_cert),
-            }
-        },
-    )
-    with agent:
+    with tls_agent(tmp_path / "agent", pki, port, tls_client_ca=str(pki.ca_cert)):
         roots = pki.ca_cert.read_bytes()
         anonymous = grpc.ssl_channel_credentials(roots)
         with pytest.raises(grpc.RpcError):
