@@ -22,6 +22,8 @@ from typing import Literal
 
 from aiohttp import web
 
+from tests.loopback import start_loopback
+
 FaultKind = Literal[
     "status", "drop", "long", "long_chunked", "wrong", "stall", "redirect", "ignore_range"
 ]
@@ -183,15 +185,9 @@ class FaultServer:
     async def start(self) -> FaultServer:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0
+        self._runner, self.port = await start_loopback(
+            app, self.port, handler_cancellation=True, shutdown_timeout=2.0
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         return self
 
     async def stop(self) -> None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from tests.loopback import start_loopback
+
 
 @dataclass
 class HfRepo:
@@ -129,13 +131,7 @@ class HfServer:
         app.router.add_get(base + "/revision/{revision}", self._revision)
         app.router.add_get(base + "/tree/{revision}", self._tree)
         app.router.add_get("/{org}/{name}/resolve/{revision}/{path:.+}", self._resolve)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await start_loopback(app, shutdown_timeout=2.0)
         return self
 
     async def stop(self) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tests.certs import sign_jwt
+from tests.loopback import start_loopback
 
 
 @dataclass
@@ -96,13 +97,7 @@ class TokenService:
         app = web.Application()
         app.router.add_get("/token", self._token)
         app.router.add_post("/token", self._token)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await start_loopback(app)
         return self
 
     async def stop(self) -> None:

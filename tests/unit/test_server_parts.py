@@ -20,6 +20,7 @@ from cacheagent.metrics import Metrics
 from cacheagent.server import Health, http_app, take_snapshot
 from cacheagent.store import Store
 from tests.fake_pynvml import two_gpus_on_two_nodes
+from tests.loopback import start_loopback
 from tests.unit.store_helpers import add_model
 
 
@@ -39,12 +40,8 @@ async def serve() -> AsyncIterator[Serve]:
     runners: list[web.AppRunner] = []
 
     async def start(app: web.Application) -> str:
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        runner, port = await start_loopback(app)
         runners.append(runner)
-        port = runner.addresses[0][1]
         return f"http://127.0.0.1:{port}"
 
     yield start
