@@ -35,7 +35,6 @@ from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as apb_grpc
 from cacheagent._proto.csi.v1 import csi_pb2 as cpb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as cpb_grpc
 from cacheagent.download import sidecar_path
-from cacheagent.mountinfo import read_mountinfo
 from cacheagent.ranges import load_sidecar
 from cacheagent.sources.layout_writer import LayoutEntry, write_layout
 from cacheagent.store import Lease, Store
@@ -113,7 +112,7 @@ class LayoutModel:
 def make_model(
     path: Path, *, seed: int, weight_bytes: int = 3 * MiB, tag: str = "v1"
 ) -> LayoutModel:
-    rng = _rng(seed)
+    rng = random.Random(seed).randbytes  # reproducible filler
     half = weight_bytes // 2
     files = {
         "model-00001-of-00002.safetensors": rng(half),
@@ -137,22 +136,20 @@ def make_model(
     return LayoutModel(path, tag, digest, files)
 
 
-def _rng(seed: int) -> Callable[[int], bytes]:
-    generator = random.Random(seed)
-    return generator.randbytes
-
-
 # --------------------------------------------------------------------------- the world
 
 
 @dataclass
 class Rig:
-    """One test's processes, servers and mounts; ``close`` stops and removes all of them."""
+    """One test's processes, servers and mounts; ``close`` stops and removes all of them.
+
+    Tests make their own mounts (a small tmpfs, a host directory to protect) below ``root``, so
+    the same sweep that catches what the agent left detaches them too.
+    """
 
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="flt-", dir="/tmp")))
     agents: list[AgentProcess] = field(default_factory=list)
     servers: list[ThreadedServer] = field(default_factory=list)
-    mounted: list[Path] = field(default_factory=list)
 
     def agent(self, name: str = "agent", **options: Any) -> AgentProcess:
         agent = AgentProcess(self.root / name, **options)
@@ -174,7 +171,6 @@ class Rig:
         places = [self.root, *(a.run_dir for a in self.agents)]
         for _ in range(8):
             left = [p for place in places for p in mounts_under(place)]
-            left += [str(p) for p in self.mounted if _is_mount(p)]
             if not left:
                 break
             for point in sorted(set(left), key=len, reverse=True):
@@ -182,10 +178,6 @@ class Rig:
         for agent in self.agents:
             agent.cleanup()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _is_mount(path: Path) -> bool:
-    return any(m.mount_point == str(path) for m in read_mountinfo())
 
 
 # --------------------------------------------------------------------------- agent API
@@ -198,12 +190,13 @@ def _channel(socket: Path) -> Iterator[grpc.Channel]:
 
 
 def preheat(agent: AgentProcess, *refs: str, timeout: float = 60.0) -> dict[str, Any]:
-    """The final event (DONE or FAILED) per reference; raises grpc.RpcError if the call fails."""
+    """The outcome (the one DONE or FAILED event) per reference; grpc.RpcError if the call fails."""
     final: dict[str, Any] = {}
     with _channel(agent.socket) as channel:
         stub = apb_grpc.AgentStub(channel)
         for event in stub.Preheat(apb.PreheatRequest(refs=list(refs)), timeout=timeout):
             if event.phase in (apb.PreheatEvent.DONE, apb.PreheatEvent.FAILED):
+                assert event.ref not in final, f"two outcomes for {event.ref}"
                 final[event.ref] = event
     return final
 
@@ -298,6 +291,12 @@ def fsck(agent: AgentProcess) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout)
     return report
+
+
+def fsck_fixes(report: Mapping[str, Any]) -> int:
+    """How many repairs a ``gc --json`` report made (0: the store was consistent)."""
+    skip = {"rehashed", "blobs_checked", "models_checked", "actions"}
+    return sum(int(v) for k, v in report.items() if k not in skip)
 
 
 def open_view(agent: AgentProcess) -> contextlib.AbstractContextManager[Store]:

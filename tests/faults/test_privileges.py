@@ -106,7 +106,6 @@ def test_symlinked_target(rig: Rig, model: LayoutModel) -> None:
         [require_binary("mount"), "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(host_mount)],
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
-    rig.mounted.append(host_mount)
     target = target_path(agent)
     target.symlink_to(host_mount)
     code, message = publish(agent, "vol-1", target, model.ref)
