@@ -104,6 +104,13 @@ class _LiveCounters(Collector):
         for source, value in sorted(self._metrics.pulled_bytes().items()):
             pulled.add_metric([source], value)
         yield pulled
+        models, nbytes = self._metrics.removals()
+        yield CounterMetricFamily(
+            "cacheagent_evictions", "Models removed from the cache (rm or eviction).", value=models
+        )
+        yield CounterMetricFamily(
+            "cacheagent_evicted_bytes", "Bytes freed by removing models.", value=nbytes
+        )
         counts = self._metrics.fuse_counts()
         if counts is None:
             return
@@ -222,10 +229,6 @@ class Metrics:
         self.pulls_in_flight = Gauge(
             "cacheagent_pulls_in_flight", "Model pulls in progress.", registry=reg
         )
-        self.evictions = Counter("cacheagent_evictions", "Models evicted.", registry=reg)
-        self.evicted_bytes = Counter(
-            "cacheagent_evicted_bytes", "Bytes freed by eviction.", registry=reg
-        )
         self.api_requests = Counter(
             "cacheagent_api_requests", "Agent API calls.", ["method", "code"], registry=reg
         )
@@ -241,6 +244,7 @@ class Metrics:
         )
         # Counters kept by the pull engine and the FUSE threads, read at scrape time.
         self.pulled_bytes: Callable[[], Mapping[str, int]] = dict
+        self.removals: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.fuse_counts: Callable[[], FuseCounts | None] = lambda: None
         reg.register(_SnapshotCollector(lambda: self.snapshot))
         reg.register(_LiveCounters(self))

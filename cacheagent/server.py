@@ -236,6 +236,7 @@ class Agent:
         store = await asyncio.to_thread(open_configured_store, cfg)
         self.store = store
         self._on_stop("store", lambda: asyncio.to_thread(store.close))
+        self.metrics.removals = lambda: (store.removed_models, store.removed_bytes)
         self.health.store = True
 
         origins: Origins = build_sources(cfg)

@@ -193,9 +193,6 @@ class ModelService:
         freed = await asyncio.to_thread(self.store.remove_model, model.digest, force=force)
         if self.locker is not None:
             await asyncio.to_thread(self.locker.release, model.digest)
-        if self.metrics is not None:
-            self.metrics.evictions.inc()
-            self.metrics.evicted_bytes.inc(freed)
         self.on_evicted(model.digest)
         return model.digest, freed
 

@@ -73,6 +73,9 @@ class Store:
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
         self.last_reconcile = FsckReport()
+        # Models removed (by rm or by eviction) and the bytes that freed, since open.
+        self.removed_models = 0
+        self.removed_bytes = 0
         self._layout = layout
         self._index = index
         self._flock = lock
@@ -500,6 +503,8 @@ class Store:
         crashpoint("remove.after_blobs")
         if moved:
             tree.remove(aside)
+        self.removed_models += 1
+        self.removed_bytes += sum(freed.values())
         return sum(freed.values())
 
     def _unlink_blobs(self, digests: Collection[str]) -> None:

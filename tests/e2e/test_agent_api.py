@@ -121,6 +121,8 @@ def test_list_stat_pin_and_evict(agent: AgentProcess, origin: Origin) -> None:
         assert not client.unpin(alpha.digest).pinned
         freed = client.evict(alpha.digest)
         assert freed.bytes_freed > 0
+        assert metric(agent, "cacheagent_evictions_total") == 1
+        assert metric(agent, "cacheagent_evicted_bytes_total") == freed.bytes_freed
         assert {m.manifest_digest for m in client.list().models} == {beta.digest}
         with pytest.raises(AgentCallError) as missing:
             client.stat(alpha.digest)
