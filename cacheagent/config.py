@@ -295,6 +295,10 @@ class StoreConfig(_Section):
 
 @dataclass(frozen=True)
 class PullConfig(_Section):
+    """``timeout_seconds``: a response that delivers less than 16 KiB in that time is cut off
+    and retried (so a slow-drip origin cannot hold a pull forever); ``retries`` and
+    ``retry_max_seconds`` bound the retries of one request."""
+
     section: ClassVar[str] = "pull"
     range_threshold_bytes: Annotated[ByteSize, Range(1)] = 64 * MiB
     range_chunk_bytes: Annotated[ByteSize, Range(1)] = 16 * MiB
