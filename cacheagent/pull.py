@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[PullProgress], None]
 
+_FAILURES_KEPT = 256
+
 
 @dataclass(frozen=True)
 class PullTuning:
@@ -158,6 +160,7 @@ class PullEngine:
         self._models: dict[str, _ModelJob] = {}
         self._blobs: dict[str, _BlobJob] = {}
         self._changed = Signal()
+        self._failures: dict[str, BaseException] = {}
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -205,6 +208,11 @@ class PullEngine:
             if digest is not None and job is not None and job.pending_recorded:
                 return digest
             await event.wait()
+
+    def last_failure(self, manifest_digest: str) -> BaseException | None:
+        """Why the last pull of this model failed (None if it did not, or long ago): lazy
+        readers report it instead of a bare "not found"."""
+        return self._failures.get(manifest_digest)
 
     def fetched_bytes(self) -> dict[str, int]:
         """Bytes received from origins since start, by source kind, downloads in flight
@@ -364,6 +372,13 @@ class PullEngine:
         assert job.task is not None
         _retrieve(job.task)
         digest = job.resolved.manifest_digest
+        task = job.task
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._failures[digest] = error
+            while len(self._failures) > _FAILURES_KEPT:
+                del self._failures[next(iter(self._failures))]
+        else:
+            self._failures.pop(digest, None)
         if self._models.get(digest) is job:
             del self._models[digest]
             self.in_flight.pop(digest, None)

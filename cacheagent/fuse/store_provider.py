@@ -27,7 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cacheagent.errors import CacheAgentError, ModelNotFoundError, OriginUnavailableError
+from cacheagent.errors import (
+    CacheAgentError,
+    ModelNotFoundError,
+    OriginUnavailableError,
+    SourceError,
+)
 from cacheagent.fuse.provider import FuseFile, ModelListing
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.pull import PullEngine
@@ -150,7 +155,10 @@ class StoreProvider:
         async for _ in self.engine.watch(digest):
             pass
         if await asyncio.to_thread(self.store.get_model, digest) is None:
-            raise ModelNotFoundError(f"model {digest} did not finish downloading")
+            failure = self.engine.last_failure(digest)
+            if isinstance(failure, CacheAgentError):
+                raise failure
+            raise SourceError(f"model {digest} did not finish downloading: {failure}")
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)

@@ -3,8 +3,10 @@ real bind and FUSE mounts, restarts and crashes of the agent process."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from cacheagent.pagecache import drop
 from tests.agent_process import AgentProcess
 from tests.csi_env import force_unmount, mount_capability, mounts_under
 from tests.e2e.conftest import Origin
+from tests.fault_server import FaultServer
 from tests.support import require_fuse, require_root
+from tests.threaded import serve_in_thread
 
 
 @pytest.fixture
@@ -210,3 +214,40 @@ def test_kill_9_leaves_a_stale_fuse_mount_that_the_next_start_clears(
     mount = find_mount(fuse_root)
     assert mount is not None and mount.fs_type.startswith("fuse")
     assert os.listdir(fuse_root) == []
+
+
+def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> None:
+    require_fuse()
+    payload = os.urandom(64 << 20)
+    wrong = hashlib.sha256(b"not these bytes").hexdigest()
+    with serve_in_thread(FaultServer()) as server:
+        server.add("weights.safetensors", payload)
+        ref = f"{server.url('weights.safetensors')}#sha256={wrong}"
+        agent = AgentProcess(tmp_path / "agent", insecure=(server.host,), fuse=True)
+        agent.start()
+        target = target_for(agent, "pod-bad")
+        try:
+            publish(agent, "vol-bad", target, ref, mode="lazy")
+            with (target / "weights.safetensors").open("rb") as f:
+                assert f.read(65536) == payload[:65536]  # served before verification
+                _wait_until_no_pulls(agent)
+                f.seek(60 << 20)
+                with pytest.raises(OSError) as failed:
+                    f.read(65536)
+            assert failed.value.errno == errno.EIO
+            assert 'cacheagent_fuse_errors_total{kind="verify"}' in agent.get("/metrics")[1]
+            with AgentClient(agent.socket) as client:
+                assert not client.list().models
+            assert not list((agent.store_root / "blobs").rglob(wrong))
+            unpublish(agent, "vol-bad", target)
+        finally:
+            agent.stop()
+            agent.cleanup()
+
+
+def _wait_until_no_pulls(agent: AgentProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with AgentClient(agent.socket) as client:
+        while client.status().pulls:
+            assert time.monotonic() < deadline, "the pull did not finish"
+            time.sleep(0.1)
