@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import re
 import shutil
@@ -41,8 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import psutil  # noqa: E402
 
+from bench.machine import machine as machine_facts  # noqa: E402
 from cacheagent.fuse.directory import DirectoryProvider  # noqa: E402
 from cacheagent.fuse.libfuse import mfusepy  # noqa: E402
 from cacheagent.fuse.mount import FuseMount, MountOptions  # noqa: E402
@@ -250,30 +249,9 @@ def random_rows(source: Path, work: Path, mountpoint: Path, count: int, ra_kb: i
 
 
 def machine(directory: Path) -> list[tuple[str, str]]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "?",
-    )
-    dev = directory.stat().st_dev
-    fs = next(
-        (
-            f"{p.fstype} on {p.device}"
-            for p in psutil.disk_partitions(all=True)
-            if directory.is_relative_to(p.mountpoint) and Path(p.mountpoint).stat().st_dev == dev
-        ),
-        "?",
-    )
     return [
-        ("CPU", f"{cpu} x {os.cpu_count()}"),
-        ("RAM", f"{psutil.virtual_memory().total / (1 << 30):.1f} GiB"),
-        ("kernel", platform.release()),
-        ("disk", f"{fs} at {directory}"),
+        *machine_facts(directory),
         ("libfuse", f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor} via mfusepy"),
-        ("python", platform.python_version()),
     ]
 
 

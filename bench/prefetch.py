@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import psutil  # noqa: E402
 
+from bench.machine import machine as machine_facts  # noqa: E402
 from cacheagent.pagecache import readahead_window  # noqa: E402
 from cacheagent.prefetch import (  # noqa: E402
     Prefetcher,
@@ -110,30 +109,8 @@ def cold(fn: Callable[[], object]) -> float:
 
 
 def machine(directory: Path) -> list[tuple[str, str]]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "?",
-    )
-    dev = directory.stat().st_dev
-    fs = next(
-        (
-            p.fstype
-            for p in psutil.disk_partitions(all=True)
-            if directory.is_relative_to(p.mountpoint) and Path(p.mountpoint).stat().st_dev == dev
-        ),
-        "?",
-    )
-    return [
-        ("CPU", f"{cpu} x {os.cpu_count()}"),
-        ("RAM", f"{psutil.virtual_memory().total / (1 << 30):.1f} GiB"),
-        ("kernel", platform.release()),
-        ("disk", f"{os.major(dev)}:{os.minor(dev)} ({fs}) at {directory}"),
-        ("fadvise window", f"{readahead_window(directory) // 1024} KiB per WILLNEED call"),
-    ]
+    window = readahead_window(directory) // 1024
+    return [*machine_facts(directory), ("fadvise window", f"{window} KiB per WILLNEED call")]
 
 
 def main() -> None:
