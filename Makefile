@@ -17,8 +17,10 @@ lint: setup
 test: lint
 	.venv/bin/python -m pytest -q -ra $(PYTEST_ARGS)
 
+# Benchmarks (not part of `make test`): each prints a table with the machine's figures.
+BENCHES = store pull api csi fuse prefetch soak
 bench: setup
-	.venv/bin/python bench/store.py
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; .venv/bin/python bench/$$b.py || exit 1; done
 
 protos:
 	.venv/bin/python scripts/gen_protos.py --force
