@@ -28,7 +28,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -226,26 +226,36 @@ async def _cut(
     chunk_size: int,
 ) -> AsyncGenerator[bytes, None]:
     """The body minus ``skip`` leading bytes, at most ``wanted`` bytes. When the span reaches
-    the blob's end, any byte after it means the origin serves more than declared: an error."""
+    the blob's end, any byte after it means the origin serves more than declared: an error.
+
+    Pieces are the buffers aiohttp received, handed on as they are (cut only when longer than
+    ``chunk_size``): ``iter_chunked`` would join and re-split them, copying every byte."""
     served = 0
-    async for raw in resp.content.iter_chunked(chunk_size):
-        chunk = raw
-        if skip:
-            if len(chunk) <= skip:
-                skip -= len(chunk)
-                continue
-            chunk, skip = chunk[skip:], 0
-        room = wanted - served
-        if len(chunk) > room:
-            if room:
-                yield chunk[:room]
-            if reaches_end:
-                raise SizeMismatchError(blob.digest, blob.size, blob.size + len(chunk) - room)
-            return
-        served += len(chunk)
-        yield chunk
-        if served == wanted and not reaches_end:
-            return
+    async for raw, _ in resp.content.iter_chunks():
+        for piece in _at_most(raw, chunk_size):
+            chunk = piece
+            if skip:
+                if len(chunk) <= skip:
+                    skip -= len(chunk)
+                    continue
+                chunk, skip = chunk[skip:], 0
+            room = wanted - served
+            if len(chunk) > room:
+                if room:
+                    yield chunk[:room]
+                if reaches_end:
+                    raise SizeMismatchError(blob.digest, blob.size, blob.size + len(chunk) - room)
+                return
+            served += len(chunk)
+            yield chunk
+            if served == wanted and not reaches_end:
+                return
+
+
+def _at_most(data: bytes, size: int) -> Sequence[bytes]:
+    if len(data) <= size:
+        return (data,) if data else ()
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 async def with_retries(

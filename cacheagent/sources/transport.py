@@ -34,6 +34,9 @@ class TransportOptions:
 
     ``insecure`` entries are ``host`` (any port) or ``host:port``. ``proxies`` maps an origin
     (``host:port``, ``host``, or ``*`` for every origin) to an ``http://`` proxy URL.
+    ``read_buffer_bytes`` is how much a response may buffer before aiohttp stops reading its
+    socket (it pauses at twice that): aiohttp's 64 KiB default pauses and resumes a fast
+    body after almost every socket read, which cost a loopback pull about 5% of its time.
     """
 
     ca_file: Path | None = None
@@ -44,6 +47,7 @@ class TransportOptions:
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
     max_redirects: int = 5
+    read_buffer_bytes: int = 1 << 20
     user_agent: str = f"cacheagent/{__version__}"
 
 
@@ -130,6 +134,7 @@ class Transport:
                 ),
                 headers={"User-Agent": opts.user_agent},
                 auto_decompress=False,
+                read_bufsize=opts.read_buffer_bytes,
                 trust_env=False,
             )
         return self._session
