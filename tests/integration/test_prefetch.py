@@ -70,11 +70,10 @@ def model(model_files: Path) -> Path:
         if residency([model_files]).bytes_resident == 0:
             return model_files
         time.sleep(0.05)
-    if residency([model_files]).fraction > 0.05:
-        message = f"{model_files}'s filesystem ignores POSIX_FADV_DONTNEED"
-        if support.STRICT:
-            pytest.fail(message)
-        pytest.skip(message)
+    support.require(
+        residency([model_files]).fraction <= 0.05,
+        f"{model_files}'s filesystem ignores POSIX_FADV_DONTNEED",
+    )
     return model_files
 
 

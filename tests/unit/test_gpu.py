@@ -239,15 +239,21 @@ def test_an_unexpected_exception_never_escapes(sys_root: Path, clock: Clock) -> 
     assert snapshot.snapshot().reason == "NVML read failed: RuntimeError('boom')"
 
 
-def test_real_pynvml_without_a_driver_reports_down() -> None:
+def test_real_pynvml_reports_the_machine_as_it_is() -> None:
+    """Without a driver (CI): down with the reason; on a GPU machine: up with its GPUs."""
     gpus = GpuInventory()
     snapshot = gpus.snapshot()
-    if snapshot.up:
-        pytest.skip("this machine has a working NVIDIA driver")
-    assert snapshot.gpus == ()
-    assert snapshot.reason is not None and snapshot.reason.startswith("NVML init failed")
-    assert gpus.numa_cpus_for(["0"]) is None
-    gpus.close()
+    try:
+        if snapshot.up:
+            assert snapshot.gpus and snapshot.reason is None
+            assert all(gpu.uuid and gpu.name for gpu in snapshot.gpus)
+        else:
+            assert snapshot.gpus == ()
+            assert snapshot.reason is not None
+            assert snapshot.reason.startswith("NVML init failed")
+            assert gpus.numa_cpus_for(["0"]) is None
+    finally:
+        gpus.close()
 
 
 def test_missing_pynvml_package_reports_down(monkeypatch: pytest.MonkeyPatch) -> None:
