@@ -181,6 +181,7 @@ def test_cli_json_and_tables(agent: AgentProcess, origin: Origin) -> None:
 
 def test_cli_without_an_agent_names_the_socket(tmp_path: Path) -> None:
     missing = AgentProcess(tmp_path / "none")
+    missing.cleanup()  # no agent: not even its socket directory
     missing.config_path.parent.mkdir(parents=True)
     missing.config_path.write_text(json.dumps(missing.config()))
     result = missing.cli("status", check=False)
@@ -209,6 +210,7 @@ def test_sigterm_mid_pull_then_restart_resumes(tmp_path: Path) -> None:
                 final = list(client.preheat([ref]))[-1]
         finally:
             agent.stop()
+            agent.cleanup()
         served_total = server.served["big.bin"]
     assert progress >= len(payload) // 8
     assert final.phase == pb.PreheatEvent.DONE, final.error
