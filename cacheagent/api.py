@@ -119,16 +119,19 @@ class AgentService(pb_grpc.AgentServicer):
                 await context.abort(code, str(err))
                 raise AssertionError("abort() raises") from err
             finally:
-                metrics = self.service.metrics
-                if metrics is not None:
-                    metrics.api_requests.labels(method, code.name).inc()
+                self._count(method, code)
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self.service.metrics is not None:
+            self.service.metrics.api_requests.labels(method, code.name).inc()
 
     async def Preheat(  # noqa: N802 - gRPC method names
         self, request: pb.PreheatRequest, context: Context
     ) -> AsyncIterator[pb.PreheatEvent]:
         if not request.refs:
+            self._count("Preheat", grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "preheat needs at least one ref")
-        failed = False
+        # Per-model failures travel in the stream (FAILED events); the call itself succeeds.
         with request_context(ref=",".join(request.refs)):
             async for update in self.service.preheat(
                 list(request.refs),
@@ -136,11 +139,8 @@ class AgentService(pb_grpc.AgentServicer):
                 gpus=list(request.gpus),
                 lock_memory=request.lock_memory,
             ):
-                failed |= update.error is not None
                 yield preheat_event(update)
-        metrics = self.service.metrics
-        if metrics is not None:
-            metrics.api_requests.labels("Preheat", "ABORTED" if failed else "OK").inc()
+        self._count("Preheat", grpc.StatusCode.OK)
 
     async def Stat(  # noqa: N802
         self, request: pb.StatRequest, context: Context

@@ -26,6 +26,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from cacheagent import __version__
+from cacheagent.render import short_digest
 
 # `_created` series double every counter's output and no dashboard here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -71,11 +72,6 @@ class Snapshot:
     nvml_up: bool = False
     gpus: list[GpuFigures] = field(default_factory=list)
     volumes: dict[str, int] = field(default_factory=dict)
-
-
-def short_digest(digest: str) -> str:
-    """The 12-hex prefix used as a bounded, readable label value."""
-    return digest.split(":", 1)[-1][:12]
 
 
 class FuseCounts(Protocol):

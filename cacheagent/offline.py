@@ -7,7 +7,6 @@ a StoreLockedError that says so, instead of racing it.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -24,7 +23,7 @@ from cacheagent.store.lookup import find_model
 @contextmanager
 def open_store(config: Config) -> Iterator[Store]:
     try:
-        store = open_configured_store(config)
+        store = Store.open_configured(config.store)
     except StoreLockedError as err:
         raise StoreLockedError(
             f"{err}; an agent is running: use the agent commands (without --offline)"
@@ -33,20 +32,6 @@ def open_store(config: Config) -> Iterator[Store]:
         yield store
     finally:
         store.close()
-
-
-def open_configured_store(config: Config) -> Store:
-    """The store as the config describes it (capacity resolved against its filesystem)."""
-    cfg = config.store
-    cfg.root.mkdir(parents=True, exist_ok=True)
-    stats = os.statvfs(cfg.root)
-    capacity = cfg.capacity.resolve(stats.f_blocks * stats.f_frsize)
-    return Store.open(
-        cfg.root,
-        capacity_bytes=capacity,
-        high_watermark=cfg.high_watermark,
-        low_watermark=cfg.low_watermark,
-    )
 
 
 def _find(store: Store, text: str) -> Model:
@@ -98,7 +83,7 @@ async def pull_offline(
     config: Config, refs: Sequence[str], progress: Callable[[PullProgress], None] | None = None
 ) -> list[Model]:
     """Pull ``refs`` into the store with the same engine the agent uses."""
-    store = await asyncio.to_thread(open_configured_store, config)
+    store = await asyncio.to_thread(Store.open_configured, config.store)
     origins = build_sources(config)
     engine = PullEngine(
         store,

@@ -198,7 +198,7 @@ class PullEngine:
         """
         model_ref = parse_ref(ref) if isinstance(ref, str) else ref
         pull = asyncio.create_task(self.pull(model_ref))
-        pull.add_done_callback(_log_background_failure)
+        pull.add_done_callback(log_background_failure)
         while True:
             event = self._changed.next
             if pull.done():
@@ -662,6 +662,7 @@ def _notify(listener: ProgressCallback | None, snap: PullProgress) -> None:
         log.exception("progress listener failed")
 
 
-def _log_background_failure(task: asyncio.Task[Model]) -> None:
+def log_background_failure(task: asyncio.Future[Any]) -> None:
+    """Done-callback for a pull nobody awaits: log its failure (and mark it retrieved)."""
     if not task.cancelled() and (error := task.exception()) is not None:
         log.warning("background pull failed: %s", error)

@@ -18,7 +18,7 @@ import signal
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -36,7 +36,6 @@ from cacheagent.fuse.store_provider import StoreProvider
 from cacheagent.gpu import GpuInfo, GpuInventory
 from cacheagent.logs import setup_logging
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
-from cacheagent.offline import open_configured_store
 from cacheagent.pagecache import residency
 from cacheagent.prefetch import MemoryLocker, Prefetcher
 from cacheagent.pull import PullEngine, PullTuning, SourceRegistry
@@ -61,7 +60,6 @@ class Health:
     fuse: FuseMount | None = None
     fuse_required: bool = False
     stopping: bool = False
-    problems: list[str] = field(default_factory=list)
 
     def check(self) -> list[str]:
         problems = []
@@ -216,16 +214,15 @@ def gpu_figures(g: GpuInfo) -> GpuFigures:
 
 
 class Agent:
-    """The running daemon; ``run`` blocks until ``stop`` (SIGTERM/SIGINT) and cleans up."""
+    """The running daemon: ``start`` builds and starts every part, ``stop`` undoes it in
+    reverse (``serve`` calls it on SIGTERM/SIGINT)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
         self.health = Health()
-        self.stopped = asyncio.Event()
         self._cleanup: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         self.store: Store | None = None
-        self.service: ModelService | None = None
         self.csi: CsiServer | None = None
 
     def _on_stop(self, name: str, action: Callable[[], Awaitable[object]]) -> None:
@@ -233,7 +230,7 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
-        store = await asyncio.to_thread(open_configured_store, cfg)
+        store = await asyncio.to_thread(Store.open_configured, cfg.store)
         self.store = store
         self._on_stop("store", lambda: asyncio.to_thread(store.close))
         self.metrics.removals = lambda: (store.removed_models, store.removed_bytes)
@@ -264,12 +261,12 @@ class Agent:
             ),
             locker=locker,
         )
-        self.service = service
         await self._start_fuse(service)
 
+        node_id = self._node_id()
         api = await start_agent_api(
             cfg.agent.socket,
-            AgentService(service, gpus=gpus, node_id=self._node_id()),
+            AgentService(service, gpus=gpus, node_id=node_id),
             TcpTls.from_config(cfg),
         )
         self._on_stop("agent API", lambda: api.stop(STOP_GRACE_SECONDS))
@@ -278,7 +275,7 @@ class Agent:
         csi = await start_csi_server(
             cfg.csi.socket_path,
             cfg.csi.driver_name,
-            self._node_id(),
+            node_id,
             cfg.csi.kubelet_dir,
             service,
             store_root=cfg.store.root,

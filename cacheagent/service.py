@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cacheagent.config import PolicyConfig
 from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundError
@@ -26,7 +25,7 @@ from cacheagent.pagecache import Residency, residency
 from cacheagent.policy import check_mount, check_source
 from cacheagent.prefetch import MemoryLocker, Prefetcher, WarmResult
 from cacheagent.progress import PullProgress
-from cacheagent.pull import PullEngine
+from cacheagent.pull import PullEngine, log_background_failure
 from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.store import Model, Store
 from cacheagent.store.lookup import find_model
@@ -70,7 +69,6 @@ class ModelService:
     prefetcher: Prefetcher | None = None
     locker: MemoryLocker | None = None
     fuse_root: Path | None = None
-    ready: bool = True
     # Called with a digest after an eviction (the FUSE view drops its cached tree).
     on_evicted: Callable[[str], None] = lambda digest: None
 
@@ -222,7 +220,9 @@ class ModelService:
     # -- CSI backend ---------------------------------------------------------------------------
 
     def store_ready(self) -> bool:
-        return self.ready
+        """Always: a service exists only over a store that is open and reconciled, and the
+        daemon stops the CSI server before it closes the store."""
+        return True
 
     def check_mount_policy(self, namespace: str | None, ref: ModelRef) -> None:
         check_source(self.policy, ref)
@@ -231,21 +231,22 @@ class ModelService:
     async def ensure_model(
         self, ref: ModelRef, *, wait_seconds: float
     ) -> ReadyModel | StillPulling:
-        pull = asyncio.ensure_future(self.pull(ref))
+        latest: list[PullProgress] = []  # the newest snapshot of this pull, one slot
+
+        def keep(snap: PullProgress) -> None:
+            latest[:] = [snap]
+
+        pull = asyncio.ensure_future(self.pull(ref, keep))
         try:
             model, _ = await asyncio.wait_for(asyncio.shield(pull), timeout=max(wait_seconds, 0))
         except TimeoutError:
             # The pull goes on; the engine dedupes the next call onto the same work.
-            pull.add_done_callback(_consume)
-            return self._still_pulling()
+            pull.add_done_callback(log_background_failure)
+            if not latest:
+                return StillPulling()
+            snap = latest[0]
+            return StillPulling(snap.done_bytes, snap.total_bytes, snap.rate or None)
         return ReadyModel(model.digest, self.store.model_path(model.digest))
-
-    def _still_pulling(self) -> StillPulling:
-        snaps = list(self.engine.in_flight.values())
-        if not snaps:
-            return StillPulling()
-        snap = snaps[0]
-        return StillPulling(snap.done_bytes, snap.total_bytes, snap.rate or None)
 
     async def lazy_model_dir(self, ref: ModelRef) -> ReadyModel:
         if self.fuse_root is None:
@@ -282,9 +283,3 @@ class ModelService:
                     model.size, len(model.files), False, f"{f.path}: {size} bytes, want {f.size}"
                 )
         return ModelStats(model.size, len(model.files) + len(dirs) + 1, healthy=True)
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve a background pull's exception so asyncio does not log it as never retrieved."""
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("background pull failed: %s", task.exception())

@@ -33,6 +33,7 @@ from contextlib import closing
 from pathlib import Path
 from types import TracebackType
 
+from cacheagent.config import StoreConfig
 from cacheagent.digest import check_digest, hex_of, is_digest, sha256_digest
 from cacheagent.errors import (
     CacheFullError,
@@ -81,6 +82,19 @@ class Store:
         self._flock = lock
         self._lock = threading.RLock()
         self._tmp_names = itertools.count()
+
+    @classmethod
+    def open_configured(cls, config: StoreConfig) -> Store:
+        """The store as the config describes it (a percentage capacity resolved against the
+        filesystem it lives on). The agent and the offline CLI both open it this way."""
+        config.root.mkdir(parents=True, exist_ok=True)
+        stats = os.statvfs(config.root)
+        return cls.open(
+            config.root,
+            capacity_bytes=config.capacity.resolve(stats.f_blocks * stats.f_frsize),
+            high_watermark=config.high_watermark,
+            low_watermark=config.low_watermark,
+        )
 
     @classmethod
     def open(

@@ -13,7 +13,6 @@ the journal table, and /proc/self/mountinfo below the test's kubelet directory.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -21,9 +20,8 @@ import random
 import shutil
 import sqlite3
 import tempfile
-import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,9 +39,10 @@ from cacheagent.store import Lease, Store
 from tests.agent_process import AgentProcess
 from tests.csi_env import force_unmount, mount_capability, mounts_under
 from tests.fault_server import FaultServer
+from tests.threaded import ThreadedServer
 
 MiB = 1 << 20
-T = TypeVar("T")
+F = TypeVar("F", bound=FaultServer)
 OK = grpc.StatusCode.OK
 DRIVER = "model.cacheagent.io"
 
@@ -59,37 +58,6 @@ FAST_PULL: dict[str, Any] = {
 
 
 # --------------------------------------------------------------------------- origins
-
-
-class ThreadedServer:
-    """Runs a FaultServer (or a subclass) on its own event loop in a daemon thread."""
-
-    def __init__(self, server: FaultServer) -> None:
-        self.server = server
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def start(self) -> ThreadedServer:
-        self._thread.start()
-        self.run(self.server.start())
-        return self
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        try:
-            self.run(self.server.stop())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
-            self._loop.close()
-
-    @property
-    def host(self) -> str:
-        return self.server.host
 
 
 # --------------------------------------------------------------------------- models
@@ -149,14 +117,14 @@ class Rig:
 
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="flt-", dir="/tmp")))
     agents: list[AgentProcess] = field(default_factory=list)
-    servers: list[ThreadedServer] = field(default_factory=list)
+    servers: list[ThreadedServer[Any]] = field(default_factory=list)
 
     def agent(self, name: str = "agent", **options: Any) -> AgentProcess:
         agent = AgentProcess(self.root / name, **options)
         self.agents.append(agent)
         return agent
 
-    def serve(self, server: FaultServer) -> ThreadedServer:
+    def serve(self, server: F) -> ThreadedServer[F]:
         threaded = ThreadedServer(server).start()
         self.servers.append(threaded)
         return threaded

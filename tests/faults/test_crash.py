@@ -42,7 +42,6 @@ from tests.faults.harness import (
     LayoutModel,
     MiB,
     Rig,
-    ThreadedServer,
     evict,
     fsck,
     fsck_fixes,
@@ -60,6 +59,7 @@ from tests.faults.harness import (
     verify_models,
 )
 from tests.integration.pull_origin import ServedModel, serve_layout
+from tests.threaded import ThreadedServer
 
 pytestmark = pytest.mark.root
 
@@ -103,7 +103,7 @@ class World:
     """One case: the origin serving both models and the agent under test."""
 
     case: Case
-    origin: ThreadedServer
+    origin: ThreadedServer[FaultServer]
     agent: AgentProcess
     a: ServedModel
     b: ServedModel

@@ -25,7 +25,6 @@ from tests.faults.harness import (
     FAST_PULL,
     MiB,
     Rig,
-    ThreadedServer,
     blob_files,
     open_view,
     pid_of,
@@ -36,6 +35,7 @@ from tests.faults.harness import (
 )
 from tests.faults.hostile_server import HostileServer
 from tests.oci_push import OCI_INDEX, OCI_MANIFEST, Artifact, canonical_json, modelpack_artifact
+from tests.threaded import ThreadedServer
 
 RSS_LIMIT_BYTES = 300 * MiB
 FAIL_WITHIN_SECONDS = 30.0
@@ -45,7 +45,7 @@ MANIFEST_LIMIT = 1 * MiB
 @dataclass
 class Hostile:
     server: HostileServer
-    origin: ThreadedServer
+    origin: ThreadedServer[HostileServer]
     agent: AgentProcess
 
 

@@ -374,3 +374,14 @@ def test_capacity_rejects_inconsistent_values(kwargs: dict[str, float], fragment
     with pytest.raises(ValueError) as caught:
         Capacity(**kwargs)  # type: ignore[arg-type]
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("false", False), ("Yes", True), ("0", False)])
+def test_booleans_from_the_environment(text: str, expected: bool) -> None:
+    config = load_config(None, {"CACHEAGENT_FUSE__ENABLED": text}, {})
+    assert config.fuse.enabled is expected
+
+
+def test_a_bad_boolean_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"fuse\.enabled: expected true or false, got 'maybe'"):
+        load_config(None, {"CACHEAGENT_FUSE__ENABLED": "maybe"}, {})
