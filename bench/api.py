@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cacheagent.client import AgentClient  # noqa: E402
+from cacheagent.cli.client import AgentClient  # noqa: E402
 from cacheagent.digest import sha256_digest  # noqa: E402
 from cacheagent.sources.layout_writer import write_synthetic_layout  # noqa: E402
 from cacheagent.store import ModelFile, Store  # noqa: E402

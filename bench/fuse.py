@@ -47,7 +47,7 @@ from cacheagent.fuse.libfuse import mfusepy  # noqa: E402
 from cacheagent.fuse.mount import FuseMount, MountOptions  # noqa: E402
 from cacheagent.fuse.provider import ContentProvider  # noqa: E402
 from cacheagent.fuse.stats import FuseStats  # noqa: E402
-from cacheagent.pagecache import drop_all_caches  # noqa: E402
+from cacheagent.memory.pagecache import drop_all_caches  # noqa: E402
 from tests.fuse_support import LazyTestProvider, fake_digest, write_random_file  # noqa: E402
 
 MiB = 1 << 20

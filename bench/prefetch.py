@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 
 from bench.machine import machine as machine_facts  # noqa: E402
-from cacheagent.pagecache import readahead_window  # noqa: E402
-from cacheagent.prefetch import (  # noqa: E402
+from cacheagent.memory.pagecache import readahead_window  # noqa: E402
+from cacheagent.memory.prefetch import (  # noqa: E402
     Prefetcher,
     WarmMethod,
     drop_all_caches,

@@ -43,7 +43,7 @@ import aiohttp  # noqa: E402
 from yarl import URL  # noqa: E402
 
 from cacheagent.config import PullConfig  # noqa: E402
-from cacheagent.pull import PullEngine, PullTuning, SourceRegistry  # noqa: E402
+from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry  # noqa: E402
 from cacheagent.refs import ModelRef  # noqa: E402
 from cacheagent.sources.base import BlobRef, ResolvedModel, Source  # noqa: E402
 from cacheagent.sources.layout import blob_path  # noqa: E402

@@ -18,10 +18,10 @@ import grpc
 from cacheagent import __version__
 from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb
 from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
-from cacheagent.gpu import GpuInventory
 from cacheagent.logs import request_context
-from cacheagent.prefetch import MemoryLockError
-from cacheagent.progress import PullProgress
+from cacheagent.memory.gpu import GpuInventory
+from cacheagent.memory.prefetch import MemoryLockError
+from cacheagent.pull.progress import PullProgress
 from cacheagent.service import ModelService, PreheatUpdate
 from cacheagent.status_codes import ErrorCodes, grpc_code
 from cacheagent.store import Model

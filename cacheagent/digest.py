@@ -26,6 +26,11 @@ def hex_of(digest: str) -> str:
     return check_digest(digest).split(":", 1)[1]
 
 
+def short_digest(digest: str, n: int = 12) -> str:
+    """The first hex digits of a digest, for humans and bounded metric labels."""
+    return digest.split(":", 1)[-1][:n]
+
+
 def sha256_digest(data: bytes) -> str:
     return f"{ALGORITHM}:{hashlib.sha256(data).hexdigest()}"
 

@@ -26,7 +26,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from cacheagent import __version__
-from cacheagent.render import short_digest
+from cacheagent.digest import short_digest
 
 # `_created` series double every counter's output and no dashboard here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]

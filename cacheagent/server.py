@@ -33,12 +33,12 @@ from cacheagent.errors import ConfigError
 from cacheagent.fuse.mount import FuseMount, MountOptions
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.store_provider import StoreProvider
-from cacheagent.gpu import GpuInfo, GpuInventory
 from cacheagent.logs import setup_logging
+from cacheagent.memory.gpu import GpuInfo, GpuInventory
+from cacheagent.memory.pagecache import residency
+from cacheagent.memory.prefetch import MemoryLocker, Prefetcher
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
-from cacheagent.pagecache import residency
-from cacheagent.prefetch import MemoryLocker, Prefetcher
-from cacheagent.pull import PullEngine, PullTuning, SourceRegistry
+from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.service import ModelService
 from cacheagent.sources.factory import Origins, build_sources
 from cacheagent.store import Store

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from cacheagent.config import PolicyConfig
 from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundError
+from cacheagent.memory.pagecache import Residency, residency
+from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmResult
 from cacheagent.metrics import Metrics
-from cacheagent.pagecache import Residency, residency
 from cacheagent.policy import check_mount, check_source
-from cacheagent.prefetch import MemoryLocker, Prefetcher, WarmResult
-from cacheagent.progress import PullProgress
-from cacheagent.pull import PullEngine, log_background_failure
+from cacheagent.pull.engine import PullEngine, log_background_failure
+from cacheagent.pull.progress import PullProgress
 from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.store import Model, Store
 from cacheagent.store.lookup import find_model

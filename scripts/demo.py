@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cacheagent._proto.csi.v1 import csi_pb2, csi_pb2_grpc  # noqa: E402
-from cacheagent.render import human_bytes  # noqa: E402
+from cacheagent.cli.render import human_bytes  # noqa: E402
 from cacheagent.sources.layout_writer import write_synthetic_layout  # noqa: E402
 from cacheagent.sources.push import push_layout  # noqa: E402
 from tests.agent_process import AgentProcess  # noqa: E402
@@ -52,7 +52,7 @@ def step(title: str) -> None:
 
 def run(agent: AgentProcess, *args: str, echo: bool = True) -> str:
     """Run the real CLI (progress bars go to the terminal) and return its stdout."""
-    cmd = [sys.executable, "-m", "cacheagent.cli", "--config", str(agent.config_path), *args]
+    cmd = [sys.executable, "-m", "cacheagent.cli.main", "--config", str(agent.config_path), *args]
     if echo:
         print(f"$ cacheagent {' '.join(args)}", flush=True)
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, timeout=600).stdout

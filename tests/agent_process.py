@@ -93,7 +93,7 @@ class AgentProcess:
     ) -> subprocess.CompletedProcess[str]:
         """Run the `cacheagent` CLI against this agent."""
         return subprocess.run(
-            [sys.executable, "-m", "cacheagent.cli", "--config", str(self.config_path), *args],
+            [sys.executable, "-m", "cacheagent.cli.main", "--config", str(self.config_path), *args],
             check=check,
             capture_output=True,
             text=True,
@@ -106,7 +106,14 @@ class AgentProcess:
         self.config_path.write_text(yaml.safe_dump(self.config()))
         log = open(self.work / "agent.log", "ab")  # noqa: SIM115 - lives as long as proc
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cacheagent.cli", "--config", str(self.config_path), "serve"],
+            [
+                sys.executable,
+                "-m",
+                "cacheagent.cli.main",
+                "--config",
+                str(self.config_path),
+                "serve",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},

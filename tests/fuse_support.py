@@ -5,7 +5,7 @@ order, slowly (``rate`` bytes/s), from a source file standing in for the origin.
 not held yet fetches that range at once (ahead of the background copy, as the real pull engine
 does), records it as lazy-fetched, then answers. When the copy is complete the blob is
 "verified" and renamed; a blob marked ``corrupt`` fails that verification, after which every
-read raises DigestMismatchError. The held ranges are a ``cacheagent.ranges.RangeSet``.
+read raises DigestMismatchError. The held ranges are a ``cacheagent.pull.ranges.RangeSet``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from cacheagent.errors import DigestMismatchError, ModelNotFoundError
 from cacheagent.fuse.provider import FuseFile, ModelListing
 from cacheagent.fuse.stats import FuseStats
-from cacheagent.ranges import RangeSet
+from cacheagent.pull.ranges import RangeSet
 
 MiB = 1 << 20
 

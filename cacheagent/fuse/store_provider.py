@@ -35,7 +35,7 @@ from cacheagent.errors import (
 )
 from cacheagent.fuse.provider import FuseFile, ModelListing
 from cacheagent.fuse.stats import FuseStats
-from cacheagent.pull import PullEngine
+from cacheagent.pull.engine import PullEngine
 from cacheagent.store import ModelFile, Store
 
 T = TypeVar("T")

@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb
-from cacheagent.client import AgentCallError, AgentClient
-from cacheagent.pagecache import drop
+from cacheagent.cli.client import AgentCallError, AgentClient
+from cacheagent.memory.pagecache import drop
 from tests.agent_process import AgentProcess
 from tests.e2e.conftest import Origin
 from tests.fault_server import Fault, FaultServer

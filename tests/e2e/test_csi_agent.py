@@ -15,9 +15,9 @@ import pytest
 
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
-from cacheagent.client import AgentCallError, AgentClient
+from cacheagent.cli.client import AgentCallError, AgentClient
+from cacheagent.memory.pagecache import drop
 from cacheagent.mountinfo import find_mount
-from cacheagent.pagecache import drop
 from tests.agent_process import AgentProcess
 from tests.csi_env import force_unmount, mount_capability, mounts_under
 from tests.e2e.conftest import Origin

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cacheagent.config import PullConfig
-from cacheagent.pull import PullEngine, PullTuning, SourceRegistry
+from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.store import Store
 from tests.integration.pull_origin import registry_source
 

@@ -24,7 +24,7 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 def cli(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cacheagent.cli", "--store-root", str(store), *args],
+        [sys.executable, "-m", "cacheagent.cli.main", "--store-root", str(store), *args],
         capture_output=True,
         text=True,
         timeout=120,

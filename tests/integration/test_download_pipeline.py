@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from cacheagent.digest import sha256_digest
-from cacheagent.download import BlobDownload, DownloadSettings, Limits, sidecar_path
 from cacheagent.errors import OriginUnavailableError
-from cacheagent.ranges import load_sidecar
+from cacheagent.pull.download import BlobDownload, DownloadSettings, Limits, sidecar_path
+from cacheagent.pull.ranges import load_sidecar
 from cacheagent.refs import HttpRef, ModelRef, parse_ref
 from cacheagent.sources.base import BlobRef, ResolvedModel, Source
 from cacheagent.sources.http import HttpOptions, HttpSource

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from cacheagent.gpu import GpuInventory, UnknownGpuError
-from cacheagent.pagecache import (
+from cacheagent.memory.gpu import GpuInventory, UnknownGpuError
+from cacheagent.memory.pagecache import (
     PAGE_SIZE,
     locked_bytes_of_process,
     pages,
     resident_bytes_per_step,
 )
-from cacheagent.prefetch import (
+from cacheagent.memory.prefetch import (
     STEP_BYTES,
     MemoryLocker,
     MemoryLockError,
@@ -354,7 +354,7 @@ def test_rlimit_memlock_refuses_without_cap_ipc_lock(model: Path) -> None:
         """
         import resource, sys
         from pathlib import Path
-        from cacheagent.prefetch import MemoryLocker, MemoryLockError
+        from cacheagent.memory.prefetch import MemoryLocker, MemoryLockError
         hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, hard))
         locker = MemoryLocker()

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from cacheagent.config import PullConfig
-from cacheagent.download import sidecar_path
 from cacheagent.errors import (
     CacheFullError,
     DigestMismatchError,
@@ -23,9 +22,10 @@ from cacheagent.errors import (
     SizeMismatchError,
     SourceError,
 )
-from cacheagent.progress import PullProgress
-from cacheagent.pull import PullEngine, PullTuning, SourceRegistry
-from cacheagent.ranges import load_sidecar
+from cacheagent.pull.download import sidecar_path
+from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
+from cacheagent.pull.progress import PullProgress
+from cacheagent.pull.ranges import load_sidecar
 from cacheagent.refs import LayoutRef
 from cacheagent.sources.base import Source
 from cacheagent.sources.layout import blob_path

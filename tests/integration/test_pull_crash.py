@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cacheagent.download import sidecar_path
-from cacheagent.pull import PullEngine, SourceRegistry
-from cacheagent.ranges import load_sidecar
+from cacheagent.pull.download import sidecar_path
+from cacheagent.pull.engine import PullEngine, SourceRegistry
+from cacheagent.pull.ranges import load_sidecar
 from cacheagent.sources.layout_writer import LayoutEntry, write_layout
 from cacheagent.store import Store
 from tests.fault_server import Fault, FaultServer

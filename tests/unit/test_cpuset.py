@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cacheagent.cpuset import cpus_from_mask_words, format_cpulist, parse_cpulist
+from cacheagent.memory.cpuset import cpus_from_mask_words, format_cpulist, parse_cpulist
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pynvml
 import pytest
 
-import cacheagent.gpu
-from cacheagent.gpu import GpuInventory, UnknownGpuError, sysfs_bus_id
+import cacheagent.memory.gpu
+from cacheagent.memory.gpu import GpuInventory, UnknownGpuError, sysfs_bus_id
 from tests.fake_pynvml import FakeGpu, FakeNvml, two_gpus_on_two_nodes
 
 UUID0 = "GPU-0f4b2c1e-0000-4000-8000-000000000000"
@@ -59,7 +59,7 @@ def test_fake_functions_have_the_real_pynvml_signatures() -> None:
 
 
 def test_every_nvml_name_gpu_module_uses_exists_in_fake_and_real_pynvml() -> None:
-    source = Path(cacheagent.gpu.__file__).read_text()
+    source = Path(cacheagent.memory.gpu.__file__).read_text()
     used = set(re.findall(r"\b(nvml[A-Z]\w+|NVML_\w+|NVMLError\w*)\b", source))
     assert "nvmlDeviceGetMemoryInfo" in used
     for name in used:
@@ -159,7 +159,7 @@ def test_library_not_found_is_down_logged_once_and_retried_slowly(
 ) -> None:
     fake = FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
     gpus = inventory(fake, sys_root, clock)
-    with caplog.at_level(logging.INFO, logger="cacheagent.gpu"):
+    with caplog.at_level(logging.INFO, logger="cacheagent.memory.gpu"):
         for _ in range(20):
             snapshot = gpus.snapshot()
             clock.now += 5
@@ -195,7 +195,7 @@ def test_driver_vanishing_mid_run_then_coming_back(
     gpus = inventory(fake, sys_root, clock)
     assert gpus.snapshot().up
     fake.fail_with(code)
-    with caplog.at_level(logging.INFO, logger="cacheagent.gpu"):
+    with caplog.at_level(logging.INFO, logger="cacheagent.memory.gpu"):
         clock.now = 1003
         down = gpus.snapshot()
         assert not down.up and down.gpus == ()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cacheagent.pagecache import PAGE_SIZE
-from cacheagent.prefetch import WarmStep, plan_warm
+from cacheagent.memory.pagecache import PAGE_SIZE
+from cacheagent.memory.prefetch import WarmStep, plan_warm
 
 STEP = 16 * PAGE_SIZE
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cacheagent.progress import PullProgress, RateMeter, eta_seconds
+from cacheagent.pull.progress import PullProgress, RateMeter, eta_seconds
 
 
 def test_rate_follows_the_recent_window_not_the_total() -> None:

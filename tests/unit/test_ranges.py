@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from cacheagent.ranges import RangeSet, dump_sidecar, load_sidecar, split
+from cacheagent.pull.ranges import RangeSet, dump_sidecar, load_sidecar, split
 
 DIGEST = "sha256:" + "ab" * 32
 

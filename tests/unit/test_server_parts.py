@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from cacheagent.gpu import GpuInventory
 from cacheagent.logs import JsonFormatter, TextFormatter, request_context, setup_logging
+from cacheagent.memory.gpu import GpuInventory
 from cacheagent.metrics import Metrics
 from cacheagent.server import Health, http_app, take_snapshot
 from cacheagent.store import Store

@@ -26,11 +26,12 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from cacheagent import __version__
-from cacheagent.client import AgentClient
+from cacheagent.cli.bars import PullBars
+from cacheagent.cli.client import AgentClient
+from cacheagent.cli.render import human_age, human_bytes, table
 from cacheagent.config import Config, load_config
+from cacheagent.digest import short_digest
 from cacheagent.errors import CacheAgentError, ConfigError, RefError
-from cacheagent.progress_bar import PullBars
-from cacheagent.render import human_age, human_bytes, short_digest, table
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -209,7 +210,7 @@ def cmd_preheat(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:
     if args.offline:
-        from cacheagent.offline import offline_models
+        from cacheagent.cli.offline import offline_models
 
         models = offline_models(config)
     else:
@@ -260,7 +261,7 @@ def _model_change(
 
 
 def cmd_rm(args: argparse.Namespace, config: Config) -> int:
-    from cacheagent import offline
+    from cacheagent.cli import offline
 
     return _model_change(
         args,
@@ -280,7 +281,7 @@ def cmd_unpin(args: argparse.Namespace, config: Config) -> int:
 
 
 def _pin(args: argparse.Namespace, config: Config, *, pinned: bool) -> int:
-    from cacheagent import offline
+    from cacheagent.cli import offline
 
     return _model_change(
         args,
@@ -318,7 +319,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_pull(args: argparse.Namespace, config: Config) -> int:
-    from cacheagent.offline import pull_offline
+    from cacheagent.cli.offline import pull_offline
 
     started = time.monotonic()
     with PullBars(enabled=not args.json) as bars:
@@ -333,7 +334,7 @@ def cmd_pull(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, config: Config) -> int:
-    from cacheagent.offline import gc
+    from cacheagent.cli.offline import gc
 
     report = gc(config, fsck=args.fsck or args.rehash, rehash=args.rehash)
     if args.json:

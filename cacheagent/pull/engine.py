@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from cacheagent.config import PullConfig
-from cacheagent.download import (
+from cacheagent.errors import (
+    DISK_FULL_ERRNOS,
+    DiskFullError,
+    ModelNotFoundError,
+    OriginUnavailableError,
+    SourceError,
+)
+from cacheagent.pull.download import (
     BlobDownload,
     DownloadSettings,
     HashMode,
@@ -42,14 +49,7 @@ from cacheagent.download import (
     all_or_nothing,
     sidecar_path,
 )
-from cacheagent.errors import (
-    DISK_FULL_ERRNOS,
-    DiskFullError,
-    ModelNotFoundError,
-    OriginUnavailableError,
-    SourceError,
-)
-from cacheagent.progress import BlobProgress, PullProgress, PullState, RateMeter, eta_seconds
+from cacheagent.pull.progress import BlobProgress, PullProgress, PullState, RateMeter, eta_seconds
 from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.sources.base import Layer, ResolvedModel, Source
 from cacheagent.sources.retry import RetryPolicy

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cacheagent.cpuset import cpus_from_mask_words, parse_cpulist
 from cacheagent.errors import CacheAgentError
+from cacheagent.memory.cpuset import cpus_from_mask_words, parse_cpulist
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from cacheagent.progress import PullProgress
-from cacheagent.render import short_digest
+from cacheagent.digest import short_digest
+from cacheagent.pull.progress import PullProgress
 
 
 class PullBars:

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import psutil
 
-from cacheagent.cpuset import format_cpulist
 from cacheagent.errors import CacheAgentError
-from cacheagent.pagecache import (
+from cacheagent.memory.cpuset import format_cpulist
+from cacheagent.memory.pagecache import (
     PAGE_SIZE,
     LockedRegion,
     Residency,

@@ -25,10 +25,6 @@ def human_age(seconds: float) -> str:
     return f"{seconds / 86400:.0f}d ago"
 
 
-def short_digest(digest: str, n: int = 12) -> str:
-    return digest.split(":", 1)[-1][:n]
-
-
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns, two spaces apart; the usual `kubectl get` look."""
     widths = [len(h) for h in headers]

@@ -55,7 +55,7 @@ from cacheagent.errors import (
     SourceError,
     StoreError,
 )
-from cacheagent.ranges import RangeSet, dump_sidecar, load_sidecar, split
+from cacheagent.pull.ranges import RangeSet, dump_sidecar, load_sidecar, split
 from cacheagent.sources.base import BlobRef, Source
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.streaming import MIN_PROGRESS_BYTES, stalled_error

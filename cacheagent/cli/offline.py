@@ -13,8 +13,8 @@ from typing import Any
 
 from cacheagent.config import Config
 from cacheagent.errors import ModelNotFoundError, StoreLockedError
-from cacheagent.progress import PullProgress
-from cacheagent.pull import PullEngine, PullTuning, SourceRegistry
+from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
+from cacheagent.pull.progress import PullProgress
 from cacheagent.sources.factory import build_sources
 from cacheagent.store import FsckReport, Model, Store
 from cacheagent.store.lookup import find_model

@@ -1,0 +1,8 @@
+"""``python -m cacheagent.cli``."""
+
+from __future__ import annotations
+
+from cacheagent.cli.main import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Host memory and GPUs: page-cache warming, residency, memory locks, NUMA placement, NVML."""

@@ -1,0 +1,1 @@
+"""The pull engine: one fetch per blob, parallel ranges, resume, verification, progress."""
