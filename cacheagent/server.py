@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import grp
 import logging
 import os
 import signal
@@ -36,9 +37,9 @@ from cacheagent.fuse.store_provider import StoreProvider
 from cacheagent.logs import setup_logging
 from cacheagent.memory.gpu import GpuInfo, GpuInventory
 from cacheagent.memory.pagecache import residency
-from cacheagent.memory.prefetch import MemoryLocker, Prefetcher
+from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmMethod
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
-from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
+from cacheagent.pull.engine import PullEngine, SourceRegistry, tuning_from_config
 from cacheagent.service import ModelService
 from cacheagent.sources.factory import Origins, build_sources
 from cacheagent.store import Store
@@ -77,9 +78,17 @@ class Health:
 
 
 async def start_agent_api(
-    socket_path: Path, servicer: AgentService, tls: TcpTls | None = None
+    socket_path: Path,
+    servicer: AgentService,
+    tls: TcpTls | None = None,
+    *,
+    mode: int = SOCKET_MODE,
+    group: str | None = None,
 ) -> grpc.aio.Server:
-    await asyncio.to_thread(_prepare_socket, socket_path)
+    """Serve the agent API on ``socket_path`` with ``mode`` (agent.socket_mode) and ``group``
+    (agent.socket_group: a name or GID; a directory the agent creates gets it too)."""
+    gid = await asyncio.to_thread(resolve_gid, group)
+    await asyncio.to_thread(_prepare_socket, socket_path, gid)
     server = grpc.aio.server()
     pb_grpc.add_AgentServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix://{socket_path}")
@@ -88,12 +97,12 @@ async def start_agent_api(
         if server.add_secure_port(tls.address, credentials) == 0:
             raise ConfigError("agent.tcp_listen", f"cannot listen on {tls.address}")
     # The socket is created by start(); a tight umask means it never exists with wider rights.
-    old = os.umask(0o117)
+    old = os.umask(0o777 & ~mode)
     try:
         await server.start()
     finally:
         os.umask(old)
-    await asyncio.to_thread(socket_path.chmod, SOCKET_MODE)
+    await asyncio.to_thread(_set_access, socket_path, mode, gid)
     log.info("agent API serving on %s", socket_path)
     if tls is not None:
         log.info(
@@ -133,7 +142,28 @@ class TcpTls:
         )
 
 
-def _prepare_socket(path: Path) -> None:
+def resolve_gid(group: str | None) -> int | None:
+    """The GID of ``agent.socket_group`` (a name or a number); ConfigError if there is none."""
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError("agent.socket_group", f"no group {group!r} on this node") from None
+
+
+def _set_access(path: Path, mode: int, gid: int | None) -> None:
+    if gid is not None:
+        os.chown(path, -1, gid)
+    path.chmod(mode)
+
+
+def _prepare_socket(path: Path, gid: int | None = None) -> None:
+    if gid is not None and not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o750)
+        os.chown(path.parent, -1, gid)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
@@ -242,7 +272,7 @@ class Agent:
             store,
             SourceRegistry(origins.sources),
             cfg.pull,
-            tuning=PullTuning(tag_ttl_seconds=cfg.store.tag_ttl_seconds),
+            tuning=tuning_from_config(cfg.pull, tag_ttl_seconds=cfg.store.tag_ttl_seconds),
         )
         self._on_stop("pull engine", engine.aclose)
         self.metrics.pulled_bytes = engine.fetched_bytes
@@ -257,7 +287,10 @@ class Agent:
             cfg.policy,
             metrics=self.metrics,
             prefetcher=Prefetcher(
-                memory_share=cfg.prefetch.memory_share, gpu_cpus=gpus.numa_cpus_for
+                memory_share=cfg.prefetch.memory_share,
+                method=WarmMethod(cfg.prefetch.method),
+                workers=cfg.prefetch.workers,
+                gpu_cpus=gpus.numa_cpus_for,
             ),
             locker=locker,
         )
@@ -268,6 +301,8 @@ class Agent:
             cfg.agent.socket,
             AgentService(service, gpus=gpus, node_id=node_id),
             TcpTls.from_config(cfg),
+            mode=cfg.agent.socket_mode,
+            group=cfg.agent.socket_group,
         )
         self._on_stop("agent API", lambda: api.stop(STOP_GRACE_SECONDS))
         self.health.api = True

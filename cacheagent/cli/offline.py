@@ -13,7 +13,7 @@ from typing import Any
 
 from cacheagent.config import Config
 from cacheagent.errors import ModelNotFoundError, StoreLockedError
-from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
+from cacheagent.pull.engine import PullEngine, SourceRegistry, tuning_from_config
 from cacheagent.pull.progress import PullProgress
 from cacheagent.sources.factory import build_sources
 from cacheagent.store import FsckReport, Model, Store
@@ -89,7 +89,7 @@ async def pull_offline(
         store,
         SourceRegistry(origins.sources),
         config.pull,
-        tuning=PullTuning(tag_ttl_seconds=config.store.tag_ttl_seconds),
+        tuning=tuning_from_config(config.pull, tag_ttl_seconds=config.store.tag_ttl_seconds),
     )
     try:
         return list(await asyncio.gather(*(engine.pull(r, progress=progress) for r in refs)))

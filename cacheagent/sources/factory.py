@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import platform as _platform
 from dataclasses import dataclass
 
 from cacheagent.config import Config
 from cacheagent.sources.auth import CredentialStore
 from cacheagent.sources.base import Source
-from cacheagent.sources.hf import HfOptions, HfSource, read_token_file
+from cacheagent.sources.hf import HfOptions, HfSource
+from cacheagent.sources.hftoken import resolve_hf_token
 from cacheagent.sources.http import HttpOptions, HttpSource
 from cacheagent.sources.layout import OciLayoutSource
 from cacheagent.sources.registry import RegistryOptions, RegistrySource
@@ -50,7 +52,7 @@ def build_sources(config: Config) -> Origins:
         )
     )
     retry = RetryPolicy(max_attempts=pull.retries + 1, max_delay=pull.retry_max_seconds)
-    token = read_token_file(config.hf.token_file) if config.hf.token_file else None
+    token = resolve_hf_token(config.hf.token_file, os.environ)
     sources: list[Source] = [
         OciLayoutSource(platform=node_platform(), manifest_max_bytes=pull.manifest_max_bytes),
         RegistrySource(

@@ -1,0 +1,238 @@
+"""The configuration's shape: one frozen dataclass per section, the defaults, the bounds.
+
+Validation is driven by the field annotations, not by one check per key: the type says how a
+raw value becomes a typed one (``cacheagent.config.values``) and ``Range`` metadata says which
+values are allowed. Sections also check these bounds when built directly, so a hand-made
+``PullConfig`` cannot hold a value a file could not.
+
+Defaults chosen where the brief is silent: ``agent.http_listen`` is ``0.0.0.0:9464`` (Prometheus
+scrapes the pod; that port serves only metrics and health), logs are ``text`` at ``info``,
+``csi.publish_wait_seconds`` is 60 s (well inside kubelet's two-minute CSI deadline, and checked
+below 120 s at load), ``pull.timeout_seconds`` (per request, without progress) is 60 s and backoff
+is capped at 30 s, ``prefetch.mlock_limit_bytes`` is 0 (no locking unless asked), ``csi.socket``
+unset means ``<kubelet_dir>/plugins/<driver_name>/csi.sock``, and the API socket is ``0660``
+owned by the agent's group unless ``agent.socket_group`` names another.
+
+The engine knobs (``pull.ranges_per_blob``, ``pull.hash_mode``, ``pull.max_blob_bytes``,
+``pull.max_unpack_ratio``, ``prefetch.workers``, ``prefetch.method``) default to the values
+the benchmarks in the README measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, cast
+from typing import get_type_hints as _get_type_hints
+
+from cacheagent.config.values import (
+    ByteSize,
+    Capacity,
+    CapacitySetting,
+    CsiDriverName,
+    GroupName,
+    HttpUrl,
+    ListenAddress,
+    LogFormat,
+    LogLevel,
+    MiB,
+    Range,
+    Ratio,
+    Seconds,
+    SocketMode,
+    metadata,
+)
+from cacheagent.errors import ConfigError
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations with their ``Annotated`` metadata, once per class."""
+    if cls not in _HINTS:
+        _HINTS[cls] = _get_type_hints(cls, include_extras=True)
+    return _HINTS[cls]
+
+
+@dataclass(frozen=True)
+class Section:
+    """Base of every section: checks ``Range`` bounds and cross-field rules on construction."""
+
+    section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for name, hint in hints(type(self)).items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            for bound in metadata(hint, Range):
+                problem = bound.problem(value)
+                if problem is not None:
+                    raise ConfigError(f"{self.section}.{name}", problem)
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field rules; sections that have some override this."""
+
+
+# --- the sections -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreConfig(Section):
+    section: ClassVar[str] = "store"
+    root: Path = Path("/var/lib/cacheagent")
+    capacity: CapacitySetting = Capacity(percent=90.0)  # noqa: RUF009 - frozen
+    high_watermark: Ratio = 0.95
+    low_watermark: Annotated[float, Range(0.0, 1.0, open_low=True, open_high=True)] = 0.85
+    tag_ttl_seconds: Seconds = 300.0
+
+    def _check(self) -> None:
+        if self.low_watermark >= self.high_watermark:
+            raise ConfigError(
+                "store.low_watermark",
+                f"must be below store.high_watermark ({self.high_watermark:g}), "
+                f"got {self.low_watermark:g}",
+            )
+
+
+@dataclass(frozen=True)
+class PullConfig(Section):
+    """``timeout_seconds``: a response that delivers less than 16 KiB in that time is cut off
+    and retried (so a slow-drip origin cannot hold a pull forever); ``retries`` and
+    ``retry_max_seconds`` bound the retries of one request. ``max_blob_bytes`` refuses a
+    manifest that declares a bigger blob (unset: no limit); ``hash_mode`` ``running`` hashes
+    while downloading, ``final`` re-reads the blob at the end; ``ranges_per_blob`` is how many
+    parallel Range requests one large blob gets; ``max_unpack_ratio`` bounds how many times its
+    compressed size a tar layer may unpack to (a zip-bomb guard)."""
+
+    section: ClassVar[str] = "pull"
+    range_threshold_bytes: Annotated[ByteSize, Range(1)] = 64 * MiB
+    range_chunk_bytes: Annotated[ByteSize, Range(1)] = 16 * MiB
+    max_connections_per_origin: Annotated[int, Range(1, 1024)] = 8
+    max_connections_total: Annotated[int, Range(1, 4096)] = 32
+    retries: Annotated[int, Range(0, 100)] = 5
+    retry_max_seconds: Seconds = 30.0
+    timeout_seconds: Annotated[Seconds, Range(0, open_low=True)] = 60.0
+    manifest_max_bytes: Annotated[ByteSize, Range(1)] = 4 * MiB
+    max_blob_bytes: Annotated[ByteSize, Range(1)] | None = None
+    hash_mode: Literal["running", "final"] = "running"
+    ranges_per_blob: Annotated[int, Range(1, 64)] = 8
+    max_unpack_ratio: Annotated[float, Range(1, 10_000)] = 32.0
+
+
+@dataclass(frozen=True)
+class RegistriesConfig(Section):
+    """``mirrors``: registry host -> mirrors tried first; ``proxy``: origin (or ``*``) -> URL."""
+
+    section: ClassVar[str] = "registries"
+    insecure: tuple[str, ...] = ()
+    ca_file: Path | None = None
+    docker_config: Path | None = None
+    mirrors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    proxy: Mapping[str, HttpUrl] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HfConfig(Section):
+    """``token_file`` unset: ``HF_TOKEN`` or huggingface_hub's token file is used when present
+    (``cacheagent.sources.hftoken``)."""
+
+    section: ClassVar[str] = "hf"
+    endpoint: HttpUrl = "https://huggingface.co"
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig(Section):
+    """``tcp_listen`` also serves the agent API on TCP, always with TLS (``tls_cert`` and
+    ``tls_key``); with ``tls_client_ca`` clients must present a certificate it signed.
+    ``socket_mode`` (octal, never world-accessible) and ``socket_group`` (name or GID) are
+    applied to the unix socket when the agent binds it, so members of that group can use the
+    CLI without root."""
+
+    section: ClassVar[str] = "agent"
+    socket: Path = Path("/run/cacheagent/agent.sock")
+    http_listen: ListenAddress = "0.0.0.0:9464"
+    tcp_listen: ListenAddress | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    socket_mode: SocketMode = 0o660
+    socket_group: GroupName | None = None
+
+    def _check(self) -> None:
+        if self.tcp_listen is not None and (self.tls_cert is None or self.tls_key is None):
+            raise ConfigError(
+                "agent.tcp_listen",
+                "the API is only served on TCP with TLS: set agent.tls_cert and agent.tls_key",
+            )
+
+
+@dataclass(frozen=True)
+class CsiConfig(Section):
+    """``node_id`` unset: the server uses the node's name (``NODE_NAME``) or hostname."""
+
+    section: ClassVar[str] = "csi"
+    driver_name: CsiDriverName = "model.cacheagent.io"
+    socket: Path | None = None
+    kubelet_dir: Path = Path("/var/lib/kubelet")
+    node_id: str | None = None
+    publish_wait_seconds: Annotated[Seconds, Range(0, 120, open_high=True)] = 60.0
+
+    @property
+    def socket_path(self) -> Path:
+        """``socket``, or kubelet's conventional plugin socket for this driver name."""
+        if self.socket is not None:
+            return self.socket
+        return self.kubelet_dir / "plugins" / self.driver_name / "csi.sock"
+
+
+@dataclass(frozen=True)
+class FuseConfig(Section):
+    section: ClassVar[str] = "fuse"
+    enabled: bool = True
+    mountpoint: Path = Path("/run/cacheagent/fuse")
+    read_ahead_kb: Annotated[int, Range(0, 1024 * 1024)] = 8192
+
+
+@dataclass(frozen=True)
+class PrefetchConfig(Section):
+    """``memory_share``: the fraction of available memory a prefetch may fill; ``workers``
+    readers warm in parallel, with ``method`` ``fadvise`` (WILLNEED, the kernel reads) or
+    ``read`` (reads into a reused buffer)."""
+
+    section: ClassVar[str] = "prefetch"
+    memory_share: Ratio = 0.5
+    mlock_limit_bytes: ByteSize = 0
+    workers: Annotated[int, Range(1, 64)] = 2
+    method: Literal["fadvise", "read"] = "fadvise"
+
+
+@dataclass(frozen=True)
+class PolicyConfig(Section):
+    """Glob rules over canonical refs; semantics in ``cacheagent.policy``."""
+
+    section: ClassVar[str] = "policy"
+    allowed_sources: tuple[str, ...] = ()
+    namespaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    pull: PullConfig = field(default_factory=PullConfig)
+    registries: RegistriesConfig = field(default_factory=RegistriesConfig)
+    hf: HfConfig = field(default_factory=HfConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    csi: CsiConfig = field(default_factory=CsiConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+
+def section_types() -> dict[str, type[Section]]:
+    return {name: cast(type[Section], hint) for name, hint in hints(Config).items()}
