@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -22,9 +22,10 @@ from cacheagent.logs import request_context
 from cacheagent.memory.gpu import GpuInventory
 from cacheagent.memory.prefetch import MemoryLockError
 from cacheagent.pull.progress import PullProgress
+from cacheagent.reclaim import ReclaimTarget, ReclaimTargetError, need_for
 from cacheagent.service import ModelService, PreheatUpdate
 from cacheagent.status_codes import ErrorCodes, grpc_code
-from cacheagent.store import Model
+from cacheagent.store import Lease, Model
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,10 @@ T = TypeVar("T")
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 # Errors of the API's own engines, before the agent-wide table.
-_API_CODES: ErrorCodes = ((MemoryLockError, grpc.StatusCode.RESOURCE_EXHAUSTED),)
+_API_CODES: ErrorCodes = (
+    (MemoryLockError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ReclaimTargetError, grpc.StatusCode.INVALID_ARGUMENT),
+)
 
 _PHASES: dict[str, pb.PreheatEvent.Phase.ValueType] = {
     "resolving": pb.PreheatEvent.RESOLVING,
@@ -68,6 +72,64 @@ def model_info(
         source_kind=model.source_kind,
         path=path,
     )
+
+
+def pull_info(progress: PullProgress) -> pb.PullInfo:
+    info = pb.PullInfo(
+        ref=progress.ref,
+        manifest_digest=progress.manifest_digest,
+        bytes_done=progress.done_bytes,
+        bytes_total=progress.total_bytes,
+        bytes_per_second=progress.rate,
+        state=progress.state,
+    )
+    if progress.eta_seconds is not None:
+        info.eta_seconds = progress.eta_seconds
+    return info
+
+
+def reclaim_target(request: pb.ReclaimRequest) -> ReclaimTarget:
+    kind = request.WhichOneof("target")
+    if kind == "to_used_bytes":
+        return ReclaimTarget("to_bytes", request.to_used_bytes)
+    if kind == "to_capacity_fraction":
+        return ReclaimTarget("to_fraction", request.to_capacity_fraction)
+    if kind == "free_bytes":
+        return ReclaimTarget("free", request.free_bytes)
+    return ReclaimTarget("watermarks")
+
+
+def reclaimed(model: Model, reason: str) -> pb.ReclaimedModel:
+    return pb.ReclaimedModel(
+        manifest_digest=model.digest,
+        ref=model.ref or "",
+        size_bytes=model.size,
+        last_used_unix=model.last_used,
+        reason=reason,
+    )
+
+
+_LEASE_REASONS = {"csi": "in use by a volume", "fuse": "open through FUSE", "pull": "being pulled"}
+
+
+def kept_models(models: Iterable[Model], leases: Iterable[Lease]) -> list[tuple[Model, str]]:
+    """Models eviction may not touch, with why (the store's rules: pins and leases)."""
+    held: dict[str, set[str]] = {}
+    for lease in leases:
+        held.setdefault(lease.manifest_digest, set()).add(lease.kind)
+    kept = []
+    for model in models:
+        reasons = ["pinned"] if model.pinned else []
+        reasons += [_LEASE_REASONS.get(k, k) for k in sorted(held.get(model.digest, ()))]
+        if reasons:
+            kept.append((model, ", ".join(reasons)))
+    return kept
+
+
+def _model_blobs(blobs: Sequence[str], evicted: Sequence[str], models: dict[str, Model]) -> int:
+    """How many of a plan's blobs belong to the models it evicts (the rest are orphans)."""
+    owned = {f.blob for d in evicted if d in models for f in models[d].files}
+    return sum(1 for blob in blobs if blob in owned)
 
 
 def preheat_event(update: PreheatUpdate) -> pb.PreheatEvent:
@@ -200,9 +262,9 @@ class AgentService(pb_grpc.AgentServicer):
     async def Status(  # noqa: N802
         self, request: pb.StatusRequest, context: Context
     ) -> pb.StatusResponse:
-        return await self._call("Status", context, self._status)
+        return await self._call("Status", context, lambda: self._status(request.memory))
 
-    async def _status(self) -> pb.StatusResponse:
+    async def _status(self, memory: bool) -> pb.StatusResponse:
         store = self.service.store
         usage = await asyncio.to_thread(store.usage)
         response = pb.StatusResponse(
@@ -212,18 +274,16 @@ class AgentService(pb_grpc.AgentServicer):
             used_bytes=usage.used,
             models=usage.models,
             blobs=usage.blobs,
-            pulls=[
-                pb.PullInfo(
-                    ref=p.ref,
-                    manifest_digest=p.manifest_digest,
-                    bytes_done=p.done_bytes,
-                    bytes_total=p.total_bytes,
-                )
-                for p in self.service.engine.in_flight.values()
-            ],
+            pulls=[pull_info(p) for p in self.service.engine.in_flight.values()],
             node_id=self.node_id,
             uptime_seconds=time.monotonic() - self.started,
         )
+        locker = self.service.locker
+        if locker is not None:
+            response.memory_locked_bytes = locker.locked_bytes
+            response.memory_lock_limit_bytes = locker.limit_bytes or 0
+        if memory:
+            await self._add_memory(response, locker.locked() if locker is not None else {})
         if self.gpus is not None:
             snap = await asyncio.to_thread(self.gpus.snapshot)
             response.nvml_up = snap.up
@@ -237,6 +297,62 @@ class AgentService(pb_grpc.AgentServicer):
                         memory_total_bytes=gpu.memory_total_bytes or 0,
                         memory_used_bytes=gpu.memory_used_bytes or 0,
                         numa_node=-1 if gpu.numa_node is None else gpu.numa_node,
+                        utilization_gpu_percent=gpu.utilization_gpu_percent,
+                        utilization_memory_percent=gpu.utilization_memory_percent,
+                        temperature_celsius=gpu.temperature_celsius,
+                        power_watts=gpu.power_watts,
                     )
                 )
         return response
+
+    async def _add_memory(self, response: pb.StatusResponse, locked: dict[str, int]) -> None:
+        for model in await self.service.list_models():
+            resident = (await self.service.residency(model)).bytes_resident
+            response.memory_resident_bytes += resident
+            if resident or locked.get(model.digest):
+                response.memory.append(
+                    pb.ModelMemory(
+                        manifest_digest=model.digest,
+                        ref=model.ref or "",
+                        size_bytes=model.size,
+                        resident_bytes=resident,
+                        locked_bytes=locked.get(model.digest, 0),
+                    )
+                )
+
+    async def Reclaim(  # noqa: N802
+        self, request: pb.ReclaimRequest, context: Context
+    ) -> pb.ReclaimResponse:
+        return await self._call("Reclaim", context, lambda: self._reclaim(request))
+
+    async def _reclaim(self, request: pb.ReclaimRequest) -> pb.ReclaimResponse:
+        store = self.service.store
+        usage = await asyncio.to_thread(store.usage)
+        need = need_for(
+            reclaim_target(request),
+            used=usage.used,
+            capacity=usage.capacity,
+            high=usage.high_watermark,
+            low=usage.low_watermark,
+        )
+        models = {m.digest: m for m in await self.service.list_models()}
+        leases = await asyncio.to_thread(store.leases)
+        plan, freed = await self.service.reclaim(need.bytes, dry_run=request.dry_run)
+        return pb.ReclaimResponse(
+            dry_run=request.dry_run,
+            capacity_bytes=usage.capacity or 0,
+            used_bytes=usage.used,
+            high_watermark=usage.high_watermark,
+            low_watermark=usage.low_watermark,
+            need_bytes=need.bytes,
+            reason=need.reason,
+            bytes_freed=plan.bytes_freed if request.dry_run else freed,
+            satisfied=plan.satisfied,
+            models=[
+                reclaimed(models[d], f"least recently used, #{n} in eviction order")
+                for n, d in enumerate(plan.models, start=1)
+                if d in models
+            ],
+            orphan_blobs=len(plan.blobs) - _model_blobs(plan.blobs, plan.models, models),
+            kept=[reclaimed(m, why) for m, why in kept_models(models.values(), leases)],
+        )

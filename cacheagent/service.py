@@ -27,7 +27,7 @@ from cacheagent.policy import check_mount, check_source
 from cacheagent.pull.engine import PullEngine, log_background_failure
 from cacheagent.pull.progress import PullProgress
 from cacheagent.refs import ModelRef, parse_ref
-from cacheagent.store import Model, Store
+from cacheagent.store import EvictionPlan, Model, Store
 from cacheagent.store.lookup import find_model
 from cacheagent.volumes import LazyModeUnavailableError, ModelStats, ReadyModel, StillPulling
 
@@ -201,6 +201,22 @@ class ModelService:
         if not pinned and self.locker is not None:
             await asyncio.to_thread(self.locker.release, model.digest)
         return await self.find(model.digest)
+
+    async def reclaim(self, need_bytes: int, *, dry_run: bool) -> tuple[EvictionPlan, int]:
+        """On-demand capacity eviction: the store's LRU plan for ``need_bytes`` (never pinned,
+        leased or pulling models), carried out unless ``dry_run``. Returns the plan and the
+        bytes freed (0 for a dry run)."""
+        plan = await asyncio.to_thread(self.store.plan_eviction, need_bytes)
+        if dry_run or not (plan.models or plan.blobs):
+            return plan, 0
+        freed = await asyncio.to_thread(self.store.execute, plan)
+        for digest in plan.models:
+            if await asyncio.to_thread(self.store.get_model, digest) is not None:
+                continue  # pinned or leased since the plan was made: execute kept it
+            if self.locker is not None:
+                await asyncio.to_thread(self.locker.release, digest)
+            self.on_evicted(digest)
+        return plan, freed
 
     # -- page cache ----------------------------------------------------------------------------
 

@@ -71,9 +71,16 @@ class AgentClient:
         return AgentCallError(code, detail or code.name)
 
     def preheat(
-        self, refs: list[str], *, warm_memory: bool = False, gpus: list[str] | None = None
+        self,
+        refs: list[str],
+        *,
+        warm_memory: bool = False,
+        gpus: list[str] | None = None,
+        lock_memory: bool = False,
     ) -> Iterator[pb.PreheatEvent]:
-        request = pb.PreheatRequest(refs=refs, warm_memory=warm_memory, gpus=gpus or [])
+        request = pb.PreheatRequest(
+            refs=refs, warm_memory=warm_memory, gpus=gpus or [], lock_memory=lock_memory
+        )
         try:
             yield from self._stub.Preheat(request)
         except grpc.RpcError as err:
@@ -100,5 +107,8 @@ class AgentClient:
     def unpin(self, model: str) -> pb.ModelInfo:
         return self._unary(self._stub.Unpin, pb.PinRequest(model=model))
 
-    def status(self) -> pb.StatusResponse:
-        return self._unary(self._stub.Status, pb.StatusRequest())
+    def status(self, *, memory: bool = False) -> pb.StatusResponse:
+        return self._unary(self._stub.Status, pb.StatusRequest(memory=memory))
+
+    def reclaim(self, request: pb.ReclaimRequest) -> pb.ReclaimResponse:
+        return self._unary(self._stub.Reclaim, request)
