@@ -34,6 +34,7 @@ from cacheagent.config import (
     load_layered,
 )
 from cacheagent.errors import CacheAgentError, ConfigError, RefError
+from cacheagent.refs import parse_ref
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -110,6 +111,8 @@ def cmd_check(path: Path, *, json_output: bool) -> int:
 def cmd_pull(args: argparse.Namespace, config: Config) -> int:
     from cacheagent.cli.offline import pull_offline
 
+    for ref in args.refs:  # a typo is bad usage: fail before any pull starts
+        parse_ref(ref)
     with PullBars(enabled=not args.json) as bars:
         outcomes = asyncio.run(pull_offline(config, args.refs, bars))
         for failed in (o for o in outcomes if o.error is not None):
