@@ -13,6 +13,8 @@ import yaml
 
 from cacheagent.config import load_config
 from cacheagent.sources.layout_writer import write_synthetic_layout
+from tests.hf_server import HfRepo, HfServer
+from tests.threaded import serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +139,48 @@ def test_pull_max_blob_bytes_from_config_refuses_a_big_blob(
     assert result.returncode == 1
     assert "pull.max_blob_bytes" in result.stdout
     assert cli("pull", ref, "--store-root", store).returncode == 0
+
+
+HF_TOKEN_VALUE = "hf_operator_test_token"
+
+
+def test_hf_token_comes_from_hf_token_or_huggingface_hubs_token_file(tmp_path: Path) -> None:
+    repo = HfRepo(
+        repo_id="acme/tiny",
+        commit="a" * 40,
+        branches={"main": "a" * 40},
+        files={"config.json": b'{"model_type": "tiny"}', "README.md": b"# tiny\n"},
+    )
+    hub = HfServer(token=HF_TOKEN_VALUE)
+    hub.add(repo)
+    with serve_in_thread(hub) as server:
+        base = [
+            "pull",
+            "hf://acme/tiny@main",
+            "--set",
+            f"hf.endpoint={server.endpoint}",
+            "--set",
+            f"registries.insecure={server.host}",
+        ]
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        nobody = {**clean, "HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": ""}
+
+        def pull(store: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "cacheagent.cli.main", *base, "--store-root", store],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
+
+        anonymous = pull(str(tmp_path / "s1"), nobody)
+        assert anonymous.returncode == 1 and "no hf token is configured" in anonymous.stdout
+        from_env = pull(str(tmp_path / "s2"), {**nobody, "HF_TOKEN": HF_TOKEN_VALUE})
+        assert from_env.returncode == 0, from_env.stdout + from_env.stderr
+        token_file = tmp_path / "home" / ".cache" / "huggingface" / "token"
+        token_file.parent.mkdir(parents=True)
+        token_file.write_text(HF_TOKEN_VALUE + "\n")
+        from_file = pull(str(tmp_path / "s3"), nobody)
+        assert from_file.returncode == 0, from_file.stdout + from_file.stderr
+        assert HF_TOKEN_VALUE not in from_file.stdout + from_file.stderr

@@ -143,3 +143,22 @@ def test_config_package_keeps_every_module_under_500_lines() -> None:
 
     for module in Path(package.__file__).parent.glob("*.py"):
         assert len(module.read_text().splitlines()) <= 500, module.name
+
+
+def test_the_engine_gets_the_configured_knobs() -> None:
+    from cacheagent.pull.engine import tuning_from_config
+
+    pull = load_config(
+        None,
+        {},
+        {
+            "pull.max_blob_bytes": "3Gi",
+            "pull.hash_mode": "final",
+            "pull.ranges_per_blob": "3",
+            "pull.max_unpack_ratio": "7",
+        },
+    ).pull
+    tuning = tuning_from_config(pull, tag_ttl_seconds=12.0)
+    assert (tuning.max_blob_bytes, tuning.hash_mode) == (3 << 30, "final")
+    assert (tuning.ranges_per_blob, tuning.max_unpack_ratio) == (3, 7.0)
+    assert tuning.tag_ttl_seconds == 12.0
