@@ -281,7 +281,8 @@ class AgentService(pb_grpc.AgentServicer):
         locker = self.service.locker
         if locker is not None:
             response.memory_locked_bytes = locker.locked_bytes
-            response.memory_lock_limit_bytes = locker.limit_bytes or 0
+            if locker.limit_bytes is not None:
+                response.memory_lock_limit_bytes = locker.limit_bytes
         if memory:
             await self._add_memory(response, locker.locked() if locker is not None else {})
         if self.gpus is not None:

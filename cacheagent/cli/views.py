@@ -87,8 +87,13 @@ def _pull_line(pull: Reply) -> str:
 
 def _memory_line(status: Reply) -> str:
     locked = human_bytes(int(status.get("memory_locked_bytes", 0)))
-    limit = int(status.get("memory_lock_limit_bytes", 0))
-    text = f"memory:  {locked} locked (limit {human_bytes(limit) if limit else 'none'})"
+    limit = status.get("memory_lock_limit_bytes")
+    if limit is None:
+        text = f"memory:  {locked} locked (no limit but RLIMIT_MEMLOCK)"
+    elif int(limit) == 0:
+        text = "memory:  locking off (prefetch.mlock_limit_bytes is 0)"
+    else:
+        text = f"memory:  {locked} locked (limit {human_bytes(int(limit))})"
     if "memory_resident_bytes" in status:
         text += f", {human_bytes(int(status['memory_resident_bytes']))} of models in page cache"
     return text
