@@ -3,14 +3,18 @@ with a pull in flight, preheat --lock-memory, and the API socket's group and mod
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from cacheagent.cli.client import AgentClient
 from tests.agent_process import AgentProcess
@@ -70,6 +74,13 @@ def test_gc_dry_run_and_evict_follow_capacity_eviction_rules(
         assert sorted(digests(agent)) == sorted((beta.digest, gamma.digest))
         assert not (agent.store_root / "models" / "sha256" / alpha.digest[7:]).exists()
 
+        preview = agent.cli("evict", "--to", "0%", "--dry-run", "--json", check=False)
+        assert preview.returncode == 1  # the pinned model keeps the target out of reach
+        assert [m["manifest_digest"] for m in json.loads(preview.stdout)["models"]] == [
+            gamma.digest
+        ]
+        assert sorted(digests(agent)) == sorted((beta.digest, gamma.digest))
+
         emptied = agent.cli("evict", "--to", "0%", "--json", check=False)
         assert emptied.returncode == 1, "a target the pins prevent must not look met"
         reply = json.loads(emptied.stdout)
@@ -82,29 +93,51 @@ def test_gc_dry_run_and_evict_follow_capacity_eviction_rules(
         assert bad.returncode == 2 and "--to" in bad.stderr
 
 
+@dataclass
+class PacedServer(FaultServer):
+    """Sends every body at a steady trickle (64 KiB per ``pace_seconds`` per connection), so a
+    pull stays in flight with a measurable rate for as long as the test needs."""
+
+    pace_seconds: float = 0.1
+
+    async def _write_body(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        name: str,
+        body: bytes,
+        fault: Fault | None,
+    ) -> web.StreamResponse:
+        for offset in range(0, len(body), 64 << 10):
+            piece = body[offset : offset + (64 << 10)]
+            await resp.write(piece)
+            self.served[name] += len(piece)
+            await asyncio.sleep(self.pace_seconds)
+        await resp.write_eof()
+        return resp
+
+
 def test_status_shows_a_pull_in_flight_with_rate_and_eta(tmp_path: Path) -> None:
-    payload = bytes(range(256)) * (256 * 1024)  # 64 MiB
+    payload = bytes(range(256)) * (256 * 1024)  # 64 MiB: about 25 s at the server's pace
     digest = hashlib.sha256(payload).hexdigest()
-    with serve_in_thread(FaultServer(stall_seconds=60)) as server:
+    with serve_in_thread(PacedServer()) as server:
         server.add("big.bin", payload)
         ref = f"{server.url('big.bin')}#sha256={digest}"
-        server.inject("big.bin", Fault("stall", times=64, cut_at=0.5))
         with AgentProcess(tmp_path / "agent", insecure=(server.host,)) as agent:
             client = AgentClient(agent.socket)
             try:
                 for event in client.preheat([ref]):
-                    if event.bytes_done >= len(payload) // 8:
+                    if event.bytes_done >= 2 * MiB:
                         break
             finally:
                 client.close()
             status = cli_json(agent, "status")
             text = agent.cli("status").stdout
-    assert isinstance(status, dict)
     (pull,) = status["pulls"]
     assert pull["ref"].startswith(server.url("big.bin"))
     assert pull["state"] == "downloading"
     assert int(pull["bytes_total"]) == len(payload)
-    assert len(payload) > int(pull["bytes_done"]) >= len(payload) // 8
+    assert len(payload) > int(pull["bytes_done"]) >= 2 * MiB
     assert float(pull["bytes_per_second"]) > 0
     assert float(pull["eta_seconds"]) > 0
     assert "pull:" in text and "/s, ETA " in text and "ETA -" not in text
