@@ -31,6 +31,17 @@ class AgentUnreachableError(CacheAgentError):
         )
 
 
+class AgentAccessError(CacheAgentError):
+    """The socket is there but this user may not connect to it."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        super().__init__(
+            f"permission denied on {socket_path}: run as root or as a member of the socket's "
+            "group (the agent's agent.socket_group and agent.socket_mode)"
+        )
+
+
 class AgentCallError(CacheAgentError):
     """The agent answered with an error status."""
 
@@ -64,9 +75,17 @@ class AgentClient:
         # Errors raised by stubs are also grpc.Call objects; the stubs' types don't say so.
         code: grpc.StatusCode = getattr(err, "code", lambda: grpc.StatusCode.UNKNOWN)()
         detail: str = getattr(err, "details", lambda: str(err))() or ""
-        if code == grpc.StatusCode.UNAVAILABLE and not self.socket_path.exists():
+        if code != grpc.StatusCode.UNAVAILABLE:
+            return AgentCallError(code, detail or code.name)
+        try:
+            self.socket_path.stat()
+        except PermissionError:  # a directory on the way is closed to this user
+            return AgentAccessError(self.socket_path)
+        except OSError:
             return AgentUnreachableError(self.socket_path, "socket file does not exist")
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in detail.lower():
+        if "permission denied" in detail.lower():
+            return AgentAccessError(self.socket_path)
+        if "connect" in detail.lower():
             return AgentUnreachableError(self.socket_path, detail)
         return AgentCallError(code, detail or code.name)
 
