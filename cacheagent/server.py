@@ -28,7 +28,7 @@ from aiohttp import web
 from cacheagent import __version__
 from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
 from cacheagent.api import AgentService
-from cacheagent.config import Config
+from cacheagent.config import Config, PrefetchConfig
 from cacheagent.csi.server import CsiServer, resolve_node_id, start_csi_server
 from cacheagent.errors import ConfigError
 from cacheagent.fuse.mount import FuseMount, MountOptions
@@ -140,6 +140,16 @@ class TcpTls:
         return grpc.ssl_server_credentials(
             [pair], root_certificates=roots, require_client_auth=roots is not None
         )
+
+
+def prefetcher_from_config(prefetch: PrefetchConfig, gpus: GpuInventory) -> Prefetcher:
+    """The page-cache warmer as ``prefetch.*`` says, reading near the GPUs NVML reports."""
+    return Prefetcher(
+        memory_share=prefetch.memory_share,
+        method=WarmMethod(prefetch.method),
+        workers=prefetch.workers,
+        gpu_cpus=gpus.numa_cpus_for,
+    )
 
 
 def resolve_gid(group: str | None) -> int | None:
@@ -286,12 +296,7 @@ class Agent:
             engine,
             cfg.policy,
             metrics=self.metrics,
-            prefetcher=Prefetcher(
-                memory_share=cfg.prefetch.memory_share,
-                method=WarmMethod(cfg.prefetch.method),
-                workers=cfg.prefetch.workers,
-                gpu_cpus=gpus.numa_cpus_for,
-            ),
+            prefetcher=prefetcher_from_config(cfg.prefetch, gpus),
             locker=locker,
         )
         await self._start_fuse(service)
