@@ -60,12 +60,7 @@ def status_text(status: Reply) -> str:
     pulls = status.get("pulls", [])
     lines += [_pull_line(p) for p in pulls] or ["pulls:   none in flight"]
     lines.append(_memory_line(status))
-    lines += [
-        f"  {short_digest(m['manifest_digest'])} {m.get('ref') or '-'}: "
-        f"{human_bytes(int(m.get('resident_bytes', 0)))} in RAM, "
-        f"{human_bytes(int(m.get('locked_bytes', 0)))} locked"
-        for m in status.get("memory", [])
-    ]
+    lines += [_model_memory_line(m) for m in status.get("memory", [])]
     if status.get("nvml_up"):
         lines += [_gpu_line(g) for g in status.get("gpus", [])]
     else:
@@ -97,6 +92,15 @@ def _memory_line(status: Reply) -> str:
     if "memory_resident_bytes" in status:
         text += f", {human_bytes(int(status['memory_resident_bytes']))} of models in page cache"
     return text
+
+
+def _model_memory_line(m: Reply) -> str:
+    text = (
+        f"  {short_digest(m['manifest_digest'])} {m.get('ref') or '-'}: "
+        f"{human_bytes(int(m.get('resident_bytes', 0)))} in RAM"
+    )
+    locked = int(m.get("locked_bytes", 0))
+    return f"{text}, {human_bytes(locked)} locked" if locked else text
 
 
 def _gpu_line(gpu: Reply) -> str:

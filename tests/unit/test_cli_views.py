@@ -53,3 +53,10 @@ def test_pull_summary_counts_failures() -> None:
     assert "a: sha256:x 10 B in 1.5s" in text
     assert "b: FAILED after 0.5s: boom" in text
     assert text.endswith("1 of 2 pulled, 1 failed")
+
+
+def test_status_lists_models_in_memory_and_says_locked_only_when_locked() -> None:
+    entry = {"manifest_digest": "sha256:" + "b" * 64, "ref": "r", "resident_bytes": "2048"}
+    text = status_text({**BASE, "memory": [entry, {**entry, "ref": "s", "locked_bytes": "1024"}]})
+    assert "  bbbbbbbbbbbb r: 2.0 KiB in RAM\n" in text
+    assert "  bbbbbbbbbbbb s: 2.0 KiB in RAM, 1.0 KiB locked" in text
