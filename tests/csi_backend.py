@@ -134,6 +134,9 @@ class StoreBackend:
     def model_stats(self, digest: str) -> ModelStats:
         model = self.store.get_model(digest)
         if model is None:
+            pending = self.store.get_pending(digest)
+            if pending is not None:
+                return ModelStats(pending.size, len(pending.files), True, "downloading", True)
             return ModelStats(0, 0, healthy=False, message=f"model {digest} is not in the store")
         root = self.store.model_path(digest)
         missing = [f.path for f in model.files if not _has_size(root / f.path, f.size)]

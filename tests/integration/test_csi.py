@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import hashlib
 import os
 import socket
 import sqlite3
@@ -35,6 +36,7 @@ from cacheagent.errors import (
     RefError,
 )
 from cacheagent.mountinfo import mounts_at, read_mountinfo
+from cacheagent.store import ModelFile
 from tests.csi_backend import model_ref
 from tests.csi_env import DRIVER, NODE, CsiEnv, mount_capability, mounts_under, publish_request
 from tests.support import require_root
@@ -178,7 +180,6 @@ async def test_writer_modes_still_get_a_read_only_mount(env: CsiEnv) -> None:
         request = publish_request(f"vol-{mode}", target)
         request.readonly = False
         request.volume_capability.CopyFrom(mount_capability(mode))
-        request.volume_capability.mount.mount_flags.append("rw")
         await env.node.NodePublishVolume(request)
         [mount] = mounts_at(target, read_mountinfo())
         assert mount.read_only
@@ -561,9 +562,15 @@ async def test_volume_stats_and_condition(env: CsiEnv) -> None:
     request = pb.NodeGetVolumeStatsRequest(volume_id="vol-1", volume_path=str(target))
     stats = await env.node.NodeGetVolumeStats(request)
     usage = {u.unit: u for u in stats.usage}
-    assert usage[pb.VolumeUsage.BYTES].total == sum(len(b) for b in FILES_1.values())
-    assert usage[pb.VolumeUsage.BYTES].used == usage[pb.VolumeUsage.BYTES].total
-    assert usage[pb.VolumeUsage.INODES].total == len(FILES_1) + 2  # files + root + weights/
+    space = os.statvfs(env.root / "store")
+    nbytes, inodes = usage[pb.VolumeUsage.BYTES], usage[pb.VolumeUsage.INODES]
+    assert nbytes.used == sum(len(b) for b in FILES_1.values())
+    assert inodes.used == len(FILES_1) + 2  # files + root + weights/
+    # available is the store's free space (never 0 on a disk with room: no FillingUp alert)
+    assert abs(nbytes.available - space.f_bavail * space.f_frsize) < 64 << 20
+    assert nbytes.available > 0 and inodes.available > 0
+    assert nbytes.total == nbytes.used + nbytes.available
+    assert inodes.total == inodes.used + inodes.available
     assert not stats.volume_condition.abnormal
 
     model_dir = env.store.model_path(digest_of(env, "m1"))
@@ -574,6 +581,34 @@ async def test_volume_stats_and_condition(env: CsiEnv) -> None:
 
     unknown = pb.NodeGetVolumeStatsRequest(volume_id="vol-9", volume_path=str(target))
     assert (await rpc_error(env.node.NodeGetVolumeStats(unknown))).code() == Code.NOT_FOUND
+
+
+async def test_a_lazy_model_still_downloading_is_not_abnormal(env: CsiEnv) -> None:
+    data = b"first shard"
+    manifest = b'{"pending": true}'
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    entry = ModelFile("weights.bin", "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    env.store.put_pending(digest, [entry], ref=None, source_kind="oci", manifest=manifest)
+    env.store.set_tag(model_ref("m9"), digest, 3600.0)
+    lazy_root = env.root / "fuse"
+    (lazy_root / digest.split(":")[1]).mkdir(parents=True)
+    env.backend.lazy_root = lazy_root
+    await env.start()
+    target = env.target()
+    await env.node.NodePublishVolume(publish_request("vol-z", target, "m9", mode="lazy"))
+    stats = await env.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id="vol-z", volume_path=str(target))
+    )
+    assert not stats.volume_condition.abnormal, stats.volume_condition.message
+    assert "downloading" in stats.volume_condition.message
+    assert {u.unit: u.used for u in stats.usage}[pb.VolumeUsage.BYTES] == len(data)
+    # A model that is neither complete nor downloading is abnormal.
+    env.store.release_lease(f"csi:vol-z:{target}")
+    env.store.remove_model(digest, force=True)
+    stats = await env.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id="vol-z", volume_path=str(target))
+    )
+    assert stats.volume_condition.abnormal
 
 
 async def test_volume_condition_reports_a_vanished_mount(env: CsiEnv) -> None:
