@@ -25,8 +25,10 @@ from grpc import aio
 
 import cacheagent
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
+from cacheagent.config import CsiConfig
 from cacheagent.csi import start_csi_server
 from cacheagent.csi.mounts import MS_BIND
+from cacheagent.csi.selinux import SELinux
 from cacheagent.errors import (
     CacheFullError,
     ConfigError,
@@ -512,6 +514,30 @@ async def test_still_pulling_is_unavailable_quickly_then_published(env: CsiEnv) 
     assert env.backend.pulls_started == 1
 
 
+async def test_pods_sharing_a_static_pv_wait_side_by_side(env: CsiEnv) -> None:
+    """One volume id (a static PV) published at several targets: the waits must not queue on
+    a per-volume lock, or the last pod's publish times out once per pod before it."""
+    release = env.backend.start_pull("m3", FILES_2)
+    await env.start(publish_wait_seconds=20.0)
+    targets = [env.target() for _ in range(4)]
+    publishes = [
+        asyncio.ensure_future(env.node.NodePublishVolume(publish_request("pv-shared", t, "m3")))
+        for t in targets
+    ]
+    deadline = time.monotonic() + 10.0
+    while env.backend.waiting < len(targets):
+        assert time.monotonic() < deadline, f"only {env.backend.waiting} waited at once"
+        await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.gather(*publishes)
+    assert sorted(mounts_under(env.kubelet)) == sorted(map(str, targets))
+    assert env.backend.pulls_started == 1
+
+
+def test_publish_wait_default_fits_kubelets_deadline() -> None:
+    assert 100.0 <= CsiConfig().publish_wait_seconds < 120.0
+
+
 async def test_wait_is_bounded_by_the_request_deadline(env: CsiEnv) -> None:
     env.backend.start_pull("m3", FILES_2)
     await env.start(publish_wait_seconds=60.0)
@@ -788,3 +814,72 @@ def _bind(source: Path, target: Path) -> None:
 def _unmount(target: Path) -> None:
     if _libc.umount2(os.fsencode(target), 0) != 0:
         raise OSError(ctypes.get_errno(), f"umount {target}")
+
+
+# --------------------------------------------------------------------------- SELinux
+
+
+class FakeXattrs:
+    """The security.selinux xattr at the syscall boundary: SELinux cannot run on this machine."""
+
+    def __init__(self) -> None:
+        self.labels: dict[str, bytes] = {}
+        self.writes: list[tuple[str, str, bytes]] = []
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        if path not in self.labels:
+            raise OSError(errno.ENODATA, "No data available", path)
+        return self.labels[path]
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        self.writes.append((path, name, value))
+        self.labels[path] = value
+
+
+async def test_selinux_nodes_label_the_model_tree_for_containers(env: CsiEnv) -> None:
+    xattrs = FakeXattrs()
+    selinux = SELinux(enabled=True, getxattr=xattrs.getxattr, setxattr=xattrs.setxattr)
+    await env.start(selinux=selinux)
+    tree = env.store.model_path(digest_of(env, "m1"))
+    await env.node.NodePublishVolume(publish_request("vol-1", env.target()))
+    expected = {str(tree), str(tree / "weights"), *(str(tree / p) for p in FILES_1)}
+    assert {path for path, _, _ in xattrs.writes} == expected
+    assert {(name, value) for _, name, value in xattrs.writes} == {
+        ("security.selinux", b"system_u:object_r:container_ro_file_t:s0\0")
+    }
+    await env.node.NodePublishVolume(publish_request("vol-2", env.target()))
+    assert len(xattrs.writes) == len(expected)  # already labelled: nothing written again
+
+    request = publish_request("vol-3", env.target())
+    request.readonly = False
+    refused = await rpc_error(env.node.NodePublishVolume(request))
+    assert refused.code() == Code.INVALID_ARGUMENT
+    assert "readOnly: true" in (refused.details() or "")
+
+
+async def test_without_selinux_nothing_is_labelled_and_readonly_false_is_accepted(
+    env: CsiEnv,
+) -> None:
+    xattrs = FakeXattrs()
+    await env.start(
+        selinux=SELinux(enabled=False, getxattr=xattrs.getxattr, setxattr=xattrs.setxattr)
+    )
+    request = publish_request("vol-1", env.target())
+    request.readonly = False
+    await env.node.NodePublishVolume(request)
+    assert xattrs.writes == []
+    [mount] = mounts_at(request.target_path, read_mountinfo())
+    assert mount.read_only
+
+
+async def test_a_label_the_kernel_refuses_is_a_clear_failure(env: CsiEnv) -> None:
+    def refuse(path: str, name: str, value: bytes) -> None:
+        raise OSError(errno.EACCES, "Permission denied", path)
+
+    xattrs = FakeXattrs()
+    await env.start(selinux=SELinux(enabled=True, getxattr=xattrs.getxattr, setxattr=refuse))
+    failed = await rpc_error(env.node.NodePublishVolume(publish_request("v", env.target())))
+    assert failed.code() == Code.FAILED_PRECONDITION
+    assert "container_ro_file_t" in (failed.details() or "")
+    assert journal_rows(env) == [] and lease_holders(env) == set()
+    assert mounts_under(env.kubelet) == []
