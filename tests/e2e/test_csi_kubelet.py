@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent.csi.limits import MAX_CONTEXT_KEYS, MAX_ID_BYTES
@@ -25,6 +26,7 @@ from tests.kubelet import InlineVolume, Kubelet, PersistentVolume, Pod
 from tests.support import require_root
 
 DRIVER = "model.cacheagent.io"
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "daemonset" / "examples"
 BACKOFF_SCALE = 0.02
 Code = grpc.StatusCode
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -277,3 +279,42 @@ def test_symlinked_pods_dir_as_k0s_microk8s_and_k3s_make_it(tmp_path: Path, orig
         finally:
             assert k.tear_down(pod, volume).ok
         assert find_mount(real_target) is None and not real_target.exists()
+
+
+def test_the_static_pv_example_publishes_as_kubelet_would_send_it(
+    cached: tuple[AgentProcess, str],
+) -> None:
+    """deploy/daemonset/examples/static-pv.yaml, as kubelet turns it into a NodePublishVolume
+    (only the model reference swapped for the test registry's)."""
+    agent, ref = cached
+    docs = {
+        d["kind"]: d
+        for d in yaml.safe_load_all((EXAMPLES / "static-pv.yaml").read_text())
+        if d is not None
+    }
+    pv, pvc, pod_spec = docs["PersistentVolume"], docs["PersistentVolumeClaim"], docs["Pod"]
+    assert pv["spec"]["accessModes"][0] == "ReadOnlyMany"
+    assert pv["spec"]["claimRef"] == {
+        "namespace": pvc["metadata"]["namespace"],
+        "name": pvc["metadata"]["name"],
+    }
+    [claim] = [v["persistentVolumeClaim"] for v in pod_spec["spec"]["volumes"]]
+    assert claim["claimName"] == pvc["metadata"]["name"]
+    csi = pv["spec"]["csi"]
+    volume = PersistentVolume(
+        name=pv["metadata"]["name"],
+        handle=csi["volumeHandle"],
+        attributes={**csi["volumeAttributes"], "model": ref},
+        access_modes=tuple(pv["spec"]["accessModes"]),
+        mount_options=tuple(pv["spec"].get("mountOptions", ())),
+        read_only=csi.get("readOnly", False),
+        claim_read_only=claim.get("readOnly", False),
+    )
+    pod = Pod(pod_spec["metadata"]["name"], pod_spec["metadata"]["namespace"])
+    with kubelet(agent) as k:
+        assert k.set_up(pod, volume).ok
+        try:
+            mounted = find_mount(k.target(pod, volume))
+            assert mounted is not None and mounted.read_only
+        finally:
+            assert k.tear_down(pod, volume).ok
