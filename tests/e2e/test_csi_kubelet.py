@@ -137,6 +137,7 @@ def test_oversized_fields_are_invalid_argument_and_short(cached: tuple[AgentProc
             k, pod, volume, volume_context={"model": ref, **{f"k{i}": "x" for i in range(10_000)}}
         )
         long_value = raw_publish(k, pod, volume, volume_context={"model": ref + "x" * 100_000})
+        long_mode = raw_publish(k, pod, volume, volume_context={"model": ref, "mode": "x" * 16_000})
         long_name = raw_publish(
             k, pod, volume, target_path=str(k.root / "pods" / ("n" * 300) / "mount")
         )
@@ -147,8 +148,9 @@ def test_oversized_fields_are_invalid_argument_and_short(cached: tuple[AgentProc
     assert long_value.code() == Code.INVALID_ARGUMENT and "'model'" in details(long_value)
     assert long_name.code() == Code.INVALID_ARGUMENT  # was INTERNAL (ENAMETOOLONG)
     assert "255 bytes per component" in details(long_name)
-    for error in (huge_id, many_keys, long_value, long_name):
-        assert len(details(error)) < 1024, details(error)[:200]
+    assert long_mode.code() == Code.INVALID_ARGUMENT and "'mode'" in details(long_mode)
+    for error in (huge_id, many_keys, long_value, long_name, long_mode):
+        assert len(details(error)) < 2200, details(error)[:200]
     assert mounts_under(agent.kubelet_dir) == []
 
 
