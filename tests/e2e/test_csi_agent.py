@@ -178,6 +178,9 @@ def test_lazy_publish_serves_the_model_while_it_downloads(
     try:
         found = find_mount(target)
         assert found is not None and "ro" in found.options
+        with kubelet(lazy_agent) as k:  # downloading or done: either way not abnormal
+            condition = k.volume_stats(pod, volume).volume_condition
+        assert not condition.abnormal, condition.message
         shards = sorted(p for p in target.iterdir() if p.suffix == ".safetensors")
         assert shards, os.listdir(target)
         # The tail first: it must be fetched ahead of the background pull's order.
