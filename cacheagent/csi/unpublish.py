@@ -4,8 +4,11 @@ Outcomes, each what kubelet and a node's admin need:
 
 - nothing recorded and nothing mounted at the target: OK (idempotent); an empty target
   directory left behind is removed;
-- nothing recorded (or another volume recorded) but something mounted: FAILED_PRECONDITION
-  naming the mount, which is left alone (it is not ours to take down);
+- nothing recorded but something mounted: FAILED_PRECONDITION naming the mount, which is left
+  alone (it is not ours to take down). The CSI spec's "not published there: OK" would tell
+  kubelet the target is free while a mount sits on it; kubelet's own cleanup would then fail
+  with a vaguer error, so the driver says what is there instead;
+- another volume of ours recorded at the target: OK (the spec's rule; that volume stays);
 - our publish, with our mount on top: unmounted (never lazily: a busy mount is
   FAILED_PRECONDITION and keeps its row and lease), the directory removed, the row and lease
   dropped;
