@@ -269,18 +269,22 @@ def test_symlinked_pods_dir_as_k0s_microk8s_and_k3s_make_it(tmp_path: Path, orig
     (agent.kubelet_dir / "pods").symlink_to(real_pods)
     ref = origin.models["gamma"].ref
     pod, volume = Pod("pod-k0s"), InlineVolume("model", {"model": ref}, read_only=True)
-    with agent, kubelet(agent) as k:
-        assert k.mount(pod, volume, attempts=12)[-1].ok
-        target = k.target(pod, volume)
-        real_target = real_pods / pod.uid / "volumes" / "kubernetes.io~csi" / "model" / "mount"
-        try:
-            assert find_mount(real_target) is not None
-            assert (target / "config.json").exists()
-            stats = k.volume_stats(pod, volume)
-            assert not stats.volume_condition.abnormal
-        finally:
-            assert k.tear_down(pod, volume).ok
-        assert find_mount(real_target) is None and not real_target.exists()
+    try:
+        with agent, kubelet(agent) as k:
+            assert k.mount(pod, volume, attempts=12)[-1].ok
+            target = k.target(pod, volume)
+            real_target = real_pods / pod.uid / "volumes" / "kubernetes.io~csi" / "model" / "mount"
+            try:
+                assert find_mount(real_target) is not None
+                assert (target / "config.json").exists()
+                stats = k.volume_stats(pod, volume)
+                assert not stats.volume_condition.abnormal
+            finally:
+                assert k.tear_down(pod, volume).ok
+            assert find_mount(real_target) is None and not real_target.exists()
+    finally:
+        for point in reversed(mounts_under(real_pods)):
+            force_unmount(point)
 
 
 def test_the_static_pv_example_publishes_as_kubelet_would_send_it(
