@@ -21,6 +21,7 @@ Blocking (mountinfo, umount2, rmdir, SQLite): run in a worker thread.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -51,7 +52,8 @@ def unpublish(
     target: Target,
 ) -> None:
     row = journal.get(target.path)
-    top = top_mount(target.path, read_mountinfo())
+    mounts = read_mountinfo()
+    top = top_mount(target.path, mounts)
     if row is not None and not row.adopted and row.volume_id != volume_id:
         log.warning(
             "unpublish of volume %s at %s: the target holds volume %s; left alone",
@@ -65,7 +67,7 @@ def unpublish(
             raise _foreign(target, top, "no publish is recorded there")
         _remove_dir(target)
         return
-    _unmount_ours(row, target, models_dir)
+    _unmount_ours(row, target, models_dir, mounts)
     crashpoint("unpublish.after_unmount")
     _remove_dir(target)
     crashpoint("unpublish.after_rmdir")
@@ -73,15 +75,18 @@ def unpublish(
     log.info("unpublished volume %s from %s", shown(volume_id), target.path)
 
 
-def _unmount_ours(row: Publish, target: Target, models_dir: Path | None) -> None:
+def _unmount_ours(
+    row: Publish, target: Target, models_dir: Path | None, mounts: Sequence[MountInfo]
+) -> None:
+    location = models_location(models_dir, mounts)
     for _ in range(_MAX_OWN_MOUNTS):
-        mounts = read_mountinfo()
         top = top_mount(target.path, mounts)
         if top is None:
             return
-        if not is_ours(top, row, models_location(models_dir, mounts)):
+        if not is_ours(top, row, location):
             raise _foreign(target, top, f"it is stacked on volume {shown(row.volume_id)}")
         unmount_top(target.path)  # MountBusyError: the row and the lease stay
+        mounts = read_mountinfo()
     raise CsiFailure(
         grpc.StatusCode.FAILED_PRECONDITION,
         f"target {target.path} still has mounts after {_MAX_OWN_MOUNTS} unmounts; left as is",
