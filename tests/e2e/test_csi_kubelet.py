@@ -18,6 +18,7 @@ import yaml
 
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent.csi.limits import MAX_CONTEXT_KEYS, MAX_ID_BYTES
+from cacheagent.csi.mounts import MS_BIND
 from cacheagent.mountinfo import find_mount, mounts_at, read_mountinfo
 from tests.agent_process import AgentProcess
 from tests.csi_env import force_unmount, mounts_under
@@ -58,6 +59,11 @@ def kubelet(agent: AgentProcess) -> Kubelet:
 def mount_tmpfs(path: Path) -> None:
     if _libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", 0, None) != 0:
         raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}")
+
+
+def bind_mount(source: Path, path: Path) -> None:
+    if _libc.mount(os.fsencode(source), os.fsencode(path), None, MS_BIND, None) != 0:
+        raise OSError(ctypes.get_errno(), f"bind {source} on {path}")
 
 
 def raw_publish(
@@ -104,20 +110,26 @@ def test_unpublish_leaves_a_foreign_tmpfs_without_a_journal_row(
         assert k.tear_down(pod, volume).ok  # nothing there any more: idempotent OK
 
 
-def test_unpublish_leaves_a_mount_stacked_on_ours(cached: tuple[AgentProcess, str]) -> None:
+def test_unpublish_leaves_a_bind_mount_stacked_on_ours(
+    cached: tuple[AgentProcess, str], tmp_path: Path
+) -> None:
     agent, ref = cached
     pod, volume = Pod("pod-s"), InlineVolume("model", {"model": ref}, read_only=True)
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "theirs").write_text("x")
     with kubelet(agent) as k:
         assert k.set_up(pod, volume).ok
         target = k.target(pod, volume)
         ours = find_mount(target)
-        mount_tmpfs(target)
+        bind_mount(other, target)
         try:
             outcome = k.tear_down(pod, volume)
             assert outcome.code == Code.FAILED_PRECONDITION, outcome
-            assert "stacked on volume" in outcome.message
+            assert "stacked on volume" in outcome.message and "did not make" in outcome.message
             stack = mounts_at(target, read_mountinfo())
-            assert [m.fs_type for m in stack][-1] == "tmpfs" and ours in stack
+            assert stack[-1] != ours and ours in stack
+            assert (target / "theirs").read_text() == "x"  # theirs is still there, on top
         finally:
             force_unmount(str(target))  # the admin takes theirs down
         assert find_mount(target) == ours
