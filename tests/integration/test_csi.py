@@ -850,6 +850,12 @@ async def test_selinux_nodes_label_the_model_tree_for_containers(env: CsiEnv) ->
     await env.node.NodePublishVolume(publish_request("vol-2", env.target()))
     assert len(xattrs.writes) == len(expected)  # already labelled: nothing written again
 
+    lazy_root = env.root / "fuse"
+    (lazy_root / digest_of(env, "m2").split(":")[1]).mkdir(parents=True)
+    env.backend.lazy_root = lazy_root
+    await env.node.NodePublishVolume(publish_request("vol-l", env.target(), "m2", mode="lazy"))
+    assert len(xattrs.writes) == len(expected)  # FUSE files take the FUSE mount's label
+
     request = publish_request("vol-3", env.target())
     request.readonly = False
     refused = await rpc_error(env.node.NodePublishVolume(request))
