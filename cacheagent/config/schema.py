@@ -7,7 +7,7 @@ values are allowed. Sections also check these bounds when built directly, so a h
 
 Defaults chosen where the brief is silent: ``agent.http_listen`` is ``0.0.0.0:9464`` (Prometheus
 scrapes the pod; that port serves only metrics and health), logs are ``text`` at ``info``,
-``csi.publish_wait_seconds`` is 60 s (well inside kubelet's two-minute CSI deadline, and checked
+``csi.publish_wait_seconds`` is 110 s (inside kubelet's two-minute CSI deadline, and checked
 below 120 s at load), ``pull.timeout_seconds`` (per request, without progress) is 60 s and backoff
 is capped at 30 s, ``prefetch.mlock_limit_bytes`` is 0 (no locking unless asked), ``csi.socket``
 unset means ``<kubelet_dir>/plugins/<driver_name>/csi.sock``, and the API socket is ``0660``
@@ -42,6 +42,7 @@ from cacheagent.config.values import (
     Seconds,
     SocketMode,
     metadata,
+    parse_socket_mode,
 )
 from cacheagent.errors import ConfigError
 
@@ -165,6 +166,10 @@ class AgentConfig(Section):
     socket_group: GroupName | None = None
 
     def _check(self) -> None:
+        try:
+            parse_socket_mode(self.socket_mode)  # the same rule for a hand-built section
+        except ValueError as err:
+            raise ConfigError("agent.socket_mode", str(err)) from None
         if self.tcp_listen is not None and (self.tls_cert is None or self.tls_key is None):
             raise ConfigError(
                 "agent.tcp_listen",
@@ -181,7 +186,7 @@ class CsiConfig(Section):
     socket: Path | None = None
     kubelet_dir: Path = Path("/var/lib/kubelet")
     node_id: str | None = None
-    publish_wait_seconds: Annotated[Seconds, Range(0, 120, open_high=True)] = 60.0
+    publish_wait_seconds: Annotated[Seconds, Range(0, 120, open_high=True)] = 110.0
 
     @property
     def socket_path(self) -> Path:

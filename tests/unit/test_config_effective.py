@@ -122,6 +122,10 @@ def test_publish_wait_is_checked_when_built_directly_too() -> None:
     with pytest.raises(ConfigError, match=r"pull.ranges_per_blob"):
         PullConfig(ranges_per_blob=0)
     assert dataclasses.replace(PrefetchConfig(), workers=64).workers == 64
+    from cacheagent.config import AgentConfig
+
+    with pytest.raises(ConfigError, match=r"agent\.socket_mode"):
+        AgentConfig(socket_mode=0o666)
 
 
 @pytest.mark.parametrize(
