@@ -11,7 +11,10 @@ Decisions (measured by ``bench/prefetch.py``):
   time of ``cat files > /dev/null``, reads in 0.70x with 2 readers but 1.2-1.4x with one, so
   fadvise is the default and 2 readers (fadvise is within noise at 1, 2 or 4).
 - Budget: pages already resident cost nothing; the pages still missing must fit in
-  ``memory_share`` of psutil's available memory. A model that does not fit is warmed from its
+  ``memory_share`` of the available memory: psutil's figure for the host, or less where the
+  agent's own memory cgroup has room for less page cache (``memory.cgroup``: page cache is
+  charged to the cgroup that faults it in, so under a container limit the kernel would evict
+  the model being warmed). A model that does not fit is warmed from its
   first file on, up to the budget, and the result says it is partial. (fadvise reads exactly
   the budget; with plain reads the kernel's own readahead may run on past it by up to one
   readahead window per reader thread.) While warming, available memory is re-read every
@@ -46,6 +49,7 @@ from pathlib import Path
 import psutil
 
 from cacheagent.errors import CacheAgentError
+from cacheagent.memory.cgroup import memory_room
 from cacheagent.memory.cpuset import format_cpulist
 from cacheagent.memory.pagecache import (
     PAGE_SIZE,
@@ -184,8 +188,12 @@ def plan_warm(
     return WarmPlan(tuple(steps), missing_total, planned)
 
 
-def _psutil_available() -> int:
-    return int(psutil.virtual_memory().available)
+def agent_available_memory() -> int:
+    """Memory a warm may fill: the host's available memory, capped by the page-cache room of
+    the agent's own cgroup."""
+    host = int(psutil.virtual_memory().available)
+    room = memory_room()
+    return host if room is None else min(host, room)
 
 
 @dataclass(frozen=True)
@@ -340,7 +348,7 @@ class Prefetcher:
         memory_share: float = 0.5,
         method: WarmMethod = DEFAULT_METHOD,
         workers: int = DEFAULT_WORKERS,
-        available_memory: Callable[[], int] = _psutil_available,
+        available_memory: Callable[[], int] = agent_available_memory,
         gpu_cpus: GpuCpuResolver | None = None,
         memory_check_bytes: int = MEMORY_CHECK_BYTES,
     ) -> None:
@@ -489,7 +497,8 @@ def _reason(run: _Run, plan: WarmPlan, budget: int, available: int, after: _Surv
     if plan.limited:
         return (
             f"memory budget: {plan.bytes_missing} bytes were not resident but the budget is "
-            f"{budget} bytes (memory_share of {available} bytes available)"
+            f"{budget} bytes (memory_share of {available} bytes available to the agent: "
+            "host available memory, capped by its memory cgroup's room for page cache)"
         )
     if after.resident_total < after.total:
         return "some pages were evicted again while warming (memory pressure)"
