@@ -15,13 +15,9 @@ import base64
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,14 +29,13 @@ from cacheagent.config import Config, load_config
 from tests import pod_spec
 from tests.pod_spec import Doc
 from tests.registry_server import free_port
+from tests.serve_run import get, serving
 from tests.support import require_binary, require_fuse
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "daemonset"
 COMPONENTS = DEPLOY / "components"
 NODE_NAME = "test-node"
-START_TIMEOUT_SECONDS = 60.0
-STOP_TIMEOUT_SECONDS = 30.0
 
 # variant name -> (components, kubelet root it must use)
 VARIANTS = {
@@ -244,53 +239,19 @@ def _mounts_under(root: Path) -> list[Path]:
     return found
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def test_the_agent_starts_as_the_daemonset_describes(install: Install, short_root: Path) -> None:
     require_fuse()
     with_secret = install.name == "k0s"  # one variant with the optional Secret present
     laid = lay_out(install, short_root, with_secret)
     log_path = short_root / "agent.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            laid.command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={"PATH": os.environ["PATH"], **laid.env},
-        )
-    try:
-        status = _wait_ready(proc, f"http://127.0.0.1:{laid.port}{laid.readiness_path}", log_path)
-        assert status == 200, log_path.read_text()
-        assert _get(f"http://127.0.0.1:{laid.port}/healthz")[0] == 200
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=STOP_TIMEOUT_SECONDS) == 0, log_path.read_text()
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=STOP_TIMEOUT_SECONDS)
+    env = {"PATH": os.environ["PATH"], **laid.env}
+    ready = f"http://127.0.0.1:{laid.port}{laid.readiness_path}"
+    with serving(laid.command, env, ready, log_path):
+        assert get(f"http://127.0.0.1:{laid.port}/healthz")[0] == 200
+        fuse = pod_spec.rebase(short_root, "/run/cacheagent/fuse")
+        assert fuse in _mounts_under(short_root), "ready without the FUSE mount"
     text = log_path.read_text()
     warned = "registries.docker_config" in text and "does not exist" in text
     assert warned is not with_secret, text
-    csi_socket = pod_spec.rebase(short_root, install.kubelet_root) / "plugins"
-    assert (csi_socket / "model.cacheagent.io").is_dir()
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> int:
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    status = 0
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"agent exited with {proc.returncode}:\n{log.read_text()}")
-        status = _get(url)[0]
-        if status == 200:
-            return status
-        time.sleep(0.2)
-    return status
+    plugins = pod_spec.rebase(short_root, install.kubelet_root) / "plugins"
+    assert (plugins / "model.cacheagent.io").is_dir()
