@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "daemonset"
 COMPONENTS = DEPLOY / "components"
 NODE_NAME = "test-node"
+K8S_VERSION = "1.32"
 
 # variant name -> (components, kubelet root it must use)
 VARIANTS = {
@@ -255,3 +257,8 @@ def test_the_agent_starts_as_the_daemonset_describes(install: Install, short_roo
     assert warned is not with_secret, text
     plugins = pod_spec.rebase(short_root, install.kubelet_root) / "plugins"
     assert (plugins / "model.cacheagent.io").is_dir()
+
+
+def test_every_variant_validates_against_the_kubernetes_schemas(install: Install) -> None:
+    for doc in install.docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
