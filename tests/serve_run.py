@@ -23,6 +23,15 @@ START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 
 
+def dockerfile_instructions(dockerfile: Path, name: str) -> list[str]:
+    """The arguments of every ``name`` instruction (``RUN``, ``CMD``...), continuation lines
+    joined."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    return [
+        line.removeprefix(name).strip() for line in text.splitlines() if line.startswith(f"{name} ")
+    ]
+
+
 def get(url: str) -> tuple[int, str]:
     """Status and body; 0 when nothing answers."""
     try:

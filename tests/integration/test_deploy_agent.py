@@ -30,7 +30,7 @@ from cacheagent.config import Config, load_config
 from tests import pod_spec
 from tests.pod_spec import Doc
 from tests.registry_server import free_port
-from tests.serve_run import get, serving
+from tests.serve_run import dockerfile_instructions, get, serving
 from tests.support import require_binary, require_fuse
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,10 +173,8 @@ def test_no_agent_mount_is_stacked_inside_a_bidirectional_one(install: Install) 
 
 def _entrypoint() -> list[str]:
     """The image's ENTRYPOINT (the container has no ``command``), found in this venv."""
-    (line,) = [
-        ln for ln in (ROOT / "Dockerfile").read_text().splitlines() if ln.startswith("ENTRYPOINT")
-    ]
-    words: list[str] = json.loads(line.removeprefix("ENTRYPOINT"))
+    (line,) = dockerfile_instructions(ROOT / "Dockerfile", "ENTRYPOINT")
+    words: list[str] = json.loads(line)
     binary = Path(sys.executable).parent / words[0]
     assert binary.exists(), f"{words[0]} is not installed in {binary.parent}"
     return [str(binary), *words[1:]]
@@ -209,12 +207,13 @@ def lay_out(install: Install, root: Path, with_secret: bool) -> Laid:
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 (target / name).write_bytes(data)
     port = free_port()
-    config_file = pod_spec.rebase(root, "/etc/cacheagent/config.yaml")
+    arguments = pod_spec.rebase_strings(pod_spec.args(agent, install.env()), root, prefixes)
+    config_file = Path(arguments[arguments.index("--config") + 1])
+    assert config_file.is_relative_to(root), f"--config {config_file} is on no volume"
     config = pod_spec.rebase_strings(yaml.safe_load(config_file.read_text()), root, prefixes)
     config["agent"]["http_listen"] = f"127.0.0.1:{port}"
     config_file.write_text(yaml.safe_dump(config))
     env = pod_spec.rebase_strings(install.env(), root, prefixes)
-    arguments = pod_spec.rebase_strings(pod_spec.args(agent, install.env()), root, prefixes)
     probe = agent["readinessProbe"]["httpGet"]
     assert "command" not in agent
     return Laid(root, [*_entrypoint(), *arguments], env, port, probe["path"])

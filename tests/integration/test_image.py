@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.registry_server import free_port
-from tests.serve_run import get, serving
+from tests.serve_run import dockerfile_instructions, get, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -31,11 +31,7 @@ RUN_TIMEOUT = 300
 
 
 def _instructions(name: str) -> list[str]:
-    """The arguments of every ``name`` instruction, continuation lines joined."""
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
-    return [
-        line.removeprefix(name).strip() for line in text.splitlines() if line.startswith(f"{name} ")
-    ]
+    return dockerfile_instructions(DOCKERFILE, name)
 
 
 def _build_stage_copies() -> list[str]:
