@@ -53,8 +53,11 @@ def limited_cgroup() -> Iterator[Path]:
     except OSError as exc:
         require(False, f"cannot create a memory cgroup under {own.path}: {exc.strerror}")
     try:
-        limit_file = "memory.max" if (child / "memory.max").exists() else "memory.limit_in_bytes"
-        (child / limit_file).write_text(str(LIMIT))
+        limit_files = [n for n in ("memory.max", "memory.limit_in_bytes") if (child / n).exists()]
+        require(
+            bool(limit_files), f"the memory controller is not enabled for {own.path}'s children"
+        )
+        (child / limit_files[0]).write_text(str(LIMIT))
         yield child
     finally:
         for _ in range(50):  # rmdir is EBUSY until the exited child is reaped from it
