@@ -60,8 +60,8 @@ def load(args: argparse.Namespace) -> Layered:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(list(argv) if argv is not None else None)
     try:
+        args = parse_args(list(argv) if argv is not None else None)
         if args.command == "config" and args.check is not None:
             return cmd_check(args.check, json_output=args.json)
         layered = load(args)

@@ -5,7 +5,8 @@ accepted before or after the command (``cacheagent --json ls`` and ``cacheagent 
 ``cacheagent serve --config f.yaml``). argparse keeps a subcommand's values in their own
 namespace and copies them over the top-level ones, so each global option is declared twice
 under two names and ``merge_globals`` combines them: ``--set`` flags accumulate in command-line
-order (a later one wins), a single-valued option given after the command wins over one before.
+order (a later one wins); a single-valued option may be given on either side, and giving it on
+both sides with different values is an error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from cacheagent import __version__
+from cacheagent.errors import ConfigError
 
 _BEFORE, _AFTER = "g0_", "g1_"
 _SINGLE = ("config", "socket", "store_root")
@@ -111,11 +113,16 @@ def _offline(p: argparse.ArgumentParser) -> None:
 
 
 def merge_globals(args: argparse.Namespace) -> argparse.Namespace:
-    """Fold the before- and after-command copies of the global options into one each."""
+    """Fold the before- and after-command copies of the global options into one each; a
+    single-valued option given on both sides with different values is refused (ConfigError)
+    rather than one silently winning."""
     merged = vars(args)
     for name in _SINGLE:
         after = merged.pop(f"{_AFTER}{name}", None)
         before = merged.pop(f"{_BEFORE}{name}", None)
+        if before is not None and after is not None and before != after:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(flag, f"given twice ({before} and {after}); give it once")
         merged[name] = after if after is not None else before
     merged["set"] = merged.pop(f"{_BEFORE}set", []) + merged.pop(f"{_AFTER}set", [])
     json_before, json_after = merged.pop(f"{_BEFORE}json"), merged.pop(f"{_AFTER}json")

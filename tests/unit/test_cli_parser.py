@@ -9,6 +9,7 @@ import pytest
 from cacheagent.cli.agent_commands import evict_request
 from cacheagent.cli.output import UsageError
 from cacheagent.cli.parser import parse_args
+from cacheagent.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -31,11 +32,16 @@ def test_set_flags_keep_command_line_order_across_the_command() -> None:
     assert args.set == ["a.b=1", "a.b=2", "c.d=3"]
 
 
-def test_a_single_valued_option_after_the_command_wins() -> None:
-    args = parse_args(["--socket", "/before.sock", "status", "--socket", "/after.sock"])
-    assert args.socket == Path("/after.sock")
-    args = parse_args(["--socket", "/before.sock", "status"])
-    assert args.socket == Path("/before.sock")
+def test_a_single_valued_option_is_taken_from_either_side() -> None:
+    assert parse_args(["status", "--socket", "/after.sock"]).socket == Path("/after.sock")
+    assert parse_args(["--socket", "/before.sock", "status"]).socket == Path("/before.sock")
+    same = parse_args(["--socket", "/s.sock", "status", "--socket", "/s.sock"])
+    assert same.socket == Path("/s.sock")
+
+
+def test_different_values_on_both_sides_are_refused() -> None:
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_args(["--store-root", "/a", "ls", "--store-root", "/b"])
 
 
 def test_no_global_option_given_leaves_defaults() -> None:
