@@ -23,7 +23,7 @@ from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundErr
 from cacheagent.memory.pagecache import Residency, residency
 from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmResult
 from cacheagent.metrics import Metrics
-from cacheagent.policy import check_mount, check_source
+from cacheagent.policy import check_lazy, check_mount, check_pod_ref, check_source
 from cacheagent.pull.engine import PullEngine, log_background_failure
 from cacheagent.pull.progress import PullProgress
 from cacheagent.refs import ModelRef, parse_ref
@@ -225,6 +225,8 @@ class ModelService:
         return True
 
     def check_mount_policy(self, namespace: str | None, ref: ModelRef) -> None:
+        """The pod trust boundary (``policy.pod_*``), then the rules every pull obeys."""
+        check_pod_ref(self.policy, ref)
         check_source(self.policy, ref)
         check_mount(self.policy, namespace, ref)
 
@@ -249,6 +251,7 @@ class ModelService:
         return ReadyModel(model.digest, self.store.model_path(model.digest))
 
     async def lazy_model_dir(self, ref: ModelRef) -> ReadyModel:
+        check_lazy(self.policy, ref)  # before any I/O: lazy serves unverified bytes
         if self.fuse_root is None:
             raise LazyModeUnavailableError(
                 "mode: lazy needs the agent's FUSE mount, which is not serving on this node"
