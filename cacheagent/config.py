@@ -345,6 +345,10 @@ class AgentConfig(_Section):
     tls_client_ca: Path | None = None
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
+    # Bounds on the agent API, so that API load cannot starve the CSI driver (README).
+    preheat_max_refs: Annotated[int, Range(1, 10_000)] = 256
+    preheat_max_concurrent: Annotated[int, Range(1, 1024)] = 4
+    api_max_concurrent_calls: Annotated[int, Range(1, 10_000)] = 64
 
     def _check(self) -> None:
         if self.tcp_listen is not None and (self.tls_cert is None or self.tls_key is None):

@@ -121,9 +121,13 @@ class ModelService:
         warm_memory: bool = False,
         gpus: Sequence[str] = (),
         lock_memory: bool = False,
+        slots: asyncio.Semaphore | None = None,
     ) -> AsyncIterator[PreheatUpdate]:
-        """Pull every reference concurrently, yielding progress and one final update each."""
+        """Pull the references concurrently (each holding one of ``slots``, if given, which
+        callers share to bound preheat work agent-wide), yielding progress and one final
+        update each."""
         queue: asyncio.Queue[PreheatUpdate | None] = asyncio.Queue()
+        slots = slots or asyncio.Semaphore(max(len(refs), 1))
 
         def forward(text: str) -> PullProgressSink:
             # A finished snapshot is not the outcome: the final update below carries that (and
@@ -150,9 +154,13 @@ class ModelService:
                     log.exception("preheat of %s failed unexpectedly", text)
                 queue.put_nowait(PreheatUpdate(text, error=err, phase="failed"))
 
+        async def bounded(text: str) -> None:
+            async with slots:
+                await one(text)
+
         async def run_all() -> None:
             try:
-                await asyncio.gather(*(one(text) for text in refs))
+                await asyncio.gather(*(bounded(text) for text in refs))
             finally:
                 queue.put_nowait(None)
 
