@@ -17,9 +17,9 @@ logs a traceback for malformed input; this listener is small enough to bound eve
 The port is kept off the CSI driver's path: ``ThreadedListener`` serves it from an event
 loop in a thread of its own (handlers must only read state the agent's loop publishes, never
 await its objects), and ``Coalesced`` renders expensive answers (the ``/metrics`` exposition)
-in one thread of their own, shared by concurrent callers and reused for ``max_age`` seconds,
-so a flood of scrapes costs one render per ``max_age`` whatever its size and never queues
-behind, or in front of, the agent's worker threads.
+in one thread of their own, at most one render per ``min_interval`` shared by every caller
+waiting, so a flood of scrapes costs a bounded number of renders whatever its size, never
+queues behind or in front of the agent's worker threads, and no answer predates its request.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -238,30 +239,36 @@ def _peer(writer: asyncio.StreamWriter) -> str:
 
 
 class Coalesced:
-    """``render()`` run in a thread of its own, shared by concurrent callers, reused for
-    ``max_age`` seconds."""
+    """``render()`` in a thread of its own, at most once per ``min_interval`` seconds, its
+    result shared by every caller waiting for it.
 
-    def __init__(self, render: Callable[[], bytes], *, max_age: float = 1.0) -> None:
+    Each caller gets a render that started after it asked, so an answer is never older than
+    its request; callers that arrive faster than ``min_interval`` wait and share the next one.
+    """
+
+    def __init__(self, render: Callable[[], bytes], *, min_interval: float = 0.1) -> None:
         self._render = render
-        self._max_age = max_age
+        self._min_interval = min_interval
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrape")
-        self._pending: asyncio.Future[bytes] | None = None
-        self._value: bytes | None = None
-        self._at = 0.0
+        self._next: asyncio.Future[bytes] | None = None  # the render callers now wait for
+        self._running: asyncio.Future[bytes] | None = None
+        self._last_start = -math.inf
 
     async def get(self) -> bytes:
-        if self._value is not None and time.monotonic() - self._at < self._max_age:
-            return self._value
-        if self._pending is None:
-            loop = asyncio.get_running_loop()
-            self._pending = loop.run_in_executor(self._executor, self._render)
-            self._pending.add_done_callback(self._keep)
-        return await asyncio.shield(self._pending)
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._render_next())
+        return await asyncio.shield(self._next)
 
-    def _keep(self, done: asyncio.Future[bytes]) -> None:
-        self._pending = None
-        if not done.cancelled() and done.exception() is None:
-            self._value, self._at = done.result(), time.monotonic()
+    async def _render_next(self) -> bytes:
+        delay = self._last_start + self._min_interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # rate limit, not synchronisation
+        if self._running is not None:
+            await asyncio.wait([self._running])
+        self._next = None  # from here on, a caller needs a later render
+        self._last_start = time.monotonic()
+        self._running = asyncio.get_running_loop().run_in_executor(self._executor, self._render)
+        return await self._running
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

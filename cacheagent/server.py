@@ -149,7 +149,7 @@ class TcpTls:
 
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-SCRAPE_MAX_AGE_SECONDS = 1.0
+SCRAPE_MIN_INTERVAL_SECONDS = 0.1
 
 
 def http_routes(
@@ -157,14 +157,14 @@ def http_routes(
     health: Health,
     refresh: Callable[[], None] | None = None,
     *,
-    scrape_max_age: float = SCRAPE_MAX_AGE_SECONDS,
+    scrape_min_interval: float = SCRAPE_MIN_INTERVAL_SECONDS,
 ) -> tuple[dict[str, Handler], Coalesced]:
     """The HTTP port's paths; the ``Coalesced`` scrape must be closed with the listener.
 
     A scrape refreshes the store's figures and renders the exposition in the scrape's own
-    thread, at most once per ``scrape_max_age`` however many scrapers ask (see
-    ``cacheagent.http_listener``), so a /metrics flood cannot occupy the worker threads the
-    CSI driver and the agent API use.
+    thread, at most once per ``scrape_min_interval`` however many scrapers ask, and never
+    from before the request (see ``cacheagent.http_listener``), so a /metrics flood cannot
+    occupy the worker threads the CSI driver and the agent API use.
     """
 
     def render() -> bytes:
@@ -172,7 +172,7 @@ def http_routes(
             refresh()
         return metrics.exposition()
 
-    scrape = Coalesced(render, max_age=scrape_max_age)
+    scrape = Coalesced(render, min_interval=scrape_min_interval)
 
     async def metrics_handler() -> Response:
         return Response(200, await scrape.get(), METRICS_CONTENT_TYPE)

@@ -169,9 +169,9 @@ def test_metrics_flood_does_not_slow_csi(rig: Rig, model: LayoutModel) -> None:
     with load("scrape", f"{agent.http}/metrics", "8") as scrapes:
         loaded = publish_latency(agent, model.ref)
     assert len(scrapes) >= CYCLES and set(scrapes) == {"OK"}, "the flood did not happen"
-    # Measured on the 2-core dev machine: 9-20 ms here against 4-6 ms unloaded; 45-47 ms
-    # before scrapes left the agent's event loop and worker threads.
-    assert_not_slowed(loaded, unloaded, factor=4, slack=0.015)
+    # Measured on the 2-core dev machine: 5-10 ms here against 6-7 ms unloaded; 45-47 ms
+    # (against 3-4 ms) before scrapes left the agent's event loop and worker threads.
+    assert_not_slowed(loaded, unloaded, factor=3, slack=0.01)
 
 
 # --------------------------------------------------------------------------- Preheat

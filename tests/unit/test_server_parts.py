@@ -123,23 +123,27 @@ def test_json_logs_carry_request_context_and_mask_secrets() -> None:
     assert isinstance(logging.getLogger().handlers[0].formatter, TextFormatter)
 
 
-async def test_concurrent_scrapes_share_one_render() -> None:
+async def test_concurrent_scrapes_share_one_fresh_render() -> None:
     renders: list[float] = []
     gate = threading.Event()
 
     def render() -> bytes:
         gate.wait(10)
         renders.append(time.monotonic())
-        return b"figures"
+        return f"render {len(renders)}".encode()
 
-    scrape = Coalesced(render, max_age=60.0)
+    scrape = Coalesced(render, min_interval=0.0)
     try:
+        first = asyncio.ensure_future(scrape.get())
+        await asyncio.sleep(0.05)  # let the first render start (it blocks on the gate)
+        # These arrive while render 1 runs: they must not get it (it predates them).
         waiting = [asyncio.ensure_future(scrape.get()) for _ in range(50)]
         await asyncio.sleep(0)
         gate.set()
-        assert await asyncio.gather(*waiting) == [b"figures"] * 50
-        assert await scrape.get() == b"figures"  # still fresh: no new render
-        assert len(renders) == 1
+        assert await first == b"render 1"
+        assert await asyncio.gather(*waiting) == [b"render 2"] * 50
+        assert await scrape.get() == b"render 3"  # nobody waiting: a new, fresh render
+        assert len(renders) == 3
     finally:
         scrape.close()
 
