@@ -1,7 +1,9 @@
 """The daemon: the one place where the agent's parts are built, started and stopped.
 
-Start order: store (lock + reconcile) → origins and pull engine → model service → FUSE mount →
-agent API socket → CSI socket → HTTP (/metrics, /healthz, /readyz). Shutdown runs the same list
+Start order: HTTP (/metrics, /healthz, /readyz) → store (lock + reconcile) → origins and pull
+engine → model service → FUSE mount → agent API socket → CSI socket. HTTP comes first so that
+/healthz answers during a long start-up reconcile (kubelet's probes must not kill it) while
+/readyz says what is still missing. Shutdown runs the same list
 backwards, each step bounded in time: readiness goes false first, the sockets stop taking calls,
 pulls in flight are cancelled at a consistent point (their partial files and ranges records stay
 for the next start to resume), the FUSE mount is unmounted, and the store is closed last.
@@ -25,6 +27,7 @@ import grpc
 
 from cacheagent import __version__
 from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
+from cacheagent._proto.csi.v1 import csi_pb2, csi_pb2_grpc
 from cacheagent.api import AgentService, ApiLimits
 from cacheagent.config import Config
 from cacheagent.csi.server import CsiServer, resolve_node_id, start_csi_server
@@ -56,6 +59,7 @@ SOCKET_MODE = 0o660
 STOP_GRACE_SECONDS = 5.0
 SNAPSHOT_INTERVAL_SECONDS = 10.0
 WORKER_THREADS = 32
+CSI_PROBE_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Health:
     fuse: FuseMount | None = None
     fuse_required: bool = False
     stopping: bool = False
+    csi_socket: Path | None = None
 
     def check(self) -> list[str]:
         problems = []
@@ -82,6 +87,33 @@ class Health:
         if self.fuse_required and (self.fuse is None or not self.fuse.healthy()):
             problems.append("FUSE mount not serving")
         return problems
+
+    async def liveness(self) -> str | None:
+        """What /healthz reports: the process answers, and once the CSI socket serves, the
+        driver answers Probe through it (what the CSI livenessprobe sidecar would check).
+
+        The probe is a blocking call in a thread of the caller's loop: the HTTP port runs on
+        a loop of its own (``http_listener.ThreadedListener``), where the agent's grpc.aio
+        objects must not be used."""
+        if self.stopping or not self.csi or self.csi_socket is None:
+            return None
+        return await asyncio.to_thread(probe_csi, self.csi_socket)
+
+
+def probe_csi(socket_path: Path) -> str | None:
+    """Call CSI Identity.Probe over ``socket_path``; None when the driver answers ready."""
+    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+        try:
+            reply = csi_pb2_grpc.IdentityStub(channel).Probe(
+                csi_pb2.ProbeRequest(), timeout=CSI_PROBE_TIMEOUT_SECONDS
+            )
+        except grpc.RpcError as err:
+            code = getattr(err, "code", None)  # the sync API's errors are also grpc.Call
+            what = code().name if callable(code) else type(err).__name__
+            return f"CSI Probe on {socket_path} failed: {what}"
+    if reply.HasField("ready") and not reply.ready.value:
+        return "CSI Probe answered not ready"
+    return None
 
 
 async def start_agent_api(
@@ -178,6 +210,9 @@ def http_routes(
         return Response(200, await scrape.get(), METRICS_CONTENT_TYPE)
 
     async def healthz() -> Response:
+        problem = await health.liveness()
+        if problem is not None:
+            return Response(503, f"unhealthy: {problem}\n".encode())
         return Response(200, b"ok\n")
 
     async def readyz() -> Response:
@@ -257,6 +292,7 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        await self._start_http()
         store = await asyncio.to_thread(Store.open_configured, cfg.store)
         self.store = store
         self._on_stop("store", lambda: asyncio.to_thread(store.close))
@@ -320,11 +356,11 @@ class Agent:
         )
         self.csi = csi
         self._on_stop("CSI", lambda: csi.stop(STOP_GRACE_SECONDS))
+        self.health.csi_socket = cfg.csi.socket_path
         self.health.csi = True
 
         snapshots = asyncio.create_task(self._refresh_snapshots(store, gpus))
         self._on_stop("metrics snapshots", lambda: _cancel(snapshots))
-        await self._start_http()
         log.info("cacheagent %s ready (store %s)", __version__, cfg.store.root)
 
     def _node_id(self) -> str:
