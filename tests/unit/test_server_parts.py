@@ -125,9 +125,10 @@ def test_json_logs_carry_request_context_and_mask_secrets() -> None:
 
 async def test_concurrent_scrapes_share_one_fresh_render() -> None:
     renders: list[float] = []
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
 
     def render() -> bytes:
+        started.set()
         gate.wait(10)
         renders.append(time.monotonic())
         return f"render {len(renders)}".encode()
@@ -135,7 +136,7 @@ async def test_concurrent_scrapes_share_one_fresh_render() -> None:
     scrape = Coalesced(render, min_interval=0.0)
     try:
         first = asyncio.ensure_future(scrape.get())
-        await asyncio.sleep(0.05)  # let the first render start (it blocks on the gate)
+        assert await asyncio.to_thread(started.wait, 10)  # render 1 runs, held at the gate
         # These arrive while render 1 runs: they must not get it (it predates them).
         waiting = [asyncio.ensure_future(scrape.get()) for _ in range(50)]
         await asyncio.sleep(0)
