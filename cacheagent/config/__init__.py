@@ -21,6 +21,8 @@ from cacheagent.config.schema import (
     PullConfig,
     RegistriesConfig,
     StoreConfig,
+    parse_host_pattern,
+    parse_network,
 )
 from cacheagent.config.values import (
     Capacity,
@@ -57,7 +59,9 @@ __all__ = [
     "parse_csi_driver_name",
     "parse_duration",
     "parse_group",
+    "parse_host_pattern",
     "parse_http_url",
     "parse_listen_address",
+    "parse_network",
     "parse_socket_mode",
 ]

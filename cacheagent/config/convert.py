@@ -135,7 +135,7 @@ def _to_bool(raw: object) -> bool:
     raise ValueError(f"expected true or false, got {raw!r}")
 
 
-def _to_path(raw: object) -> Path:
+def to_path(raw: object) -> Path:
     if not isinstance(raw, str | Path) or not Path(raw).is_absolute():
         raise ValueError(f"expected an absolute path, got {raw!r}")
     return Path(raw)
@@ -146,5 +146,5 @@ _SCALARS: dict[type, Callable[[object], object]] = {
     int: _to_int,
     float: _to_float,
     str: _to_str,
-    Path: _to_path,
+    Path: to_path,
 }

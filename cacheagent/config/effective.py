@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import fields
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
 import yaml
@@ -67,7 +67,7 @@ def _plain(value: object, hint: object) -> Any:
     parsers = metadata(hint, Parser)
     if value is not None and parsers and parsers[0].show is not None:
         return parsers[0].show(value)
-    if isinstance(value, Path):
+    if isinstance(value, PurePath):
         return str(value)
     if isinstance(value, tuple):
         return [_plain(item, None) for item in value]

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from cacheagent.cli.client import AgentClient
-from tests.agent_process import AgentProcess
+from tests.agent_process import LOOPBACK_HTTP, AgentProcess
 from tests.e2e.conftest import Origin
 from tests.fault_server import Fault, FaultServer
 from tests.support import require_binary, require_root
@@ -123,7 +123,8 @@ def test_status_shows_a_pull_in_flight_with_rate_and_eta(tmp_path: Path) -> None
     with serve_in_thread(PacedServer()) as server:
         server.add("big.bin", payload)
         ref = f"{server.url('big.bin')}#sha256={digest}"
-        with AgentProcess(tmp_path / "agent", insecure=(server.host,)) as agent:
+        loopback = {"policy": LOOPBACK_HTTP}
+        with AgentProcess(tmp_path / "agent", insecure=(server.host,), extra=loopback) as agent:
             client = AgentClient(agent.socket)
             try:
                 for event in client.preheat([ref]):

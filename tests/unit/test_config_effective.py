@@ -58,7 +58,8 @@ def test_the_effective_yaml_is_a_config_file_that_loads_the_same_config(tmp_path
         "registries: {insecure: [r.local:5000], mirrors: {docker.io: [m.local]}}\n"
         "agent: {socket_mode: 0600, socket_group: ops}\n"
         "pull: {max_blob_bytes: 2Ti, hash_mode: final}\n"
-        "policy: {namespaces: {ml: ['r.local:5000/*']}}\n",
+        "policy: {namespaces: {ml: ['r.local:5000/*']}, pod_layout_roots: [/srv/models],\n"
+        "         http_allowed_networks: [127.0.0.0/8], lazy_sources: [oci, hf]}\n",
     )
     layered = load_layered(path, {}, {})
     dumped = tmp_path / "dumped.yaml"

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from cacheagent.errors import ConfigError
-from cacheagent.server import resolve_gid
+from cacheagent.sockets import resolve_gid
 
 
 def test_a_group_name_or_number_resolves_to_a_gid() -> None:
