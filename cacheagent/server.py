@@ -49,7 +49,7 @@ from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmMethod
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
 from cacheagent.pull.engine import PullEngine, SourceRegistry, tuning_from_config
 from cacheagent.service import ModelService
-from cacheagent.sockets import make_socket_dir, prepare_socket, resolve_gid, set_access
+from cacheagent.sockets import prepare_socket, resolve_gid, set_access
 from cacheagent.sources.factory import Origins, build_sources
 from cacheagent.store import Store
 
@@ -129,10 +129,9 @@ async def start_agent_api(
     socket gets ``mode`` (agent.socket_mode) and ``group`` (agent.socket_group: a name or GID;
     a socket directory the agent creates gets it too)."""
     gid = await asyncio.to_thread(resolve_gid, group)
-    await asyncio.to_thread(make_socket_dir, socket_path, gid)
     # Another agent (another store, so its own store lock) may be serving this path: gRPC
     # would unlink its socket and take the path over. Probe first, as the CSI socket does.
-    await asyncio.to_thread(prepare_socket, socket_path, "agent.socket")
+    await asyncio.to_thread(prepare_socket, socket_path, "agent.socket", gid=gid)
     server = grpc.aio.server(maximum_concurrent_rpcs=max_calls)
     pb_grpc.add_AgentServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix://{socket_path}")
@@ -314,7 +313,8 @@ class Agent:
         self._on_stop("store", lambda: asyncio.to_thread(store.close))
         # Before anything else that is shared by path (the FUSE mountpoint, the sockets): an
         # agent already serving these sockets keeps them, and this one stops here.
-        await asyncio.to_thread(prepare_socket, cfg.agent.socket, "agent.socket")
+        gid = await asyncio.to_thread(resolve_gid, cfg.agent.socket_group)
+        await asyncio.to_thread(prepare_socket, cfg.agent.socket, "agent.socket", gid=gid)
         await asyncio.to_thread(prepare_socket, cfg.csi.socket_path, "csi.socket")
         self.metrics.removals = lambda: (store.removed_models, store.removed_bytes)
         self.health.store = True

@@ -25,14 +25,18 @@ MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 PROBE_TIMEOUT_SECONDS = 1.0
 
 
-def prepare_socket(path: Path, key: str, *, dir_mode: int = 0o750) -> None:
+def prepare_socket(path: Path, key: str, *, dir_mode: int = 0o750, gid: int | None = None) -> None:
     """Create the socket's directory; remove a stale socket, refuse a live one or a non-socket.
 
-    ``key`` is the config setting that named ``path`` (for the error). Blocking: call it in a
-    worker thread from the event loop.
+    ``key`` is the config setting that named ``path`` (for the error). With ``gid``, a
+    directory created here gets that group (an existing one is left as it is). Blocking: call
+    it in a worker thread from the event loop.
     """
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise ConfigError(key, f"{path} is longer than {MAX_SOCKET_PATH} bytes")
+    if gid is not None and not path.parent.exists():
+        path.parent.mkdir(mode=dir_mode, parents=True)
+        os.chown(path.parent, -1, gid)
     path.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
     try:
         st = path.lstat()
@@ -76,11 +80,3 @@ def set_access(path: Path, mode: int, gid: int | None) -> None:
     if gid is not None:
         os.chown(path, -1, gid)
     path.chmod(mode)
-
-
-def make_socket_dir(path: Path, gid: int | None) -> None:
-    """With a socket group, a directory the agent creates is 0750 with that group, so group
-    members can reach the socket; an existing directory is left as it is."""
-    if gid is not None and not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o750)
-        os.chown(path.parent, -1, gid)
