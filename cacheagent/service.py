@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cacheagent.config import PolicyConfig
-from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundError
+from cacheagent.errors import CacheAgentError, ModelNotFoundError
 from cacheagent.memory.pagecache import Residency, residency
 from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmResult
 from cacheagent.metrics import Metrics
@@ -29,6 +29,7 @@ from cacheagent.pull.progress import PullProgress
 from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.store import Model, Store
 from cacheagent.store.lookup import find_model
+from cacheagent.store.removal import Removal
 from cacheagent.volumes import LazyModeUnavailableError, ModelStats, ReadyModel, StillPulling
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,21 @@ class ModelService:
     prefetcher: Prefetcher | None = None
     locker: MemoryLocker | None = None
     fuse_root: Path | None = None
-    # Called with a digest after an eviction (the FUSE view drops its cached tree).
+    # Called with a digest after any removal (the FUSE view drops its cached tree).
     on_evicted: Callable[[str], None] = lambda digest: None
+
+    def __post_init__(self) -> None:
+        # Every removal (rm, capacity eviction, a failed pull's record, a repair) comes
+        # through the store's one removal path; this is the agent's one observer of it.
+        self.store.add_removal_observer(self._removed)
+
+    def _removed(self, removal: Removal) -> None:
+        """Drop what the agent holds of a removed model: its locked pages (a locked mmap
+        would keep the deleted inodes, so neither RAM nor disk would be freed) and the FUSE
+        view's cached tree. Runs in the thread that removed it."""
+        if self.locker is not None:
+            self.locker.release(removal.digest)
+        self.on_evicted(removal.digest)
 
     # -- references and pulls ------------------------------------------------------------------
 
@@ -183,15 +197,12 @@ class ModelService:
         return await asyncio.to_thread(residency, paths)
 
     async def evict(self, text: str, *, force: bool = False) -> tuple[str, int]:
+        """Remove a model (``force`` overrides a pin, never a lease); a pull in flight named
+        by its manifest digest is cancelled instead (its pending record goes with it)."""
+        if await self.engine.cancel(text):
+            return text, 0
         model = await self.find(text)
-        leases = await asyncio.to_thread(self.store.leases, model.digest)
-        if leases:
-            holders = ", ".join(sorted({lease.kind for lease in leases}))
-            raise ModelInUseError(f"model {model.digest} is in use ({holders}); not evicted")
         freed = await asyncio.to_thread(self.store.remove_model, model.digest, force=force)
-        if self.locker is not None:
-            await asyncio.to_thread(self.locker.release, model.digest)
-        self.on_evicted(model.digest)
         return model.digest, freed
 
     async def set_pinned(self, text: str, pinned: bool) -> Model:

@@ -56,6 +56,7 @@ from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.tarsafe import UnpackedFile, unpack_tar
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
+from cacheagent.store.evict import Reservation
 from cacheagent.store.paths import safe_relpath
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class _ModelJob:
     rate: RateMeter = field(default_factory=RateMeter)
     blob_rates: dict[str, RateMeter] = field(default_factory=dict)
     pending_recorded: bool = False  # the store lists the model (lazy mode can show it)
+    reservation: Reservation | None = None  # room held for the bytes still to land
 
 
 class PullEngine:
@@ -265,6 +267,16 @@ class PullEngine:
                 )
             await event.wait()
 
+    async def cancel(self, manifest_digest: str) -> bool:
+        """Cancel the pull of this model, if one is in flight, and wait for it to end (its
+        pending record, lease and reservation go with it). True if there was one."""
+        job = self._models.get(manifest_digest)
+        if job is None or job.task is None:
+            return False
+        job.task.cancel()
+        await asyncio.gather(job.task, return_exceptions=True)
+        return True
+
     async def aclose(self) -> None:
         """Cancel every pull in flight (partial files keep their ranges records)."""
         tasks: list[asyncio.Task[Any]] = list(self._resolving.values())
@@ -358,9 +370,16 @@ class PullEngine:
             job.listeners.append(progress)
             if job.snapshot is not None:
                 _notify(progress, job.snapshot)
+        assert job.task is not None
         try:
-            assert job.task is not None
             model = await asyncio.shield(job.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if job.task.cancelled() and (current is None or not current.cancelling()):
+                raise SourceError(
+                    f"the pull of {job.resolved.manifest_digest} was cancelled (rm)"
+                ) from None
+            raise
         finally:
             if progress is not None:
                 job.listeners.remove(progress)
@@ -389,7 +408,7 @@ class PullEngine:
         digest = resolved.manifest_digest
         holder = f"pull:{uuid.uuid4().hex}"
         ticker: asyncio.Task[None] | None = None
-        leased = False
+        recorded = False
         try:
             await asyncio.to_thread(
                 store.put_pending,
@@ -398,15 +417,15 @@ class PullEngine:
                 ref=job.ref.canonical,
                 source_kind=job.source.kind,
                 manifest=resolved.manifest,
+                holder=holder,
             )
-            await asyncio.to_thread(store.add_lease, digest, holder, "pull")
-            leased = True
+            recorded = True
             job.pending_recorded = True
             self._changed.fire()
             crashpoint("pull.after_pending")
             self._publish(job)
             ticker = asyncio.create_task(self._tick(job))
-            await self._make_room(job)
+            job.reservation = await self._reserve(job, holder)
             groups = await all_or_nothing(
                 self._layer_files(job, layer) for layer in resolved.layers
             )
@@ -427,6 +446,8 @@ class PullEngine:
         except BaseException as exc:
             error = _disk_full(exc, store.root)
             self._publish(job, state="failed", error=str(error) or type(error).__name__)
+            if recorded:  # no ghost: the pending record goes with the pull
+                await asyncio.to_thread(store.drop_pending, digest, holder)
             if error is not exc:
                 raise error from exc
             raise
@@ -434,16 +455,20 @@ class PullEngine:
             if ticker is not None:
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)
-            if leased:
+            if job.reservation is not None:
+                await asyncio.to_thread(store.release, job.reservation)
+            if recorded:
                 await asyncio.to_thread(store.release_lease, holder)
         self._publish(job, state="done")
         return model
 
-    async def _make_room(self, job: _ModelJob) -> None:
-        """Reserve the bytes still to land before writing any. Tar layers count twice (the
-        archive, then its members); a compressed one may unpack to more, which the store's
-        watermarks absorb."""
+    async def _reserve(self, job: _ModelJob, holder: str) -> Reservation:
+        """Reserve the bytes still to land before writing any (CacheFullError at once if they
+        cannot fit). Tar layers count twice (the archive, then its members); the archive's
+        share is given back once it is unpacked. A compressed one may unpack to more, which
+        the store's watermarks absorb."""
         need = 0
+        partials: list[str] = []
         for layer in job.resolved.layers:
             size = layer.blob.size
             cap = self.tuning.max_blob_bytes
@@ -453,11 +478,14 @@ class PullEngine:
                 )
             if layer.unpack != "raw":
                 need += 2 * size
+                partials.append(layer.blob.digest)
             elif not await asyncio.to_thread(self.store.has_blob, layer.blob.digest):
                 need += size
-        if need:
-            digest = job.resolved.manifest_digest
-            await asyncio.to_thread(self.store.ensure_room, need, protect=(digest,))
+                partials.append(layer.blob.digest)
+        digest = job.resolved.manifest_digest
+        return await asyncio.to_thread(
+            self.store.reserve, need, holder=holder, blobs=partials, protect=(digest,)
+        )
 
     async def _record_ref(self, ref: ModelRef, digest: str) -> None:
         await asyncio.to_thread(
@@ -532,20 +560,31 @@ class PullEngine:
             crashpoint("pull.before_commit")
             # commit_blob renames the partial file into blobs/ and drops its ranges record
             await asyncio.to_thread(
-                store.commit_blob, blob.digest, blob.size, partial, verified=True
+                store.commit_blob,
+                blob.digest,
+                blob.size,
+                partial,
+                verified=True,
+                reservation=job.reservation,
             )
             return raw_entry
         try:
-            return await asyncio.to_thread(self._unpack, layer, partial)
+            return await asyncio.to_thread(self._unpack, layer, partial, job.reservation)
         finally:
             await asyncio.to_thread(_remove_partial, partial)
+            if job.reservation is not None:
+                await asyncio.to_thread(store.release, job.reservation, blob.size)
 
-    def _unpack(self, layer: Layer, partial: Path) -> tuple[UnpackedFile, ...]:
+    def _unpack(
+        self, layer: Layer, partial: Path, reservation: Reservation | None
+    ) -> tuple[UnpackedFile, ...]:
         ratio = 1.0 if layer.unpack == "tar" else self.tuning.max_unpack_ratio
 
         def commit(entry: UnpackedFile, tmp: Path) -> None:
             # tarsafe hashed every byte as it copied the member out
-            self.store.commit_blob(entry.digest, entry.size, tmp, verified=True)
+            self.store.commit_blob(
+                entry.digest, entry.size, tmp, verified=True, reservation=reservation
+            )
 
         return unpack_tar(
             partial,

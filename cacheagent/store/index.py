@@ -185,9 +185,10 @@ class Index:
             ((row.digest, f.path, f.blob, f.size, f.mode) for f in row.files),
         )
 
-    def delete_model(self, digest: str) -> dict[str, int]:
+    def delete_model(self, digest: str, *, free_blobs: bool = True) -> dict[str, int]:
         """Delete a model (pins cascade) and the blob rows only it used; returns those blobs
-        with their sizes, for the caller to delete the files."""
+        with their sizes, for the caller to delete the files. With ``free_blobs=False`` those
+        blobs stay, as orphans evictable at once (``age_orphans``), and none is returned."""
         blobs = [
             r[0]
             for r in self._conn.execute(
@@ -196,9 +197,20 @@ class Index:
         ]
         self._conn.execute("DELETE FROM model_files WHERE model = ?", (digest,))
         self._conn.execute("DELETE FROM models WHERE digest = ?", (digest,))
+        if not free_blobs:
+            self.age_orphans(blobs)
+            return {}
         freed = self.unreferenced(blobs)
         self.delete_blobs(freed)
         return freed
+
+    def age_orphans(self, digests: Iterable[str]) -> None:
+        """Make those of ``digests`` that no model uses evictable at once (no grace period)."""
+        self._conn.execute(
+            "UPDATE blobs SET created = 0 WHERE refs = 0 "
+            "AND digest IN (SELECT value FROM json_each(?))",
+            (_json(digests),),
+        )
 
     def get_model(self, digest: str) -> Model | None:
         row = self._conn.execute(

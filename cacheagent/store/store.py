@@ -4,18 +4,19 @@ Thread-safe: one SQLite connection and every change to the directory are seriali
 re-entrant lock; only hashing a blob (the slow part of a commit) runs outside it. Async callers
 use ``asyncio.to_thread``.
 
-Protocol for a pull (so eviction cannot free a blob between its commit and ``put_model``): take
-a ``pull`` lease on the manifest digest and record the model with ``put_pending`` before
-committing its blobs. Blobs used by any model record (ready or pending) are never freed, and a
-pending model with a pull lease is never evicted. Blobs used by no model at all are freed by
-eviction only once they are a day old (``ORPHAN_GRACE_SECONDS``).
+Protocol for a pull (so eviction cannot free a blob between its commit and ``put_model``):
+record the model with ``put_pending`` holding a ``pull`` lease (one step), ``reserve`` the bytes
+still to land (capacity, see evict.py), commit its blobs under that reservation, ``put_model``,
+then ``release`` the reservation and the lease. A pull that fails calls ``drop_pending``: no
+pending row outlives its pull. Blobs used by any model record (ready or pending) are never
+freed, and a pending model with a pull lease is never evicted. Blobs used by no model at all
+are freed by eviction once no live reservation committed them and either a pull gave them up
+or they are a day old (``ORPHAN_GRACE_SECONDS``: blobs committed outside any reservation).
 
-Removing a model: the index transaction comes first (the model vanishes atomically for every
-reader and the freed blob rows go with it), then the tree is renamed to a ``.tmp-*`` name, then
-the freed blob files are unlinked, then the tree is deleted. A crash after the transaction
-leaves only files the index does not reference: ``.tmp-*`` trees (deleted on the next open) and
-blob files (adopted as unreferenced blobs, freed by the next eviction, reused if
-the model is pulled again).
+Removing a model (rm, eviction, a failed pull's record, a repair) goes through removal.py: the
+index transaction and the renames into a trash directory under the lock, the deletes outside
+it, then the removal observers (``add_removal_observer``) are told. Removal never drops a
+lease: ``force`` overrides a pin, never a lease.
 
 ``lock=False`` opens a read-only view for offline inspection (the CLI's ``ls`` with no agent
 running, or beside a running one): no flock, no reconciliation, and every method that would
@@ -44,14 +45,16 @@ from cacheagent.errors import (
     SizeMismatchError,
     StoreError,
 )
-from cacheagent.store import blobs, tree
+from cacheagent.store import blobs, evict, tree
 from cacheagent.store.crashpoints import crashpoint
+from cacheagent.store.evict import Ledger, Reservation
 from cacheagent.store.fsck import FsckReport, reconcile
 from cacheagent.store.index import Index, ModelRow
 from cacheagent.store.lock import StoreLock
 from cacheagent.store.lru import EvictionPlan, plan_eviction_ordered
 from cacheagent.store.paths import Layout, TreeShape, safe_relpath, tree_shape
 from cacheagent.store.records import LEASE_KINDS, Lease, Model, ModelFile, PendingModel, Usage
+from cacheagent.store.removal import Removal, RemovalObserver, Trash, notify
 
 ORPHAN_GRACE_SECONDS = 24 * 3600
 
@@ -82,6 +85,8 @@ class Store:
         self._flock = lock
         self._lock = threading.RLock()
         self._tmp_names = itertools.count()
+        self._ledger = Ledger()
+        self._observers: list[RemovalObserver] = []
 
     @classmethod
     def open_configured(cls, config: StoreConfig) -> Store:
@@ -172,9 +177,18 @@ class Store:
     def partial_path(self, digest: str) -> Path:
         return self._layout.partial_path(digest)
 
-    def commit_blob(self, digest: str, size: int, src: Path, *, verified: bool = False) -> Path:
+    def commit_blob(
+        self,
+        digest: str,
+        size: int,
+        src: Path,
+        *,
+        verified: bool = False,
+        reservation: Reservation | None = None,
+    ) -> Path:
         """Publish ``src`` as blob ``digest``; see blobs.py for the steps. ``src`` is consumed:
-        renamed into place, or deleted when it is a duplicate or fails verification."""
+        renamed into place, or deleted when it is a duplicate or fails verification. Under a
+        ``reservation`` its bytes move from reserved to committed in one step."""
         self._writable()
         check_digest(digest)
         if size < 0:
@@ -205,6 +219,8 @@ class Store:
             blobs.publish(src, dest)
             with self._index.transaction():
                 self._index.insert_blob(digest, size, time.time())
+            if reservation is not None:
+                self._ledger.consume(reservation, digest, size)
             crashpoint("blob.after_index")
         blobs.discard(self._layout.ranges_path(digest))
         return dest
@@ -280,18 +296,44 @@ class Store:
 
     def remove_model(self, manifest_digest: str, *, force: bool = False) -> int:
         """Delete a model (ready or pending) and the blobs no other model uses; returns the
-        bytes freed. ModelInUseError if pinned or leased, unless ``force``."""
+        bytes freed. ModelInUseError if leased (a published volume, an open FUSE file, a
+        pull), or pinned unless ``force``: force overrides a pin, never a lease."""
         self._writable()
         check_digest(manifest_digest)
         with self._lock:
             if self._index.model_state(manifest_digest) is None:
                 raise ModelNotFoundError(f"model {manifest_digest} is not in the store")
-            if not force and not self._index.is_evictable(manifest_digest):
+            leased = bool(self._index.leases(manifest_digest))
+            if leased or (not force and self._index.is_pinned(manifest_digest)):
+                advice = "wait until it is released" if leased else "unpin it (or force)"
                 raise ModelInUseError(
-                    f"model {manifest_digest} is {self._in_use_reason(manifest_digest)}; "
-                    "unpin it or wait until it is released (or force)"
+                    f"model {manifest_digest} is {self._in_use_reason(manifest_digest)}; {advice}"
                 )
-            return self._remove(manifest_digest)
+            trash = self._drop_models([manifest_digest], "rm")
+        self._dispose(trash)
+        return trash.nbytes
+
+    def drop_pending(self, manifest_digest: str, holder: str) -> bool:
+        """Forget the pending record of a pull that failed (no ghost outlives its pull):
+        release ``holder``'s lease and, unless someone else holds one or the model became
+        ready, delete the record. Its committed blobs stay as orphans, evictable at once and
+        reused by the next pull. True if the record was deleted."""
+        self._writable()
+        with self._lock:
+            with self._index.transaction():
+                self._index.release_lease(holder)
+            state = self._index.model_state(manifest_digest)
+            if state != "pending" or self._index.leases(manifest_digest):
+                return False
+            trash = self._drop_models([manifest_digest], "failed-pull", free_blobs=False)
+        self._dispose(trash)
+        return True
+
+    def add_removal_observer(self, observer: RemovalObserver) -> None:
+        """Call ``observer`` after every removal of a model, whatever removed it (from the
+        thread that removed it: observers must be thread-safe and quick)."""
+        with self._lock:
+            self._observers.append(observer)
 
     # pending models
 
@@ -303,14 +345,17 @@ class Store:
         ref: str | None,
         source_kind: str,
         manifest: bytes,
+        holder: str | None = None,
     ) -> None:
-        """Record a model whose blobs are still arriving (no tree yet). No-op if known."""
+        """Record a model whose blobs are still arriving (no tree yet); with ``holder``, take
+        its pull lease in the same step, so no eviction can come in between. The record is
+        not replaced if the model is known."""
         self._writable()
         clean, _ = _checked_files(manifest_digest, files, manifest)
-        with self._lock:
-            if self._index.model_state(manifest_digest) is not None:
-                return
-            with self._index.transaction():
+        with self._lock, self._index.transaction():
+            if holder is not None:
+                self._index.add_lease(manifest_digest, holder, "pull", time.time())
+            if self._index.model_state(manifest_digest) is None:
                 self._index.insert_model(
                     ModelRow(
                         manifest_digest, "pending", ref, source_kind, manifest, clean, time.time()
@@ -400,11 +445,12 @@ class Store:
         with self._lock:
             return self._index.leases(manifest_digest)
 
-    # capacity
+    # capacity (see evict.py)
 
     def usage(self) -> Usage:
         with self._lock:
             used, nblobs, nmodels = self._index.usage()
+            room, _ = self._room(used)
         return Usage(
             capacity=self.capacity_bytes,
             used=used,
@@ -412,28 +458,69 @@ class Store:
             blobs=nblobs,
             high_watermark=self.high_watermark,
             low_watermark=self.low_watermark,
+            reserved=room.reserved,
+            abandoned=room.abandoned + room.freeing,
+            disk_free=room.disk_free,
         )
 
-    def ensure_room(self, nbytes: int, *, protect: Collection[str] = ()) -> EvictionPlan:
-        """Make room for ``nbytes`` more: past the high watermark, evict LRU models (never
-        those in ``protect``) down to the low watermark minus ``nbytes``, or as far toward it
-        as pins and leases allow. CacheFullError, with nothing evicted, if the request would
-        not fit in the capacity even then. Returns the executed plan."""
+    def reserve(
+        self,
+        nbytes: int,
+        *,
+        holder: str = "",
+        blobs: Collection[str] = (),
+        protect: Collection[str] = (),
+    ) -> Reservation:
+        """Reserve room for ``nbytes`` a pull is about to write (``blobs``: the digests whose
+        partial files they are), evicting in the same step if that crosses the high watermark
+        (LRU models, never those in ``protect``, down to the low watermark less the request,
+        abandoned partial downloads first). CacheFullError naming the sizes, with nothing
+        evicted, if the request cannot fit in the capacity or on the disk even then. Give it
+        back with ``release``."""
         self._writable()
         if nbytes < 0:
             raise ValueError(f"negative byte count {nbytes}")
-        capacity = self.capacity_bytes
-        if capacity is None:
-            return EvictionPlan(need_bytes=0)
+        trash: Trash | None = None
         with self._lock:
-            used = self._index.usage()[0]
-            if used + nbytes <= self.high_watermark * capacity:
-                return EvictionPlan(need_bytes=0)
-            plan = self._plan(used + nbytes - int(self.low_watermark * capacity), protect)
-            if used + nbytes - plan.bytes_freed > capacity:
-                raise CacheFullError(nbytes, max(capacity - used + plan.bytes_freed, 0))
-            self.execute(plan)
-            return plan
+            room, partials = self._room(self._index.usage()[0])
+            need = evict.shortfall(room, nbytes, self.high_watermark, self.low_watermark)
+            plan = EvictionPlan(need_bytes=0)
+            if need > 0:
+                stale, stale_bytes = evict.take_partials(partials, need)
+                plan = self._plan(need - stale_bytes, protect)
+                freeable = stale_bytes + plan.bytes_freed
+                if not evict.fits(room, nbytes, freeable):
+                    raise CacheFullError(
+                        nbytes,
+                        evict.available(room, freeable),
+                        detail=evict.refusal(room, nbytes, freeable),
+                    )
+                trash = self._evict(plan, stale, stale_bytes)
+            reservation = Reservation(holder, nbytes, frozenset(blobs), plan)
+            reservation.awaiting = 0 if trash is None else trash.nbytes
+            self._ledger.add(reservation)
+        if trash is not None:
+            self._dispose(trash, reservation)
+        return reservation
+
+    def release(self, reservation: Reservation, nbytes: int | None = None) -> None:
+        """Give back ``nbytes`` of a reservation (a tar archive unpacked and deleted), or all
+        of it. Blobs committed under it that no model uses become evictable at once."""
+        with self._lock:
+            if nbytes is not None:
+                reservation.remaining -= min(max(nbytes, 0), reservation.remaining)
+                return
+            self._ledger.drop(reservation)
+            if reservation.committed and self._flock is not None:
+                with self._index.transaction():
+                    self._index.age_orphans(sorted(reservation.committed))
+
+    def ensure_room(self, nbytes: int, *, protect: Collection[str] = ()) -> EvictionPlan:
+        """Evict as ``reserve`` would for ``nbytes``, without keeping the reservation;
+        returns the executed plan."""
+        reservation = self.reserve(nbytes, protect=protect)
+        self.release(reservation)
+        return reservation.plan
 
     def plan_eviction(self, need_bytes: int) -> EvictionPlan:
         """What evicting ``need_bytes`` would delete, without deleting it."""
@@ -444,20 +531,10 @@ class Store:
         """Carry out a plan; returns the bytes freed. Models that became pinned or leased
         since the plan was made are kept, and only blobs still unused are freed."""
         self._writable()
-        freed = 0
         with self._lock:
-            for digest in plan.models:
-                state = self._index.model_state(digest)
-                if state is not None and self._index.is_evictable(digest):
-                    freed += self._remove(digest)
-            stale = self._index.orphans(time.time() - ORPHAN_GRACE_SECONDS)
-            orphans = {d: stale[d] for d in plan.blobs if d in stale}
-            if orphans:
-                with self._index.transaction():
-                    self._index.delete_blobs(orphans)
-                self._unlink_blobs(orphans)
-                freed += sum(orphans.values())
-        return freed
+            trash = self._evict(plan, [], 0)
+        self._dispose(trash)
+        return trash.nbytes
 
     # maintenance
 
@@ -504,32 +581,82 @@ class Store:
             tree.remove(tmp)
             raise
 
-    def _remove(self, digest: str) -> int:
-        """Remove a model in the crash-safe order described in the module docstring."""
-        with self._index.transaction():
-            self._index.drop_leases(digest=digest)
-            freed = self._index.delete_model(digest)
-        crashpoint("remove.after_index")
-        aside = self._layout.tmp_tree_path(digest, f"del-{self._tmp_tag()}")
-        moved = tree.move_aside(self.model_path(digest), aside)
-        crashpoint("remove.after_rename")
-        self._unlink_blobs(freed)
-        crashpoint("remove.after_blobs")
-        if moved:
-            tree.remove(aside)
-        self.removed_models += 1
-        self.removed_bytes += sum(freed.values())
-        return sum(freed.values())
+    def _room(self, committed: int) -> tuple[evict.Room, evict.Partials]:
+        partials = evict.scan_partials(self._layout.partial_dir, self._ledger.covered())
+        free = evict.disk_free(self.root)
+        return evict.room_of(self.capacity_bytes, committed, self._ledger, partials, free), partials
 
-    def _unlink_blobs(self, digests: Collection[str]) -> None:
-        for digest in digests:
-            blobs.discard(self.blob_path(digest))
+    def _drop_models(
+        self, digests: Sequence[str], reason: str, *, free_blobs: bool = True
+    ) -> Trash:
+        """The locked half of a removal: index change, then the renames into a trash
+        directory (removal.py). The caller then calls ``_dispose`` outside the lock."""
+        trash = Trash.for_layout(self._layout, self._tmp_tag())
+        freed: dict[str, int] = {}
+        with self._index.transaction():
+            for digest in digests:
+                gone = self._index.delete_model(digest, free_blobs=free_blobs)
+                freed.update(gone)
+                trash.removals.append(Removal(digest, reason, sum(gone.values())))
+        crashpoint("remove.after_index")
+        self._trash_models(trash, freed)
+        return trash
+
+    def _evict(self, plan: EvictionPlan, stale: Sequence[Path], stale_bytes: int) -> Trash:
+        """Carry out ``plan`` (models still evictable, blobs still orphans) and delete the
+        abandoned partial files ``stale``; the locked half, like ``_drop_models``."""
+        trash = Trash.for_layout(self._layout, self._tmp_tag())
+        freed: dict[str, int] = {}
+        with self._index.transaction():
+            for digest in plan.models:
+                if self._index.model_state(digest) is not None and self._index.is_evictable(digest):
+                    gone = self._index.delete_model(digest)
+                    freed.update(gone)
+                    trash.removals.append(Removal(digest, "evict", sum(gone.values())))
+            orphans = self._orphans()
+            doomed = {d: orphans[d] for d in plan.blobs if d in orphans}
+            self._index.delete_blobs(doomed)
+            freed.update(doomed)
+        crashpoint("remove.after_index")
+        sidecars = [p.with_name(p.name + ".ranges") for p in stale]
+        if stale:
+            trash.take_files([*stale, *sidecars], stale_bytes)
+        self._trash_models(trash, freed)
+        return trash
+
+    def _trash_models(self, trash: Trash, freed: dict[str, int]) -> None:
+        for removal in trash.removals:
+            trash.take_tree(self.model_path(removal.digest), hex_of(removal.digest))
+        if freed:
+            trash.take_files([self.blob_path(d) for d in freed], sum(freed.values()))
+        crashpoint("remove.after_rename")
+        self._ledger.freeing += trash.nbytes
+
+    def _dispose(self, trash: Trash, reservation: Reservation | None = None) -> None:
+        """The unlocked half of a removal: delete the trash, then tell the observers (and
+        count in full the reservation this eviction made room for)."""
+        try:
+            trash.empty()
+        finally:
+            with self._lock:
+                self._ledger.freeing -= trash.nbytes
+                if reservation is not None:
+                    reservation.awaiting = 0
+                removed = [r for r in trash.removals if r.reason != "failed-pull"]
+                self.removed_models += len(removed)
+                self.removed_bytes += sum(r.freed_bytes for r in removed)
+                observers = list(self._observers)
+        notify(observers, trash.removals)
+
+    def _orphans(self) -> dict[str, int]:
+        stale = self._index.orphans(time.time() - ORPHAN_GRACE_SECONDS)
+        return evict.without(stale, self._ledger.protected())
 
     def _plan(self, need_bytes: int, protect: Collection[str]) -> EvictionPlan:
         if need_bytes <= 0:
             return EvictionPlan(need_bytes=need_bytes)
         refcounts: dict[str, int] = {}
-        orphans = self._index.orphans(time.time() - ORPHAN_GRACE_SECONDS)
+        orphans = self._orphans()
         with closing(self._index.candidates(refcounts, set(protect))) as candidates:
             return plan_eviction_ordered(candidates, refcounts, need_bytes, orphans=orphans)
 

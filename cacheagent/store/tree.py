@@ -10,6 +10,7 @@ make the directories writable again, remove.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -65,13 +66,22 @@ def move_aside(path: Path, aside: Path) -> bool:
 
 
 def remove(path: Path) -> None:
-    """Delete a tree whatever its modes (a missing one is fine)."""
+    """Delete a tree whatever its modes (a missing one is fine, and so are entries a concurrent
+    reconciliation deletes first)."""
     if not path.is_dir() or path.is_symlink():
         path.unlink(missing_ok=True)
         return
     for directory, _, _ in os.walk(path):  # top-down: a directory is writable before its entries go
-        Path(directory).chmod(_WRITABLE_DIR_MODE)
-    shutil.rmtree(path)
+        with contextlib.suppress(FileNotFoundError):
+            Path(directory).chmod(_WRITABLE_DIR_MODE)
+    shutil.rmtree(path, onerror=_gone_is_fine)
+
+
+def _gone_is_fine(
+    _function: object, _path: str, info: tuple[type[BaseException], BaseException, object]
+) -> None:
+    if not isinstance(info[1], FileNotFoundError):
+        raise info[1]
 
 
 def check(
