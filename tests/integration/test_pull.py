@@ -22,8 +22,8 @@ from cacheagent.errors import (
     SizeMismatchError,
     SourceError,
 )
-from cacheagent.pull.download import sidecar_path
 from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
+from cacheagent.pull.partial_file import sidecar_path
 from cacheagent.pull.progress import PullProgress
 from cacheagent.pull.ranges import load_sidecar
 from cacheagent.refs import LayoutRef

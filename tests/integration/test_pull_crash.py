@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cacheagent.pull.download import sidecar_path
 from cacheagent.pull.engine import PullEngine, SourceRegistry
+from cacheagent.pull.partial_file import sidecar_path
 from cacheagent.pull.ranges import load_sidecar
 from cacheagent.sources.layout_writer import LayoutEntry, write_layout
 from cacheagent.store import Store
