@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cacheagent.aio import Signal
+from cacheagent.errors import SourceError
 from cacheagent.pull.download import BlobDownload, DownloadSettings, Limits
 from cacheagent.pull.partial_file import sidecar_path
 from cacheagent.pull.progress import BlobProgress, PullProgress, PullState, RateMeter, eta_seconds
@@ -28,6 +30,8 @@ from cacheagent.sources.tarsafe import UnpackedFile, unpack_tar
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
 from cacheagent.store.evict import Reservation
+
+log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[PullProgress], None]
 
@@ -234,3 +238,52 @@ def retrieve(task: asyncio.Task[Any]) -> None:
     """Mark a shared task's failure as seen: its callers got it; nobody else should log it."""
     if not task.cancelled():
         task.exception()
+
+
+def finished_snapshot(ref: ModelRef, model: Model) -> PullProgress:
+    return PullProgress(
+        ref=ref.canonical,
+        manifest_digest=model.digest,
+        state="done",
+        done_bytes=model.size,
+        total_bytes=model.size,
+        eta_seconds=0.0,
+    )
+
+
+def notify(listener: ProgressCallback | None, snap: PullProgress) -> None:
+    """Progress is advisory: a failing listener is logged, never allowed to break the pull."""
+    if listener is None:
+        return
+    try:
+        listener(snap)
+    except Exception:
+        log.exception("progress listener failed")
+
+
+async def reserve_room(
+    store: Store, job: ModelJob, holder: str, max_blob_bytes: int | None
+) -> Reservation:
+    """Reserve the bytes still to land before writing any (CacheFullError at once if they
+    cannot fit). Tar layers count twice (the archive, then its members); the archive's
+    share is given back once it is unpacked. A compressed one may unpack to more, which
+    the store's watermarks absorb."""
+    need = 0
+    partials: list[str] = []
+    for layer in job.resolved.layers:
+        size = layer.blob.size
+        cap = max_blob_bytes
+        if cap is not None and size > cap:
+            raise SourceError(
+                f"blob {layer.blob.digest} declares {size} bytes, over the {cap}-byte limit"
+            )
+        if layer.unpack != "raw":
+            need += 2 * size
+            partials.append(layer.blob.digest)
+        elif not await asyncio.to_thread(store.has_blob, layer.blob.digest):
+            need += size
+            partials.append(layer.blob.digest)
+    digest = job.resolved.manifest_digest
+    return await asyncio.to_thread(
+        store.reserve, need, holder=holder, blobs=partials, protect=(digest,)
+    )

@@ -42,7 +42,10 @@ from cacheagent.pull.blobjobs import (
     BlobJobs,
     ModelJob,
     ProgressCallback,
+    finished_snapshot,
+    notify,
     raw_file,
+    reserve_room,
     retrieve,
     snapshot,
 )
@@ -57,7 +60,6 @@ from cacheagent.sources.base import Layer, Source
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
-from cacheagent.store.evict import Reservation
 from cacheagent.store.paths import safe_relpath
 
 log = logging.getLogger(__name__)
@@ -140,13 +142,13 @@ class PullEngine:
         if digest is not None:
             cached = await self._stored_model(digest)
             if cached is not None:
-                _notify(progress, _finished_snapshot(model_ref, cached))
+                notify(progress, finished_snapshot(model_ref, cached))
                 return cached
             job = self._models.get(digest)
             if job is not None:  # resolved moments ago by another caller: join that pull
                 return await self._join(job, model_ref, progress)
         if progress is not None:
-            _notify(progress, PullProgress(str(model_ref), "", "resolving", 0, 0))
+            notify(progress, PullProgress(str(model_ref), "", "resolving", 0, 0))
         try:
             outcome = await self._resolve(model_ref)
         except OriginUnavailableError:
@@ -156,7 +158,7 @@ class PullEngine:
             outcome = offline
         if isinstance(outcome, ModelJob):
             return await self._join(outcome, model_ref, progress)
-        _notify(progress, _finished_snapshot(model_ref, outcome))
+        notify(progress, finished_snapshot(model_ref, outcome))
         return outcome
 
     async def start_background(self, ref: ModelRef | str) -> str:
@@ -330,7 +332,7 @@ class PullEngine:
         if progress is not None:
             job.listeners.append(progress)
             if job.snapshot is not None:
-                _notify(progress, job.snapshot)
+                notify(progress, job.snapshot)
         assert job.task is not None
         try:
             model = await asyncio.shield(job.task)
@@ -386,7 +388,9 @@ class PullEngine:
             crashpoint("pull.after_pending")
             self._publish(job)
             ticker = asyncio.create_task(self._tick(job))
-            job.reservation = await self._reserve(job, holder)
+            job.reservation = await reserve_room(
+                self.store, job, holder, self.tuning.max_blob_bytes
+            )
             groups = await all_or_nothing(
                 self._layer_files(job, layer) for layer in resolved.layers
             )
@@ -422,31 +426,6 @@ class PullEngine:
                 await asyncio.to_thread(store.release_lease, holder)
         self._publish(job, state="done")
         return model
-
-    async def _reserve(self, job: ModelJob, holder: str) -> Reservation:
-        """Reserve the bytes still to land before writing any (CacheFullError at once if they
-        cannot fit). Tar layers count twice (the archive, then its members); the archive's
-        share is given back once it is unpacked. A compressed one may unpack to more, which
-        the store's watermarks absorb."""
-        need = 0
-        partials: list[str] = []
-        for layer in job.resolved.layers:
-            size = layer.blob.size
-            cap = self.tuning.max_blob_bytes
-            if cap is not None and size > cap:
-                raise SourceError(
-                    f"blob {layer.blob.digest} declares {size} bytes, over the {cap}-byte limit"
-                )
-            if layer.unpack != "raw":
-                need += 2 * size
-                partials.append(layer.blob.digest)
-            elif not await asyncio.to_thread(self.store.has_blob, layer.blob.digest):
-                need += size
-                partials.append(layer.blob.digest)
-        digest = job.resolved.manifest_digest
-        return await asyncio.to_thread(
-            self.store.reserve, need, holder=holder, blobs=partials, protect=(digest,)
-        )
 
     async def _record_ref(self, ref: ModelRef, digest: str) -> None:
         await asyncio.to_thread(
@@ -492,7 +471,7 @@ class PullEngine:
         if not snap.finished:
             self.in_flight[digest] = snap
         for listener in list(job.listeners):
-            _notify(listener, snap)
+            notify(listener, snap)
         job.changed.fire()
 
 
@@ -506,27 +485,6 @@ def _disk_full(exc: BaseException, root: Path) -> BaseException:
 
 def _join(prefix: str, rel: str) -> str:
     return safe_relpath(f"{prefix}/{rel}") if prefix else rel
-
-
-def _finished_snapshot(ref: ModelRef, model: Model) -> PullProgress:
-    return PullProgress(
-        ref=ref.canonical,
-        manifest_digest=model.digest,
-        state="done",
-        done_bytes=model.size,
-        total_bytes=model.size,
-        eta_seconds=0.0,
-    )
-
-
-def _notify(listener: ProgressCallback | None, snap: PullProgress) -> None:
-    """Progress is advisory: a failing listener is logged, never allowed to break the pull."""
-    if listener is None:
-        return
-    try:
-        listener(snap)
-    except Exception:
-        log.exception("progress listener failed")
 
 
 def log_background_failure(task: asyncio.Future[Any]) -> None:

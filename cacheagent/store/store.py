@@ -25,68 +25,36 @@ change the store raises StoreError. SQLite WAL lets it read while the agent writ
 
 from __future__ import annotations
 
-import itertools
 import os
-import threading
 import time
 from collections.abc import Collection, Sequence
-from contextlib import closing
 from pathlib import Path
-from types import TracebackType
 
 from cacheagent.config import StoreConfig
-from cacheagent.digest import check_digest, hex_of, is_digest, sha256_digest
+from cacheagent.digest import check_digest, hex_of, sha256_digest
 from cacheagent.errors import (
-    CacheFullError,
-    ConfigError,
     DigestMismatchError,
     ModelInUseError,
     ModelNotFoundError,
     SizeMismatchError,
     StoreError,
 )
-from cacheagent.store import blobs, evict, tree
+from cacheagent.store import blobs, tree
 from cacheagent.store.crashpoints import crashpoint
-from cacheagent.store.evict import Ledger, Reservation
+from cacheagent.store.evict import Reservation
 from cacheagent.store.fsck import FsckReport, reconcile
 from cacheagent.store.index import Index, ModelRow
 from cacheagent.store.lock import StoreLock
-from cacheagent.store.lru import EvictionPlan, plan_eviction_ordered
-from cacheagent.store.paths import Layout, TreeShape, safe_relpath, tree_shape
-from cacheagent.store.records import LEASE_KINDS, Lease, Model, ModelFile, PendingModel, Usage
-from cacheagent.store.removal import Removal, RemovalObserver, Trash, notify
+from cacheagent.store.lru import EvictionPlan
+from cacheagent.store.paths import Layout, TreeShape
+from cacheagent.store.records import LEASE_KINDS, Model, ModelFile
+from cacheagent.store.removal import RemovalObserver
+from cacheagent.store.validate import check_capacity, checked_files
+from cacheagent.store.view import StoreView
 
-ORPHAN_GRACE_SECONDS = 24 * 3600
 
-
-class Store:
+class Store(StoreView):
     """A content-addressed model store on local disk; see the module docstring."""
-
-    def __init__(
-        self,
-        layout: Layout,
-        index: Index,
-        lock: StoreLock | None,
-        *,
-        capacity_bytes: int | None,
-        high_watermark: float,
-        low_watermark: float,
-    ) -> None:
-        self.root = layout.root
-        self.capacity_bytes = capacity_bytes
-        self.high_watermark = high_watermark
-        self.low_watermark = low_watermark
-        self.last_reconcile = FsckReport()
-        # Models removed (by rm or by eviction) and the bytes that freed, since open.
-        self.removed_models = 0
-        self.removed_bytes = 0
-        self._layout = layout
-        self._index = index
-        self._flock = lock
-        self._lock = threading.RLock()
-        self._tmp_names = itertools.count()
-        self._ledger = Ledger()
-        self._observers: list[RemovalObserver] = []
 
     @classmethod
     def open_configured(cls, config: StoreConfig) -> Store:
@@ -113,7 +81,7 @@ class Store:
     ) -> Store:
         """Take the agent lock, create the layout, migrate the index and reconcile it with the
         disk (``last_reconcile`` says what was fixed). ``lock=False``: read-only view."""
-        _check_capacity(capacity_bytes, high_watermark, low_watermark)
+        check_capacity(capacity_bytes, high_watermark, low_watermark)
         layout = Layout(Path(root).resolve())
 
         def make(index: Index, flock: StoreLock | None) -> Store:
@@ -147,35 +115,7 @@ class Store:
             raise
         return store
 
-    def close(self) -> None:
-        with self._lock:
-            self._index.close()
-            if self._flock is not None:
-                self._flock.release()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # blobs
-
-    def has_blob(self, digest: str) -> bool:
-        check_digest(digest)
-        with self._lock:
-            return self._index.blob_size(digest) is not None
-
-    def blob_path(self, digest: str) -> Path:
-        return self._layout.blob_path(digest)
-
-    def partial_path(self, digest: str) -> Path:
-        return self._layout.partial_path(digest)
 
     def commit_blob(
         self,
@@ -249,7 +189,7 @@ class Store:
         tree aside, rename it to ``model_path``, then record it. ``manifest`` must hash to
         ``manifest_digest``."""
         self._writable()
-        clean, shape = _checked_files(manifest_digest, files, manifest)
+        clean, shape = checked_files(manifest_digest, files, manifest)
         with self._lock:
             existing = self._index.get_model(manifest_digest)
             if existing is not None:
@@ -267,33 +207,6 @@ class Store:
         assert model is not None
         return model
 
-    def get_model(self, manifest_digest: str) -> Model | None:
-        """The ready model, or None (also for a string that is not a digest at all)."""
-        if not is_digest(manifest_digest):
-            return None
-        with self._lock:
-            return self._index.get_model(manifest_digest)
-
-    def list_models(self) -> list[Model]:
-        """Every ready model, most recently used first."""
-        with self._lock:
-            return self._index.list_models()
-
-    def model_digests(self) -> list[str]:
-        """Digests of every model the store knows, ready or still pending."""
-        with self._lock:
-            return self._index.model_digests()
-
-    def model_path(self, manifest_digest: str) -> Path:
-        return self._layout.model_path(manifest_digest)
-
-    def get_manifest(self, manifest_digest: str) -> bytes | None:
-        """The manifest bytes recorded with a ready or pending model."""
-        if not is_digest(manifest_digest):
-            return None
-        with self._lock:
-            return self._index.manifest(manifest_digest)
-
     def remove_model(self, manifest_digest: str, *, force: bool = False) -> int:
         """Delete a model (ready or pending) and the blobs no other model uses; returns the
         bytes freed. ModelInUseError if leased (a published volume, an open FUSE file, a
@@ -309,8 +222,8 @@ class Store:
                 raise ModelInUseError(
                     f"model {manifest_digest} is {self._in_use_reason(manifest_digest)}; {advice}"
                 )
-            trash = self._drop_models([manifest_digest], "rm")
-        self._dispose(trash)
+            trash = self._remover.drop_models([manifest_digest], "rm")
+        self._remover.dispose(trash)
         return trash.nbytes
 
     def drop_pending(self, manifest_digest: str, holder: str) -> bool:
@@ -325,15 +238,14 @@ class Store:
             state = self._index.model_state(manifest_digest)
             if state != "pending" or self._index.leases(manifest_digest):
                 return False
-            trash = self._drop_models([manifest_digest], "failed-pull", free_blobs=False)
-        self._dispose(trash)
+            trash = self._remover.drop_models([manifest_digest], "failed-pull", free_blobs=False)
+        self._remover.dispose(trash)
         return True
 
     def add_removal_observer(self, observer: RemovalObserver) -> None:
         """Call ``observer`` after every removal of a model, whatever removed it (from the
         thread that removed it: observers must be thread-safe and quick)."""
-        with self._lock:
-            self._observers.append(observer)
+        self._remover.observe(observer)
 
     # pending models
 
@@ -351,7 +263,7 @@ class Store:
         its pull lease in the same step, so no eviction can come in between. The record is
         not replaced if the model is known."""
         self._writable()
-        clean, _ = _checked_files(manifest_digest, files, manifest)
+        clean, _ = checked_files(manifest_digest, files, manifest)
         with self._lock, self._index.transaction():
             if holder is not None:
                 self._index.add_lease(manifest_digest, holder, "pull", time.time())
@@ -361,25 +273,6 @@ class Store:
                         manifest_digest, "pending", ref, source_kind, manifest, clean, time.time()
                     )
                 )
-
-    def get_pending(self, manifest_digest: str) -> PendingModel | None:
-        if not is_digest(manifest_digest):
-            return None
-        with self._lock:
-            if self._index.model_state(manifest_digest) != "pending":
-                return None
-            meta = self._index.model_meta(manifest_digest)
-            assert meta is not None
-            ref, source_kind, size, created = meta
-            return PendingModel(
-                digest=manifest_digest,
-                ref=ref,
-                size=size,
-                files=self._index.model_files(manifest_digest),
-                created=created,
-                source_kind=source_kind,
-                missing=self._index.missing_blobs(manifest_digest),
-            )
 
     # tags
 
@@ -392,15 +285,6 @@ class Store:
         now = time.time()
         with self._lock, self._index.transaction():
             self._index.set_tag(ref, manifest_digest, now, now + ttl_seconds)
-
-    def resolve_tag(self, ref: str) -> str | None:
-        with self._lock:
-            return self._index.resolve_tag(ref, time.time())
-
-    def lookup_ref(self, ref: str) -> str | None:
-        """Any digest known for ``ref``, expired or not (for running without the origin)."""
-        with self._lock:
-            return self._index.lookup_ref(ref)
 
     # use tracking
 
@@ -441,27 +325,7 @@ class Store:
         with self._lock:
             self._index.release_lease(holder)
 
-    def leases(self, manifest_digest: str | None = None) -> list[Lease]:
-        with self._lock:
-            return self._index.leases(manifest_digest)
-
-    # capacity (see evict.py)
-
-    def usage(self) -> Usage:
-        with self._lock:
-            used, nblobs, nmodels = self._index.usage()
-            room, _ = self._room(used)
-        return Usage(
-            capacity=self.capacity_bytes,
-            used=used,
-            models=nmodels,
-            blobs=nblobs,
-            high_watermark=self.high_watermark,
-            low_watermark=self.low_watermark,
-            reserved=room.reserved,
-            abandoned=room.abandoned + room.freeing,
-            disk_free=room.disk_free,
-        )
+    # capacity (see capacity.py)
 
     def reserve(
         self,
@@ -471,49 +335,14 @@ class Store:
         blobs: Collection[str] = (),
         protect: Collection[str] = (),
     ) -> Reservation:
-        """Reserve room for ``nbytes`` a pull is about to write (``blobs``: the digests whose
-        partial files they are), evicting in the same step if that crosses the high watermark
-        (LRU models, never those in ``protect``, down to the low watermark less the request,
-        abandoned partial downloads first). CacheFullError naming the sizes, with nothing
-        evicted, if the request cannot fit in the capacity or on the disk even then. Give it
-        back with ``release``."""
+        """Reserve room for ``nbytes`` a pull is about to write, evicting in the same step if
+        need be; CacheFullError naming the sizes if it cannot fit (``Capacity.reserve``)."""
         self._writable()
-        if nbytes < 0:
-            raise ValueError(f"negative byte count {nbytes}")
-        trash: Trash | None = None
-        with self._lock:
-            room, partials = self._room(self._index.usage()[0])
-            need = evict.shortfall(room, nbytes, self.high_watermark, self.low_watermark)
-            plan = EvictionPlan(need_bytes=0)
-            if need > 0:
-                stale, stale_bytes = evict.take_partials(partials, need)
-                plan = self._plan(need - stale_bytes, protect)
-                freeable = stale_bytes + plan.bytes_freed
-                if not evict.fits(room, nbytes, freeable):
-                    raise CacheFullError(
-                        nbytes,
-                        evict.available(room, freeable),
-                        detail=evict.refusal(room, nbytes, freeable),
-                    )
-                trash = self._evict(plan, stale, stale_bytes)
-            reservation = Reservation(holder, nbytes, frozenset(blobs), plan)
-            reservation.awaiting = 0 if trash is None else trash.nbytes
-            self._ledger.add(reservation)
-        if trash is not None:
-            self._dispose(trash, reservation)
-        return reservation
+        return self._capacity.reserve(nbytes, holder=holder, blobs=blobs, protect=protect)
 
     def release(self, reservation: Reservation, nbytes: int | None = None) -> None:
-        """Give back ``nbytes`` of a reservation (a tar archive unpacked and deleted), or all
-        of it. Blobs committed under it that no model uses become evictable at once."""
-        with self._lock:
-            if nbytes is not None:
-                reservation.remaining -= min(max(nbytes, 0), reservation.remaining)
-                return
-            self._ledger.drop(reservation)
-            if reservation.committed and self._flock is not None:
-                with self._index.transaction():
-                    self._index.age_orphans(sorted(reservation.committed))
+        """Give back ``nbytes`` of a reservation (a tar archive unpacked), or all of it."""
+        self._capacity.release(reservation, nbytes, age_orphans=self._flock is not None)
 
     def ensure_room(self, nbytes: int, *, protect: Collection[str] = ()) -> EvictionPlan:
         """Evict as ``reserve`` would for ``nbytes``, without keeping the reservation;
@@ -522,18 +351,13 @@ class Store:
         self.release(reservation)
         return reservation.plan
 
-    def plan_eviction(self, need_bytes: int) -> EvictionPlan:
-        """What evicting ``need_bytes`` would delete, without deleting it."""
-        with self._lock:
-            return self._plan(need_bytes, ())
-
     def execute(self, plan: EvictionPlan) -> int:
         """Carry out a plan; returns the bytes freed. Models that became pinned or leased
         since the plan was made are kept, and only blobs still unused are freed."""
         self._writable()
         with self._lock:
-            trash = self._evict(plan, [], 0)
-        self._dispose(trash)
+            trash = self._remover.evict(plan, [], 0)
+        self._remover.dispose(trash)
         return trash.nbytes
 
     # maintenance
@@ -548,10 +372,6 @@ class Store:
             return self.last_reconcile
 
     # internals
-
-    def _writable(self) -> None:
-        if self._flock is None:
-            raise StoreError(f"store {self.root} was opened read-only (lock=False)")
 
     def _local_copy(self, src: Path, digest: str) -> Path:
         """``src`` itself if it can be renamed into the store, else a copy in partial/."""
@@ -581,119 +401,9 @@ class Store:
             tree.remove(tmp)
             raise
 
-    def _room(self, committed: int) -> tuple[evict.Room, evict.Partials]:
-        partials = evict.scan_partials(self._layout.partial_dir, self._ledger.covered())
-        free = evict.disk_free(self.root)
-        return evict.room_of(self.capacity_bytes, committed, self._ledger, partials, free), partials
-
-    def _drop_models(
-        self, digests: Sequence[str], reason: str, *, free_blobs: bool = True
-    ) -> Trash:
-        """The locked half of a removal: index change, then the renames into a trash
-        directory (removal.py). The caller then calls ``_dispose`` outside the lock."""
-        trash = Trash.for_layout(self._layout, self._tmp_tag())
-        freed: dict[str, int] = {}
-        with self._index.transaction():
-            for digest in digests:
-                gone = self._index.delete_model(digest, free_blobs=free_blobs)
-                freed.update(gone)
-                trash.removals.append(Removal(digest, reason, sum(gone.values())))
-        crashpoint("remove.after_index")
-        self._trash_models(trash, freed)
-        return trash
-
-    def _evict(self, plan: EvictionPlan, stale: Sequence[Path], stale_bytes: int) -> Trash:
-        """Carry out ``plan`` (models still evictable, blobs still orphans) and delete the
-        abandoned partial files ``stale``; the locked half, like ``_drop_models``."""
-        trash = Trash.for_layout(self._layout, self._tmp_tag())
-        freed: dict[str, int] = {}
-        with self._index.transaction():
-            for digest in plan.models:
-                if self._index.model_state(digest) is not None and self._index.is_evictable(digest):
-                    gone = self._index.delete_model(digest)
-                    freed.update(gone)
-                    trash.removals.append(Removal(digest, "evict", sum(gone.values())))
-            orphans = self._orphans()
-            doomed = {d: orphans[d] for d in plan.blobs if d in orphans}
-            self._index.delete_blobs(doomed)
-            freed.update(doomed)
-        crashpoint("remove.after_index")
-        sidecars = [p.with_name(p.name + ".ranges") for p in stale]
-        if stale:
-            trash.take_files([*stale, *sidecars], stale_bytes)
-        self._trash_models(trash, freed)
-        return trash
-
-    def _trash_models(self, trash: Trash, freed: dict[str, int]) -> None:
-        for removal in trash.removals:
-            trash.take_tree(self.model_path(removal.digest), hex_of(removal.digest))
-        if freed:
-            trash.take_files([self.blob_path(d) for d in freed], sum(freed.values()))
-        crashpoint("remove.after_rename")
-        self._ledger.freeing += trash.nbytes
-
-    def _dispose(self, trash: Trash, reservation: Reservation | None = None) -> None:
-        """The unlocked half of a removal: delete the trash, then tell the observers (and
-        count in full the reservation this eviction made room for)."""
-        try:
-            trash.empty()
-        finally:
-            with self._lock:
-                self._ledger.freeing -= trash.nbytes
-                if reservation is not None:
-                    reservation.awaiting = 0
-                removed = [r for r in trash.removals if r.reason != "failed-pull"]
-                self.removed_models += len(removed)
-                self.removed_bytes += sum(r.freed_bytes for r in removed)
-                observers = list(self._observers)
-        notify(observers, trash.removals)
-
-    def _orphans(self) -> dict[str, int]:
-        stale = self._index.orphans(time.time() - ORPHAN_GRACE_SECONDS)
-        return evict.without(stale, self._ledger.protected())
-
-    def _plan(self, need_bytes: int, protect: Collection[str]) -> EvictionPlan:
-        if need_bytes <= 0:
-            return EvictionPlan(need_bytes=need_bytes)
-        refcounts: dict[str, int] = {}
-        orphans = self._orphans()
-        with closing(self._index.candidates(refcounts, set(protect))) as candidates:
-            return plan_eviction_ordered(candidates, refcounts, need_bytes, orphans=orphans)
-
     def _in_use_reason(self, digest: str) -> str:
         reasons = ["pinned"] if self._index.is_pinned(digest) else []
         reasons += [
             f"leased by {lease.kind}:{lease.holder}" for lease in self._index.leases(digest)
         ]
         return ", ".join(reasons)
-
-    def _tmp_tag(self) -> str:
-        return f"{os.getpid()}-{next(self._tmp_names)}"
-
-
-def _checked_files(
-    manifest_digest: str, files: Sequence[ModelFile], manifest: bytes
-) -> tuple[tuple[ModelFile, ...], TreeShape]:
-    """Validate a model record before anything is written: digests, sizes, safe paths that
-    form a tree. Returns the files with normalised paths, sorted by path."""
-    check_digest(manifest_digest)
-    actual = sha256_digest(manifest)
-    if actual != manifest_digest:
-        raise DigestMismatchError(manifest_digest, actual, what="manifest")
-    clean: list[ModelFile] = []
-    for f in files:
-        check_digest(f.blob)
-        if f.size < 0:
-            raise ValueError(f"file {f.path!r}: negative size {f.size}")
-        clean.append(ModelFile(safe_relpath(f.path), f.blob, f.size, f.mode))
-    shape = tree_shape(f.path for f in clean)
-    return tuple(sorted(clean, key=lambda f: f.path)), shape
-
-
-def _check_capacity(capacity: int | None, high: float, low: float) -> None:
-    if capacity is not None and capacity < 0:
-        raise ConfigError("store.capacity", f"must not be negative (got {capacity})")
-    if not 0 < high <= 1:
-        raise ConfigError("store.high_watermark", f"must be in (0, 1] (got {high})")
-    if not 0 < low <= high:
-        raise ConfigError("store.low_watermark", f"must be in (0, high_watermark] (got {low})")
