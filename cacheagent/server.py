@@ -307,7 +307,7 @@ class Agent:
             return
         loop = asyncio.get_running_loop()
         stats = FuseStats()
-        provider = StoreProvider(service.store, service.engine, loop, stats=stats)
+        provider = StoreProvider(service, loop, stats=stats)
         mount = FuseMount(
             cfg.mountpoint,
             provider,

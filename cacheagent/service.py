@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cacheagent.config import PolicyConfig
-from cacheagent.errors import CacheAgentError, ModelNotFoundError
+from cacheagent.errors import CacheAgentError, ModelNotFoundError, SourceError
 from cacheagent.memory.pagecache import Residency, residency
 from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmResult
 from cacheagent.metrics import Metrics
@@ -27,7 +27,7 @@ from cacheagent.policy import check_mount, check_source
 from cacheagent.pull.engine import PullEngine, log_background_failure
 from cacheagent.pull.progress import PullProgress
 from cacheagent.refs import ModelRef, parse_ref
-from cacheagent.store import Model, Store
+from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.lookup import find_model
 from cacheagent.store.removal import Removal
 from cacheagent.volumes import LazyModeUnavailableError, ModelStats, ReadyModel, StillPulling
@@ -277,6 +277,41 @@ class ModelService:
     async def prefetch(self, digest: str, gpus: Sequence[str]) -> None:
         if self.prefetcher is not None:
             await self.warm(digest, gpus)
+
+    # -- FUSE backend (volumes.LazyBackend) ----------------------------------------------------
+
+    def model_digests(self) -> Sequence[str]:
+        return self.store.model_digests()
+
+    def model_files(self, digest: str) -> tuple[Sequence[ModelFile], float]:
+        model = self.store.get_model(digest)
+        if model is not None:
+            return model.files, model.created
+        pending = self.store.get_pending(digest)
+        if pending is not None:
+            return pending.files, pending.created
+        raise ModelNotFoundError(f"model {digest} is not in the store")
+
+    def touch(self, digest: str) -> None:
+        self.store.touch(digest)
+
+    def committed_blob(self, blob: str) -> Path | None:
+        return self.store.blob_path(blob) if self.store.has_blob(blob) else None
+
+    def blob_path(self, blob: str) -> Path:
+        return self.store.blob_path(blob)
+
+    async def ensure_range(self, blob: str, start: int, end: int) -> Path:
+        return await self.engine.ensure_range(blob, start, end)
+
+    async def wait_model(self, digest: str) -> None:
+        async for _ in self.engine.watch(digest):
+            pass
+        if await asyncio.to_thread(self.store.get_model, digest) is None:
+            failure = self.engine.last_failure(digest)
+            if isinstance(failure, CacheAgentError):
+                raise failure
+            raise SourceError(f"model {digest} did not finish downloading: {failure}")
 
     def model_stats(self, digest: str) -> ModelStats:
         model = self.store.get_model(digest)
