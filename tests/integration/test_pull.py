@@ -29,10 +29,10 @@ from cacheagent.pull.ranges import load_sidecar
 from cacheagent.refs import LayoutRef
 from cacheagent.sources.base import Source
 from cacheagent.sources.layout import blob_path
-from cacheagent.sources.layout_writer import LayoutEntry, synthetic_model, write_layout
 from cacheagent.store import Store
 from tests.fault_server import Fault, FaultServer
 from tests.integration.pull_origin import CountingSource, ServedModel, registry_source, serve_layout
+from tests.oci.layout_writer import LayoutEntry, synthetic_model, write_layout
 
 KiB, MiB = 1 << 10, 1 << 20
 # Small enough for fast tests, large enough that the weight shards are cut into many ranges.

@@ -27,9 +27,9 @@ from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.refs import LayoutRef
 from cacheagent.service import ModelService
 from cacheagent.sources.layout import OciLayoutSource
-from cacheagent.sources.layout_writer import LayoutEntry, write_layout
 from cacheagent.store import Model, Store
 from tests.integration.pull_origin import CountingSource
+from tests.oci.layout_writer import LayoutEntry, write_layout
 from tests.support import require_binary, require_root
 
 MiB = 1 << 20

@@ -20,11 +20,11 @@ import pytest
 from cacheagent.pull.engine import PullEngine, SourceRegistry
 from cacheagent.pull.partial_file import sidecar_path
 from cacheagent.pull.ranges import load_sidecar
-from cacheagent.sources.layout_writer import LayoutEntry, write_layout
 from cacheagent.store import Store
 from tests.fault_server import Fault, FaultServer
 from tests.integration.pull_child import CONFIG, TUNING
 from tests.integration.pull_origin import registry_source, serve_layout
+from tests.oci.layout_writer import LayoutEntry, write_layout
 
 MiB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parents[2]
