@@ -52,12 +52,13 @@ class PreheatUpdate:
 
 @dataclass
 class _Hit:
-    """Whether a pull fetched anything: a hit is a pull that never left the 'done' state."""
+    """Whether a pull fetched anything: a hit is a pull that never downloaded (re-resolving a
+    tag whose cached answer expired, to find the model already stored, is still a hit)."""
 
     fetched: bool = False
 
     def observe(self, snap: PullProgress) -> None:
-        if snap.state not in ("done", "failed"):
+        if snap.state in ("downloading", "committing"):
             self.fetched = True
 
 
@@ -77,6 +78,10 @@ class ModelService:
         # Every removal (rm, capacity eviction, a failed pull's record, a repair) comes
         # through the store's one removal path; this is the agent's one observer of it.
         self.store.add_removal_observer(self._removed)
+        if self.metrics is not None:
+            # Pulls, not callers: a hundred callers joining one pull are one pull in flight.
+            engine = self.engine
+            self.metrics.pulls_in_flight.set_function(lambda: len(engine.in_flight))
 
     def _removed(self, removal: Removal) -> None:
         """Drop what the agent holds of a removed model: its locked pages (a locked mmap
@@ -106,16 +111,11 @@ class ModelService:
                 progress(snap)
 
         started = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.pulls_in_flight.inc()
         try:
             model = await self.engine.pull(ref, progress=observe)
         except CacheAgentError:
             self._observe_pull(ref, started, "error")
             raise
-        finally:
-            if self.metrics is not None:
-                self.metrics.pulls_in_flight.dec()
         self._observe_pull(ref, started, "ok", hit=not hit.fetched)
         return model, not hit.fetched
 
@@ -264,8 +264,13 @@ class ModelService:
             raise LazyModeUnavailableError(
                 "mode: lazy needs the agent's FUSE mount, which is not serving on this node"
             )
-        digest = await self.engine.start_background(ref)
+        digest = await self.engine.start_background(ref, run=self._pull_model)
         return ReadyModel(digest, self.fuse_root / digest)
+
+    async def _pull_model(self, ref: ModelRef) -> Model:
+        """A pull counted like any other (hit or miss, duration), for the lazy mode."""
+        model, _ = await self.pull(ref)
+        return model
 
     def add_lease(self, digest: str, holder: str, kind: str) -> None:
         self.store.add_lease(digest, holder, kind)

@@ -107,6 +107,13 @@ class StoreBackend:
             return pull.task.result()
         return StillPulling(bytes_done=1 << 20, bytes_total=4 << 20)
 
+    async def aclose(self) -> None:
+        """Cancel the simulated downloads a test left unfinished (no task outlives a test)."""
+        tasks = [p.task for p in self.pulls.values() if p.task is not None and not p.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _pull(self, key: str, pull: _Pull) -> ReadyModel:
         await pull.release.wait()
         name = key.rsplit("/", 1)[1].split(":", 1)[0]

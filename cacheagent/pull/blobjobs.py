@@ -133,6 +133,9 @@ class BlobJobs:
             if bj.waiters == 0 and not bj.task.done():
                 bj.abandoned = True
                 bj.task.cancel()
+                # Wait for it to stop (its threads to finish with the partial file), so a
+                # failed model pull never leaves a download winding down behind it.
+                await asyncio.wait([bj.task])
 
     def _finished(self, digest: str, bj: BlobJob, task: asyncio.Task[Any]) -> None:
         retrieve(task)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,14 +161,20 @@ class PullEngine:
         notify(progress, finished_snapshot(model_ref, outcome))
         return outcome
 
-    async def start_background(self, ref: ModelRef | str) -> str:
+    async def start_background(
+        self,
+        ref: ModelRef | str,
+        *,
+        run: Callable[[ModelRef], Awaitable[Model]] | None = None,
+    ) -> str:
         """Start (or join) the pull of ``ref``; return its manifest digest as soon as the store
         lists the model as pending, without waiting for its bytes (the FUSE lazy mode serves it
         meanwhile). The pull goes on in the background; a failure is logged, and readers of
         the model see it as EIO. Callers bound the wait (resolution) with ``asyncio.timeout``.
+        ``run`` pulls the reference (default: ``pull``; the model service counts its pulls).
         """
         model_ref = parse_ref(ref) if isinstance(ref, str) else ref
-        pull = asyncio.create_task(self.pull(model_ref))
+        pull = asyncio.ensure_future((run or self.pull)(model_ref))
         pull.add_done_callback(log_background_failure)
         while True:
             event = self._changed.next
@@ -178,7 +184,12 @@ class PullEngine:
             job = None if digest is None else self._models.get(digest)
             if digest is not None and job is not None and job.pending_recorded:
                 return digest
-            await event.wait()
+            # The pull task may end after the engine's last signal (``run`` wraps the pull).
+            woken = asyncio.ensure_future(event.wait())
+            try:
+                await asyncio.wait({pull, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
 
     def last_failure(self, manifest_digest: str) -> BaseException | None:
         """Why the last pull of this model failed (None if it did not, or long ago): lazy
