@@ -50,6 +50,7 @@ class StoreBackend:
     pulls_started: int = 0
     prefetched: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     prefetch_delay: float = 0.0
+    lazy_delay: float = 0.0  # how long lazy_model_dir takes (an origin slow to resolve)
     ready: bool = True
 
     # ---------------------------------------------------------------- test controls
@@ -123,6 +124,7 @@ class StoreBackend:
     async def lazy_model_dir(self, ref: ModelRef) -> ReadyModel:
         if self.lazy_root is None:
             raise LazyModeUnavailableError("lazy mode needs the FUSE mount, which is not serving")
+        await asyncio.sleep(self.lazy_delay)
         digest = await asyncio.to_thread(self.store.resolve_tag, ref.canonical)
         if digest is None:
             raise LookupError(f"test backend knows no model {ref}")
