@@ -25,6 +25,7 @@ change the store raises StoreError. SQLite WAL lets it read while the agent writ
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Collection, Sequence
@@ -51,6 +52,8 @@ from cacheagent.store.records import LEASE_KINDS, Model, ModelFile
 from cacheagent.store.removal import RemovalObserver
 from cacheagent.store.validate import check_capacity, checked_files
 from cacheagent.store.view import StoreView
+
+log = logging.getLogger(__name__)
 
 
 class Store(StoreView):
@@ -393,8 +396,13 @@ class Store(StoreView):
                 raise SizeMismatchError(f.blob, f.size, sizes[f.blob])
 
     def _build_tree(self, digest: str, files: Sequence[ModelFile], shape: TreeShape) -> None:
-        tmp = self._layout.tmp_tree_path(digest, self._tmp_tag())
         sources = {f.path: self.blob_path(f.blob) for f in files}
+        final = self.model_path(digest)
+        if final.is_dir():  # kept by a repair because a pod uses it: fix it where it stands
+            replaced = tree.repair(final, shape, sources)
+            log.warning("model %s repaired in place (%d files replaced)", digest, replaced)
+            return
+        tmp = self._layout.tmp_tree_path(digest, self._tmp_tag())
         try:
             tree.build(tmp, self.model_path(digest), shape, sources)
         except BaseException:

@@ -54,6 +54,33 @@ def build(tmp: Path, final: Path, shape: TreeShape, sources: Mapping[str, Path])
     crashpoint("tree.after_dir_fsync")
 
 
+def repair(final: Path, shape: TreeShape, sources: Mapping[str, Path]) -> int:
+    """Make the existing tree at ``final`` match ``shape`` without replacing its directories
+    (a pod may have them bind-mounted): each wrong or missing file is linked aside and renamed
+    over its name, atomically. Returns how many files were replaced."""
+    replaced = 0
+    dirs = [final, *(final / d for d in shape.dirs)]
+    for directory in dirs:
+        directory.mkdir(mode=_WRITABLE_DIR_MODE, exist_ok=True)
+        directory.chmod(_WRITABLE_DIR_MODE)
+    try:
+        for path in shape.files:
+            target, source = final / path, sources[path]
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(target.lstat(), source.stat()):
+                    continue
+            aside = target.with_name(f".tmp-repair-{target.name}")
+            aside.unlink(missing_ok=True)
+            os.link(source, aside)
+            aside.rename(target)
+            replaced += 1
+    finally:
+        for directory in reversed(dirs):
+            directory.chmod(DIR_MODE)
+            fsync_dir(directory)
+    return replaced
+
+
 def move_aside(path: Path, aside: Path) -> bool:
     """Take a tree out of view in one rename (to a ``.tmp-*`` name that reconciliation
     deletes if we crash before ``remove`` finishes). False if there was no tree."""
