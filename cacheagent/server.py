@@ -60,6 +60,7 @@ class Health:
     fuse: FuseMount | None = None
     fuse_required: bool = False
     stopping: bool = False
+    store_problem: Callable[[], str | None] = lambda: None
 
     def check(self) -> list[str]:
         problems = []
@@ -67,6 +68,8 @@ class Health:
             problems.append("shutting down")
         if not self.store:
             problems.append("store not open")
+        elif (store_problem := self.store_problem()) is not None:
+            problems.append(store_problem)
         if not self.api:
             problems.append("agent API socket not serving")
         if not self.csi:
@@ -286,6 +289,9 @@ class Agent:
         self._on_stop("CSI", lambda: csi.stop(STOP_GRACE_SECONDS))
         self.health.csi = True
 
+        watch = asyncio.create_task(service.watch_store())
+        self._on_stop("store watch", lambda: _cancel(watch))
+        self.health.store_problem = lambda: service.store_problem
         snapshots = asyncio.create_task(self._refresh_snapshots(store, gpus))
         self._on_stop("metrics snapshots", lambda: _cancel(snapshots))
         await self._start_http()

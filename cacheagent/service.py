@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 PullProgressSink = Callable[[PullProgress], None]
 
+STORE_CHECK_SECONDS = 2.0
+
 
 @dataclass(frozen=True)
 class PreheatUpdate:
@@ -73,6 +75,10 @@ class ModelService:
     fuse_root: Path | None = None
     # Called with a digest after any removal (the FUSE view drops its cached tree).
     on_evicted: Callable[[str], None] = lambda digest: None
+
+    # Why the store cannot write (index or lock file gone, disk full), refreshed by
+    # ``watch_store``; None while it can.
+    store_problem: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         # Every removal (rm, capacity eviction, a failed pull's record, a repair) comes
@@ -231,9 +237,21 @@ class ModelService:
     # -- CSI backend ---------------------------------------------------------------------------
 
     def store_ready(self) -> bool:
-        """Always: a service exists only over a store that is open and reconciled, and the
-        daemon stops the CSI server before it closes the store."""
-        return True
+        """A service exists only over a store that is open and reconciled (and the daemon
+        stops the CSI server before it closes the store); it stays ready with its disk full
+        (cached models still publish), not once its index or lock file was lost."""
+        problem = self.store_problem
+        return problem is None or problem.startswith("the disk of")
+
+    async def watch_store(self, interval: float = STORE_CHECK_SECONDS) -> None:
+        """Check every ``interval`` seconds whether the store can still write (store.health):
+        the answer feeds /readyz and the CSI Probe; a full disk frees the index reserve."""
+        while True:
+            try:
+                self.store_problem = await asyncio.to_thread(self.store.problem)
+            except OSError as err:
+                self.store_problem = f"cannot check the store: {err}"
+            await asyncio.sleep(interval)
 
     def check_mount_policy(self, namespace: str | None, ref: ModelRef) -> None:
         check_source(self.policy, ref)

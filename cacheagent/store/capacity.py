@@ -8,7 +8,7 @@ from collections.abc import Collection
 from contextlib import closing
 from dataclasses import dataclass
 
-from cacheagent.errors import CacheFullError
+from cacheagent.errors import CacheFullError, DiskFullError
 from cacheagent.store import evict
 from cacheagent.store.evict import Ledger, Reservation
 from cacheagent.store.index import Index
@@ -71,7 +71,8 @@ class Capacity:
         evicting in the same step if that crosses the high watermark (abandoned partial
         downloads first, then LRU models, never those in ``protect``, down to the low
         watermark less the request). CacheFullError naming the sizes, with nothing evicted,
-        if the request cannot fit in the capacity or on the disk even then."""
+        if the request cannot fit in the capacity even then; DiskFullError if it fits the
+        capacity but not the filesystem (another tenant, or a capacity above the disk)."""
         if nbytes < 0:
             raise ValueError(f"negative byte count {nbytes}")
         limits = self.limits
@@ -84,6 +85,10 @@ class Capacity:
                 stale, stale_bytes = evict.take_partials(partials, need)
                 plan = self.plan(need - stale_bytes, protect)
                 freeable = stale_bytes + plan.bytes_freed
+                if evict.fits_capacity(room, nbytes, freeable) and not evict.fits(
+                    room, nbytes, freeable
+                ):
+                    raise DiskFullError(self._layout.root, evict.refusal(room, nbytes, freeable))
                 if not evict.fits(room, nbytes, freeable):
                     raise CacheFullError(
                         nbytes,

@@ -170,11 +170,13 @@ def shortfall(room: Room, nbytes: int, high: float, low: float) -> int:
     return max(need, 0)
 
 
+def fits_capacity(room: Room, nbytes: int, freed: int) -> bool:
+    return room.capacity is None or room.used + nbytes - freed <= room.capacity
+
+
 def fits(room: Room, nbytes: int, freed: int) -> bool:
     """Whether ``nbytes`` fit once ``freed`` bytes are gone (capacity and disk both)."""
-    if room.capacity is not None and room.used + nbytes - freed > room.capacity:
-        return False
-    return nbytes <= room.disk_free + freed
+    return fits_capacity(room, nbytes, freed) and nbytes <= room.disk_free + freed
 
 
 def available(room: Room, freeable: int) -> int:

@@ -25,6 +25,7 @@ change the store raises StoreError. SQLite WAL lets it read while the agent writ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -108,6 +109,7 @@ class Store(StoreView):
         except BaseException:
             flock.release()
             raise
+        store._reserve.ensure()
         try:
             with store._lock:
                 store.last_reconcile = reconcile(
@@ -364,6 +366,28 @@ class Store(StoreView):
         return trash.nbytes
 
     # maintenance
+
+    def problem(self) -> str | None:
+        """Why the store cannot write now, or None (health.py): its index or lock file gone
+        (latched: only a restart clears it; the lock is taken again at once so offline
+        commands stay out), or its disk full (the index reserve is then released)."""
+        if self._flock is None:
+            return None
+        if self._lost is None:
+            self._lost = self._broken()
+            if self._lost is not None:
+                log.error("store %s: %s", self.root, self._lost)
+                self._retake_lock()
+        if self._lost is not None:
+            return self._lost
+        if self._reserve.release_if_full():
+            return f"the disk of {self.root} is full: no new model can be stored"
+        self._reserve.ensure()
+        return None
+
+    def _retake_lock(self) -> None:
+        with contextlib.suppress(StoreError, OSError):
+            self._spare_lock = StoreLock.acquire(self._layout.lock_path, self.root)
 
     def fsck(self, *, rehash: bool = False) -> FsckReport:
         """Reconcile the index with the disk now; with ``rehash``, re-hash every blob."""

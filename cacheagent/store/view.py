@@ -17,6 +17,7 @@ from cacheagent.errors import StoreError
 from cacheagent.store.capacity import Capacity, Limits
 from cacheagent.store.evict import Ledger
 from cacheagent.store.fsck import FsckReport
+from cacheagent.store.health import RESERVE_NAME, Reserve, Watched, identity
 from cacheagent.store.index import Index
 from cacheagent.store.lock import StoreLock
 from cacheagent.store.lru import EvictionPlan
@@ -46,6 +47,15 @@ class StoreView:
         self._layout = layout
         self._index = index
         self._flock = lock
+        self._watched: list[Watched] = []
+        if lock is not None:
+            self._watched = [
+                Watched(layout.index_path, identity(layout.index_path), "the store index"),
+                Watched(lock.path, identity(lock.path), "the agent's store lock"),
+            ]
+        self._lost: str | None = None
+        self._spare_lock: StoreLock | None = None
+        self._reserve = Reserve(layout.root / RESERVE_NAME)
         self._lock = threading.RLock()
         self._tmp_names = itertools.count()
         self._ledger = Ledger()
@@ -73,6 +83,8 @@ class StoreView:
             self._index.close()
             if self._flock is not None:
                 self._flock.release()
+            if self._spare_lock is not None:
+                self._spare_lock.release()
 
     def __enter__(self) -> Self:
         return self
@@ -179,6 +191,17 @@ class StoreView:
     def _writable(self) -> None:
         if self._flock is None:
             raise StoreError(f"store {self.root} was opened read-only (lock=False)")
+        broken = self._broken()
+        if broken is not None:
+            raise StoreError(f"store {self.root} refuses to write: {broken}")
+
+    def _broken(self) -> str | None:
+        """Why writing would lose data (the index or the lock file gone), or None."""
+        for watched in self._watched:
+            problem = watched.problem()
+            if problem is not None:
+                return problem
+        return None
 
     def _tmp_tag(self) -> str:
         return f"{os.getpid()}-{next(self._tmp_names)}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cacheagent.digest import sha256_digest
-from cacheagent.errors import CacheFullError, ModelInUseError
+from cacheagent.errors import CacheFullError, DiskFullError, ModelInUseError
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.lru import Candidate, plan_eviction
 from tests.unit.store_helpers import (
@@ -62,7 +62,7 @@ def test_the_disk_bounds_even_an_unlimited_store(tmp_path: Path) -> None:
     naming what the disk can take, and nothing is evicted for it."""
     with Store.open(tmp_path / "s") as store:
         models = five_models(store)
-        with pytest.raises(CacheFullError, match=r"the disk can take [0-9]+ more"):
+        with pytest.raises(DiskFullError, match=r"disk full: .*the disk can take [0-9]+ more"):
             store.reserve(1 << 62)
         assert all(present(store, models))
         assert store.usage().reserved == 0
