@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cacheagent.config import PolicyConfig
-from cacheagent.errors import CacheAgentError, ModelNotFoundError, SourceError
+from cacheagent.errors import CacheAgentError, ModelNotFoundError, SourceError, StoreError
 from cacheagent.memory.pagecache import Residency, residency
 from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmResult
 from cacheagent.metrics import Metrics
@@ -265,16 +265,28 @@ class ModelService:
         def keep(snap: PullProgress) -> None:
             latest[:] = [snap]
 
-        pull = asyncio.ensure_future(self.pull(ref, keep))
-        try:
-            model, _ = await asyncio.wait_for(asyncio.shield(pull), timeout=max(wait_seconds, 0))
-        except TimeoutError:
-            # The pull goes on; the engine dedupes the next call onto the same work.
-            pull.add_done_callback(log_background_failure)
-            if not latest:
-                return StillPulling()
-            snap = latest[0]
-            return StillPulling(snap.done_bytes, snap.total_bytes, snap.rate or None)
+        deadline = asyncio.get_running_loop().time() + max(wait_seconds, 0)
+        for attempt in range(2):
+            pull = asyncio.ensure_future(self.pull(ref, keep))
+            try:
+                left = max(deadline - asyncio.get_running_loop().time(), 0)
+                model, _ = await asyncio.wait_for(asyncio.shield(pull), timeout=left)
+            except TimeoutError:
+                # The pull goes on; the engine dedupes the next call onto the same work.
+                pull.add_done_callback(log_background_failure)
+                if not latest:
+                    return StillPulling()
+                snap = latest[0]
+                return StillPulling(snap.done_bytes, snap.total_bytes, snap.rate or None)
+            broken = await asyncio.to_thread(self.store.check_sizes, model.digest)
+            if broken is None or attempt:
+                break
+            # A truncated or grown blob is never published: repair (in place if a pod uses
+            # the model) and fetch it again.
+            log.warning("model %s is damaged (%s); repairing it before publishing", ref, broken)
+            await asyncio.to_thread(self.store.fsck)
+        if broken is not None:
+            raise StoreError(f"model {model.digest} is damaged and could not be repaired: {broken}")
         return ReadyModel(model.digest, self.store.model_path(model.digest))
 
     async def lazy_model_dir(self, ref: ModelRef) -> ReadyModel:

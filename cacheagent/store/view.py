@@ -188,6 +188,22 @@ class StoreView:
         with self._lock:
             return self._capacity.plan(need_bytes, ())
 
+    def check_sizes(self, manifest_digest: str) -> str | None:
+        """What is wrong with a ready model's files on disk (a blob truncated or grown since
+        it was committed: its size is checked, not its hash), or None."""
+        model = self.get_model(manifest_digest)
+        if model is None:
+            return f"model {manifest_digest} is not in the store"
+        root = self.model_path(manifest_digest)
+        for f in model.files:
+            try:
+                size = (root / f.path).stat().st_size
+            except OSError as err:
+                return f"{f.path}: {err.strerror}"
+            if size != f.size:
+                return f"{f.path}: {size} bytes, want {f.size}"
+        return None
+
     def _writable(self) -> None:
         if self._flock is None:
             raise StoreError(f"store {self.root} was opened read-only (lock=False)")
