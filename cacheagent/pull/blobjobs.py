@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cacheagent.aio import Signal
-from cacheagent.errors import SourceError
+from cacheagent.errors import DISK_FULL_ERRNOS, DiskFullError, SourceError
 from cacheagent.pull.download import BlobDownload, DownloadSettings, Limits
 from cacheagent.pull.partial_file import sidecar_path
 from cacheagent.pull.progress import BlobProgress, PullProgress, PullState, RateMeter, eta_seconds
@@ -30,6 +30,7 @@ from cacheagent.sources.tarsafe import UnpackedFile, unpack_tar
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
 from cacheagent.store.evict import Reservation
+from cacheagent.store.paths import safe_relpath
 
 log = logging.getLogger(__name__)
 
@@ -290,3 +291,16 @@ async def reserve_room(
     return await asyncio.to_thread(
         store.reserve, need, holder=holder, blobs=partials, protect=(digest,)
     )
+
+
+def disk_full(exc: BaseException, root: Path) -> BaseException:
+    """ENOSPC/EDQUOT from any write of a pull (unpacking a tar layer, building the tree) as the
+    DiskFullError a client can act on; any other exception unchanged."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return DiskFullError(root, exc.strerror or str(exc))
+    return exc
+
+
+def member_path(prefix: str, rel: str) -> str:
+    """Where a tar member lands in the model tree (under the layer's path, if any)."""
+    return safe_relpath(f"{prefix}/{rel}") if prefix else rel

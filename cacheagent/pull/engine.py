@@ -32,8 +32,6 @@ from typing import Any
 from cacheagent.aio import Signal, all_or_nothing
 from cacheagent.config import PullConfig
 from cacheagent.errors import (
-    DISK_FULL_ERRNOS,
-    DiskFullError,
     ModelNotFoundError,
     OriginUnavailableError,
     SourceError,
@@ -42,7 +40,9 @@ from cacheagent.pull.blobjobs import (
     BlobJobs,
     ModelJob,
     ProgressCallback,
+    disk_full,
     finished_snapshot,
+    member_path,
     notify,
     raw_file,
     reserve_room,
@@ -60,7 +60,6 @@ from cacheagent.sources.base import Layer, Source
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
-from cacheagent.store.paths import safe_relpath
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +419,7 @@ class PullEngine:
             crashpoint("pull.after_tree")
             await self._record_ref(job.ref, digest)
         except BaseException as exc:
-            error = _disk_full(exc, store.root)
+            error = disk_full(exc, store.root)
             self._publish(job, state="failed", error=str(error) or type(error).__name__)
             if recorded:  # no ghost: the pending record goes with the pull
                 await asyncio.to_thread(store.drop_pending, digest, holder)
@@ -455,7 +454,9 @@ class PullEngine:
         job.done[blob.digest] = blob.size
         if layer.unpack == "raw":
             return [raw_file(layer)]
-        return [ModelFile(_join(layer.path, e.path), e.digest, e.size, e.mode) for e in entries]
+        return [
+            ModelFile(member_path(layer.path, e.path), e.digest, e.size, e.mode) for e in entries
+        ]
 
     def _wanted(self, blob_digest: str) -> bool:
         return any(
@@ -484,18 +485,6 @@ class PullEngine:
         for listener in list(job.listeners):
             notify(listener, snap)
         job.changed.fire()
-
-
-def _disk_full(exc: BaseException, root: Path) -> BaseException:
-    """ENOSPC/EDQUOT from any write of a pull (unpacking a tar layer, building the tree) as the
-    DiskFullError a client can act on; any other exception unchanged."""
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-        return DiskFullError(root, exc.strerror or str(exc))
-    return exc
-
-
-def _join(prefix: str, rel: str) -> str:
-    return safe_relpath(f"{prefix}/{rel}") if prefix else rel
 
 
 def log_background_failure(task: asyncio.Future[Any]) -> None:
