@@ -322,6 +322,8 @@ class Agent:
 
         watch = asyncio.create_task(service.watch_store())
         self._on_stop("store watch", lambda: _cancel(watch))
+        scrub = asyncio.create_task(service.scrub(cfg.store.scrub_bytes_per_second))
+        self._on_stop("scrub", lambda: _cancel(scrub))
         self.health.store_problem = lambda: service.store_problem
         snapshots = asyncio.create_task(self._refresh_snapshots(store, gpus))
         self._on_stop("metrics snapshots", lambda: _cancel(snapshots))

@@ -79,6 +79,7 @@ class ModelService:
     # Why the store cannot write (index or lock file gone, disk full), refreshed by
     # ``watch_store``; None while it can.
     store_problem: str | None = field(default=None, init=False)
+    _refetches: set[asyncio.Future[tuple[Model, bool]]] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         # Every removal (rm, capacity eviction, a failed pull's record, a repair) comes
@@ -312,6 +313,43 @@ class ModelService:
     async def prefetch(self, digest: str, gpus: Sequence[str]) -> None:
         if self.prefetcher is not None:
             await self.warm(digest, gpus)
+
+    # -- scrub ---------------------------------------------------------------------------------
+
+    async def scrub(self, bytes_per_second: int, *, step_seconds: float = 1.0) -> None:
+        """Re-hash the store's blobs forever at about ``bytes_per_second`` (0: never); blobs
+        that fail are quarantined and the models using them fetched again."""
+        if bytes_per_second <= 0:
+            return
+        budget = max(int(bytes_per_second * step_seconds), 1)
+        while True:
+            started = time.monotonic()
+            await self.scrub_once(budget)
+            spent = time.monotonic() - started
+            await asyncio.sleep(max(step_seconds - spent, 0.0))
+
+    async def scrub_once(self, budget_bytes: int) -> list[str]:
+        """One scrub step; returns the digests of the models it sent to be fetched again."""
+        result, _ = await asyncio.to_thread(self.store.scrub, budget_bytes)
+        if self.metrics is not None:
+            self.metrics.scrubbed_bytes.inc(result.hashed_bytes)
+            self.metrics.scrub_failures.inc(len(result.failed))
+        if not result.failed:
+            return []
+        pending = [
+            p
+            for digest in await asyncio.to_thread(self.store.model_digests)
+            if (p := await asyncio.to_thread(self.store.get_pending, digest)) is not None
+            and p.ref is not None
+            and set(p.missing) & set(result.failed)
+        ]
+        for model in pending:
+            assert model.ref is not None
+            task = asyncio.ensure_future(self.pull(parse_ref(model.ref)))
+            task.add_done_callback(log_background_failure)
+            self._refetches.add(task)
+            task.add_done_callback(self._refetches.discard)
+        return [model.digest for model in pending]
 
     # -- FUSE backend (volumes.LazyBackend) ----------------------------------------------------
 

@@ -22,6 +22,7 @@ which each indexed blob is a whole verified file and each ready model is a compl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from cacheagent.digest import hex_of
 from cacheagent.store import tree
 from cacheagent.store.blobs import BLOB_MODE, hash_file
 from cacheagent.store.index import Index
@@ -297,3 +299,23 @@ def _make_writable(entry: os.DirEntry[str], report: FsckReport) -> None:
     if not mode & stat.S_IWUSR:
         Path(entry.path).chmod(mode | stat.S_IWUSR)
         report.note("modes_fixed", f"partial/{entry.name}: made writable again for resume")
+
+
+def quarantine(index: Index, layout: Layout, failed: dict[str, str], report: FsckReport) -> None:
+    """Take blobs whose bytes do not hash to their digest out of service (the caller holds
+    the store lock): files to ``quarantine/``, rows dropped, models using them reset to pending
+    (kept in place if a pod uses them)."""
+    in_use = trees_in_use(index, layout)
+    where = layout.root / "quarantine"
+    where.mkdir(mode=0o700, exist_ok=True)
+    with index.transaction():
+        users = sorted(index.models_using(sorted(failed)))
+        for digest, actual in sorted(failed.items()):
+            with contextlib.suppress(FileNotFoundError):
+                layout.blob_path(digest).rename(where / hex_of(digest))
+            index.delete_blobs([digest])
+            report.note(
+                "corrupt_blobs_removed", f"quarantined {digest}: content hashes to {actual}"
+            )
+        for digest in users:
+            _reset_model(index, layout, digest, "uses a corrupt blob (scrub)", report, in_use)

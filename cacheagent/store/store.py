@@ -44,13 +44,14 @@ from cacheagent.errors import (
 from cacheagent.store import blobs, tree
 from cacheagent.store.crashpoints import crashpoint
 from cacheagent.store.evict import Reservation
-from cacheagent.store.fsck import FsckReport, reconcile
+from cacheagent.store.fsck import FsckReport, quarantine, reconcile
 from cacheagent.store.index import Index, ModelRow
 from cacheagent.store.lock import StoreLock
 from cacheagent.store.lru import EvictionPlan
 from cacheagent.store.paths import Layout, TreeShape
 from cacheagent.store.records import LEASE_KINDS, Model, ModelFile
 from cacheagent.store.removal import RemovalObserver
+from cacheagent.store.scrub import ScrubPass, hash_batch
 from cacheagent.store.validate import check_capacity, checked_files
 from cacheagent.store.view import StoreView
 
@@ -384,6 +385,20 @@ class Store(StoreView):
             return f"the disk of {self.root} is full: no new model can be stored"
         self._reserve.ensure()
         return None
+
+    def scrub(self, budget_bytes: int) -> tuple[ScrubPass, FsckReport]:
+        """Re-hash the next blobs (about ``budget_bytes``) and quarantine those that fail
+        (scrub.py); returns what was hashed and what was repaired."""
+        self._writable()
+        with self._lock:
+            batch = self._scrub_cursor.next_batch(self._index.all_blobs(), budget_bytes)
+        result = hash_batch(batch, self.blob_path)
+        report = FsckReport(rehashed=True)
+        if result.failed:
+            with self._lock:
+                quarantine(self._index, self._layout, result.failed, report)
+            log.error("scrub: %s", "; ".join(report.actions))
+        return result, report
 
     def _retake_lock(self) -> None:
         with contextlib.suppress(StoreError, OSError):

@@ -24,6 +24,7 @@ from cacheagent.store.lru import EvictionPlan
 from cacheagent.store.paths import Layout
 from cacheagent.store.records import Lease, Model, PendingModel, Usage
 from cacheagent.store.remover import Remover
+from cacheagent.store.scrub import ScrubCursor
 
 
 class StoreView:
@@ -54,6 +55,7 @@ class StoreView:
                 Watched(lock.path, identity(lock.path), "the agent's store lock"),
             ]
         self._lost: str | None = None
+        self._scrub_cursor = ScrubCursor()
         self._spare_lock: StoreLock | None = None
         self._reserve = Reserve(layout.root / RESERVE_NAME)
         self._lock = threading.RLock()

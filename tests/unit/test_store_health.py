@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from cacheagent.config import load_config
 from cacheagent.csi.journal import Publish, PublishJournal
-from cacheagent.errors import StoreError, StoreLockedError
+from cacheagent.errors import ConfigError, StoreError, StoreLockedError
 from cacheagent.store import Store
 from cacheagent.store.health import RESERVE_NAME
+from cacheagent.store.scrub import ScrubCursor
 from tests.support import require_binary, require_root
 from tests.unit.store_helpers import add_model
 
@@ -91,3 +93,22 @@ def test_a_cached_model_still_publishes_with_the_disk_full(small_disk: Path) -> 
         (small_disk / "filler").unlink()
         assert store.problem() is None
         assert (root / RESERVE_NAME).exists()  # taken again once there is room
+
+
+def test_the_scrub_cursor_walks_every_blob_within_its_budget_and_wraps() -> None:
+    blobs = {f"sha256:{c * 64}": 10 for c in "abcde"}
+    cursor = ScrubCursor()
+    batches = [[d for d, _ in cursor.next_batch(blobs, 25)] for _ in range(4)]
+    order = sorted(blobs)
+    assert batches == [order[0:2], order[2:4], order[4:5], order[0:2]]  # then around again
+    assert cursor.rounds == 1
+    assert len(cursor.next_batch(blobs, 1)) == 1  # at least one blob, whatever the budget
+
+
+def test_the_scrub_rate_is_configured_and_checked() -> None:
+    assert load_config(None, {}, {}).store.scrub_bytes_per_second == 16 * MiB
+    config = load_config(None, {}, {"store.scrub_bytes_per_second": "64Mi"})
+    assert config.store.scrub_bytes_per_second == 64 * MiB
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {}, {"store.scrub_bytes_per_second": "fast"})
+    assert caught.value.key == "store.scrub_bytes_per_second"
