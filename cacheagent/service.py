@@ -203,11 +203,28 @@ class ModelService:
         paths = [root / f.path for f in model.files]
         return await asyncio.to_thread(residency, paths)
 
+    def pulls(self) -> list[PullProgress]:
+        """The model pulls in flight (``ls`` shows them), newest snapshot of each."""
+        return list(self.engine.in_flight.values())
+
+    def find_pull(self, text: str) -> PullProgress | None:
+        """The pull in flight that ``text`` names: its manifest digest, a digest prefix of at
+        least 12 hex digits, or the reference it was asked for."""
+        bare = text.removeprefix("sha256:")
+        for snap in self.pulls():
+            digest = snap.manifest_digest
+            if text in (digest, snap.ref) or (
+                len(bare) >= 12 and digest.removeprefix("sha256:").startswith(bare)
+            ):
+                return snap
+        return None
+
     async def evict(self, text: str, *, force: bool = False) -> tuple[str, int]:
         """Remove a model (``force`` overrides a pin, never a lease); a pull in flight named
-        by its manifest digest is cancelled instead (its pending record goes with it)."""
-        if await self.engine.cancel(text):
-            return text, 0
+        by ``text`` is cancelled instead (its pending record goes with it)."""
+        pulling = self.find_pull(text)
+        if pulling is not None and await self.engine.cancel(pulling.manifest_digest):
+            return pulling.manifest_digest, 0
         model = await self.find(text)
         freed = await asyncio.to_thread(self.store.remove_model, model.digest, force=force)
         return model.digest, freed

@@ -18,13 +18,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
+from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb
+from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
+from cacheagent.api import AgentService
 from cacheagent.config import PullConfig
 from cacheagent.errors import CacheFullError, SourceError
 from cacheagent.memory.prefetch import MemoryLocker
 from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.refs import LayoutRef
+from cacheagent.server import start_agent_api
 from cacheagent.service import ModelService
 from cacheagent.sources.layout import OciLayoutSource
 from cacheagent.store import Model, Store
@@ -235,5 +240,45 @@ async def test_rm_cancels_a_pull_in_flight_and_leaves_nothing(tmp_path: Path) ->
         assert store.model_digests() == [] and store.leases() == []
         assert store.usage().reserved == 0
     finally:
+        await engine.aclose()
+        store.close()
+
+
+async def test_pulls_in_flight_show_in_ls_and_stat_and_rm_cancels_them(tmp_path: Path) -> None:
+    """Over the real agent API (gRPC on a unix socket): a pull in flight is listed with its
+    state, bytes and rate, found by stat, and cancelled by rm, leaving nothing behind."""
+    ref, _ = make_layout(tmp_path / "layouts", 0)
+    store = Store.open(tmp_path / "store")
+    source = CountingSource(delay=0.05)
+    engine = PullEngine(store, SourceRegistry([source]), PullConfig())
+    service = ModelService(store, engine)
+    socket = tmp_path / "agent.sock"
+    server = await start_agent_api(socket, AgentService(service))
+    channel = grpc.aio.insecure_channel(f"unix://{socket}")
+    stub = pb_grpc.AgentStub(channel)
+    pull = asyncio.create_task(service.pull(ref))
+    try:
+        async with asyncio.timeout(30):  # progress is published every 0.25 s
+            while True:
+                models = list((await stub.List(pb.ListRequest())).models)
+                if models and models[0].done_bytes:
+                    break
+                await asyncio.sleep(0.02)
+        [listed] = models
+        assert listed.state == "pulling"
+        assert 0 < listed.done_bytes <= listed.size_bytes == MODEL_FILES * FILE_BYTES
+        stat = await stub.Stat(pb.StatRequest(model=listed.manifest_digest[:19]))
+        assert (stat.state, stat.manifest_digest) == ("pulling", listed.manifest_digest)
+        evicted = await stub.Evict(pb.EvictRequest(model=listed.manifest_digest))
+        assert evicted.manifest_digest == listed.manifest_digest
+        with pytest.raises(SourceError, match="cancelled"):
+            await pull
+        assert list((await stub.List(pb.ListRequest())).models) == []
+        assert store.model_digests() == [] and store.leases() == []
+    finally:
+        pull.cancel()
+        await asyncio.gather(pull, return_exceptions=True)
+        await channel.close(None)
+        await server.stop(None)
         await engine.aclose()
         store.close()
