@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from cacheagent.digest import sha256_digest
 from cacheagent.errors import CacheFullError, DiskFullError, ModelInUseError
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.lru import Candidate, plan_eviction
+from cacheagent.store.removal import Removal
 from tests.unit.store_helpers import (
     add_model,
     manifest_for,
@@ -280,3 +282,23 @@ def test_force_overrides_a_pin_never_a_lease(store: Store) -> None:
     store.release_lease("csi:v:/t")
     store.remove_model(m.digest, force=True)
     assert store.get_model(m.digest) is None
+
+
+def test_removal_deletes_and_notifies_outside_the_store_lock(store: Store) -> None:
+    """The slow half of a removal (deleting files, telling observers) runs without the store
+    lock: another thread can use the store meanwhile (it would block forever otherwise)."""
+    models = five_models(store)
+    answered: list[bool] = []
+
+    def observer(removal: Removal) -> None:
+        other = threading.Thread(
+            target=lambda: answered.append(store.get_model(removal.digest) is None)
+        )
+        other.start()
+        other.join(timeout=10)
+        assert not other.is_alive(), "the store lock is held while observers run"
+
+    store.add_removal_observer(observer)
+    store.remove_model(models[0].digest)
+    assert answered == [True]  # and the model was already gone for everyone
+    assert not list(store.root.glob("models/sha256/.tmp-trash-*"))  # the trash is emptied
