@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cacheagent.config import PolicyConfig
 from cacheagent.metrics import Metrics
 from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.refs import LayoutRef
@@ -37,7 +38,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[ModelService, CountingSourc
     # Every tag resolution expires at once: each pull asks the origin again.
     engine = PullEngine(store, SourceRegistry([source]), tuning=PullTuning(tag_ttl_seconds=0))
     metrics = Metrics()
-    service = ModelService(store, engine, metrics=metrics, fuse_root=tmp_path / "fuse")
+    policy = PolicyConfig(lazy_sources=("oci", "oci-layout"))  # lazy mode for layouts too
+    service = ModelService(store, engine, policy, metrics=metrics, fuse_root=tmp_path / "fuse")
     try:
         yield service, source, metrics
     finally:
