@@ -270,8 +270,9 @@ async def reserve_room(
 ) -> Reservation:
     """Reserve the bytes still to land before writing any (CacheFullError at once if they
     cannot fit). Tar layers count twice (the archive, then its members); the archive's
-    share is given back once it is unpacked. A compressed one may unpack to more, which
-    the store's watermarks absorb."""
+    share is given back once it is unpacked. A compressed one may unpack to more: each
+    member then reserves the rest as it commits (``Capacity.grow``), refused past the
+    capacity."""
     need = 0
     partials: list[str] = []
     for layer in job.resolved.layers:

@@ -114,3 +114,15 @@ class Capacity:
             if reservation.committed and age_orphans:
                 with self._index.transaction():
                     self._index.age_orphans(sorted(reservation.committed))
+
+    def grow(self, reservation: Reservation, size: int) -> None:
+        """Make sure ``reservation`` covers a blob of ``size`` bytes about to be committed
+        under it (a compressed tar layer may unpack to more than was reserved): reserve the
+        difference as ``reserve`` would, evicting if need be; CacheFullError if it cannot."""
+        with self._lock:
+            extra = size - reservation.remaining
+            if extra <= 0 or reservation.released:
+                return
+            more = self.reserve(extra, holder=reservation.holder, blobs=(), protect=())
+            self._ledger.drop(more)
+            reservation.remaining += extra

@@ -35,6 +35,7 @@ from pathlib import Path
 from cacheagent.config import StoreConfig
 from cacheagent.digest import check_digest, hex_of, sha256_digest
 from cacheagent.errors import (
+    CacheAgentError,
     DigestMismatchError,
     ModelInUseError,
     ModelNotFoundError,
@@ -158,6 +159,12 @@ class Store(StoreView):
             if self.has_blob(digest):  # a concurrent commit of the same blob won
                 return dest
             raise
+        if reservation is not None:
+            try:
+                self._capacity.grow(reservation, size)
+            except CacheAgentError:
+                blobs.discard(src)
+                raise
         with self._lock:
             if self._index.blob_size(digest) is not None:
                 blobs.discard(src)

@@ -282,3 +282,26 @@ async def test_pulls_in_flight_show_in_ls_and_stat_and_rm_cancels_them(tmp_path:
         await server.stop(None)
         await engine.aclose()
         store.close()
+
+
+async def test_a_compressed_layer_that_unpacks_past_its_reservation_stays_bounded(
+    tmp_path: Path,
+) -> None:
+    """A tar+gzip layer reserves twice its size; one that unpacks to more must reserve the
+    rest as it commits, and is refused once that passes the capacity."""
+    # Four letters at random: gzip packs them about 3.5 to 1, under the zip-bomb guard (32).
+    text = os.urandom(4 * MiB).translate(bytes(b"ACGT"[i % 4] for i in range(256)))
+    layout = tmp_path / "layout"
+    write_layout(layout, [LayoutEntry("w.txt", text, "tar+gzip", "weight")], tag="v1")
+    store = Store.open(tmp_path / "store", capacity_bytes=3 * MiB)
+    engine = PullEngine(store, SourceRegistry([OciLayoutSource()]))
+    try:
+        with pytest.raises(CacheFullError, match="need"):
+            await engine.pull(LayoutRef(path=str(layout), tag="v1", digest=None))
+        usage = store.usage()
+        assert usage.used == 0 and usage.reserved == 0
+        assert allocated_bytes(store.root) == 0  # the archive and the member are gone
+        assert store.model_digests() == []
+    finally:
+        await engine.aclose()
+        store.close()
