@@ -64,10 +64,11 @@ class FsckReport:
     leases_dropped: int = 0
     refcounts_fixed: int = 0
     actions: list[str] = field(default_factory=list)
+    reset: list[str] = field(default_factory=list)  # digests of the models reset to pending
 
     def counts(self) -> dict[str, int]:
         """Each kind of fix and how many times it was applied."""
-        skip = {"rehashed", "blobs_checked", "models_checked", "actions"}
+        skip = {"rehashed", "blobs_checked", "models_checked", "actions", "reset"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     @property
@@ -205,6 +206,7 @@ def _reset_model(
     index: Index, layout: Layout, digest: str, why: str, report: FsckReport, in_use: set[str]
 ) -> None:
     index.set_state(digest, "pending")
+    report.reset.append(digest)
     if digest in in_use:
         # A pod has this directory bind-mounted: removing it would leave the pod an empty,
         # deleted directory. Keep it (same inode); the next pull repairs it in place.

@@ -103,6 +103,13 @@ class Remover:
                 observers = list(self._observers)
         notify(observers, trash.removals)
 
+    def repaired(self, digests: Sequence[str]) -> None:
+        """Tell the observers about models a repair reset to pending (their trees were
+        removed, or are to be repaired in place): what they hold of them is stale."""
+        with self._lock:
+            observers = list(self._observers)
+        notify(observers, [Removal(digest, "repair", 0) for digest in digests])
+
     def _take(self, trash: Trash, freed: dict[str, int]) -> None:
         for removal in trash.removals:
             trash.take_tree(self._layout.model_path(removal.digest), hex_of(removal.digest))

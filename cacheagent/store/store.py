@@ -405,6 +405,7 @@ class Store(StoreView):
             with self._lock:
                 quarantine(self._index, self._layout, result.failed, report)
             log.error("scrub: %s", "; ".join(report.actions))
+            self._remover.repaired(report.reset)
         return result, report
 
     def _retake_lock(self) -> None:
@@ -415,10 +416,12 @@ class Store(StoreView):
         """Reconcile the index with the disk now; with ``rehash``, re-hash every blob."""
         self._writable()
         with self._lock:
-            self.last_reconcile = reconcile(
+            report = reconcile(
                 self._index, self._layout, rehash=rehash, now=time.time(), at_start=False
             )
-            return self.last_reconcile
+            self.last_reconcile = report
+        self._remover.repaired(report.reset)
+        return report
 
     # internals
 

@@ -82,3 +82,14 @@ def test_a_mounted_tree_survives_the_loss_of_the_index(tmp_path: Path) -> None:
             assert tree.stat().st_ino == inode
     finally:
         subprocess.run([umount, str(target)], check=True, timeout=30)
+
+
+def test_a_repair_at_runtime_tells_the_removal_observers(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "store") as store:
+        model = add_model(store, "m", {"w.bin": DATA})
+        heard: list[tuple[str, str]] = []
+        store.add_removal_observer(lambda r: heard.append((r.digest, r.reason)))
+        break_blob(store, model.files[0].blob)
+        report = store.fsck()
+        assert report.reset == [model.digest]
+        assert heard == [(model.digest, "repair")]
