@@ -7,7 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
+from cacheagent.mountinfo import parse_mountinfo
 from cacheagent.store import ModelFile, Store
+from cacheagent.store.inuse import mounted_trees
 from tests.support import require_binary, require_root
 from tests.unit.store_helpers import add_model, manifest_for
 
@@ -93,3 +95,21 @@ def test_a_repair_at_runtime_tells_the_removal_observers(tmp_path: Path) -> None
         report = store.fsck()
         assert report.reset == [model.digest]
         assert heard == [(model.digest, "repair")]
+
+
+HEX_A, HEX_B = "a" * 64, "b" * 64
+MOUNTINFO = f"""\
+1 0 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+2 1 8:2 / /var/lib rw,relatime - ext4 /dev/sda2 rw
+3 1 8:2 /cacheagent/models/sha256/{HEX_A} /var/lib/kubelet/pods/p/volumes/v ro - ext4 /dev/sda2 rw
+4 1 8:1 /cacheagent/models/sha256/{HEX_B} /mnt/other ro - ext4 /dev/sda1 rw
+5 1 8:2 /cacheagent/models/sha256/{HEX_B}/sub /var/lib/kubelet/pods/q/x ro - ext4 /dev/sda2 rw
+"""
+
+
+def test_mounted_trees_are_found_by_device_and_mount_root() -> None:
+    """The store at /var/lib/cacheagent lives on 8:2 mounted at /var/lib: mounts of that
+    device whose root is a tree (or under one) count; the same path on another device not."""
+    found = mounted_trees(Path("/var/lib/cacheagent/models/sha256"), parse_mountinfo(MOUNTINFO))
+    assert found == {f"sha256:{HEX_A}", f"sha256:{HEX_B}"}
+    assert mounted_trees(Path("/elsewhere/models"), parse_mountinfo(MOUNTINFO)) == set()
