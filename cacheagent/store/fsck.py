@@ -64,11 +64,15 @@ class FsckReport:
     leases_dropped: int = 0
     refcounts_fixed: int = 0
     actions: list[str] = field(default_factory=list)
-    reset: list[str] = field(default_factory=list)  # digests of the models reset to pending
+
+    def __post_init__(self) -> None:
+        # Digests of the models reset to pending (for the removal observers); not a field,
+        # so the report's JSON (``gc --json``) stays one number per kind of fix.
+        self.reset: list[str] = []
 
     def counts(self) -> dict[str, int]:
         """Each kind of fix and how many times it was applied."""
-        skip = {"rehashed", "blobs_checked", "models_checked", "actions", "reset"}
+        skip = {"rehashed", "blobs_checked", "models_checked", "actions"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     @property
