@@ -35,6 +35,10 @@ def model_rows(models: Sequence[Reply], now: float | None = None) -> str:
 
 def _resident(m: Reply) -> str:
     size = int(m.get("size_bytes", 0))
+    if m.get("state") == "pulling":  # still downloading: how far, how fast
+        done, rate = int(m.get("done_bytes", 0)), float(m.get("bytes_per_second", 0))
+        share = f"{100 * done / size:.0f}%" if size else human_bytes(done)
+        return f"pulling {share}, {human_bytes(rate)}/s"
     resident = int(m.get("resident_bytes", 0))
     return "-" if not size else f"{100 * resident / size:.0f}%"
 

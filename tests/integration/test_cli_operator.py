@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from cacheagent.config import load_config
-from cacheagent.sources.layout_writer import write_synthetic_layout
 from tests.hf_server import HfRepo, HfServer
+from tests.oci.layout_writer import write_synthetic_layout
 from tests.threaded import serve_in_thread
 
 
