@@ -1,0 +1,78 @@
+"""Lazy (FUSE) volumes inside the real agent: cache hits, dead FUSE targets after a restart,
+signals and health. Real registry, real FUSE and bind mounts, kubelet-shaped CSI calls."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cacheagent.cli.client import AgentClient
+from cacheagent.mountinfo import find_mount
+from tests.agent_process import AgentProcess
+from tests.csi_env import force_unmount, mounts_under
+from tests.e2e.conftest import Origin
+from tests.kubelet import InlineVolume, Kubelet, Pod
+from tests.support import require_fuse
+
+DRIVER = "model.cacheagent.io"
+BACKOFF_SCALE = 0.02
+CACHE_HIT_PUBLISH_SECONDS = 5.0  # generous for a shared CI machine; it answers in milliseconds
+
+
+@pytest.fixture
+def lazy_agent(tmp_path: Path, origin: Origin) -> Iterator[AgentProcess]:
+    require_fuse()
+    agent = AgentProcess(tmp_path / "agent", insecure=(origin.registry.host,), fuse=True)
+    try:
+        yield agent.start()
+    finally:
+        agent.stop()
+        for leftover in mounts_under(agent.kubelet_dir):
+            force_unmount(leftover)
+        agent.cleanup()
+
+
+def kubelet(agent: AgentProcess, timeout: float = 120.0) -> Kubelet:
+    return Kubelet(
+        agent.csi_socket, agent.kubelet_dir, DRIVER, backoff_scale=BACKOFF_SCALE, timeout=timeout
+    )
+
+
+def lazy_volume(ref: str) -> InlineVolume:
+    return InlineVolume("model", {"model": ref, "mode": "lazy"}, read_only=True)
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("by", ["tag", "digest"])
+def test_lazy_publish_of_a_cached_model_answers_at_once(
+    lazy_agent: AgentProcess, origin: Origin, by: str
+) -> None:
+    model = origin.models["alpha"]
+    with AgentClient(lazy_agent.socket) as client:
+        list(client.preheat([model.ref]))
+        stored = Path(client.stat(model.ref).path)
+    ref = model.ref if by == "tag" else f"{model.ref.rsplit(':', 1)[0]}@{model.digest}"
+    pod, volume = Pod(f"pod-hit-{by}"), lazy_volume(ref)
+    with kubelet(lazy_agent, timeout=CACHE_HIT_PUBLISH_SECONDS) as k:
+        started = time.monotonic()
+        outcome = k.set_up(pod, volume)
+        elapsed = time.monotonic() - started
+        assert outcome.ok, outcome
+        target = k.target(pod, volume)
+        try:
+            assert elapsed < CACHE_HIT_PUBLISH_SECONDS, elapsed
+            assert file_digests(target) == file_digests(stored)
+        finally:
+            assert k.tear_down(pod, volume).ok
+    assert find_mount(target) is None
