@@ -3,7 +3,9 @@ signals and health. Real registry, real FUSE and bind mounts, kubelet-shaped CSI
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,3 +78,38 @@ def test_lazy_publish_of_a_cached_model_answers_at_once(
         finally:
             assert k.tear_down(pod, volume).ok
     assert find_mount(target) is None
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_unpublish_of_a_dead_lazy_target_succeeds_and_kubelet_can_republish(
+    lazy_agent: AgentProcess, origin: Origin, how: str
+) -> None:
+    """After a restart without FUSE survival, the old bind mount answers ENOTCONN: unpublish
+    must still take it down (kubelet tears the pod down) and a new publish must serve."""
+    model = origin.models["beta"]
+    with AgentClient(lazy_agent.socket) as client:
+        list(client.preheat([model.ref]))
+        stored = Path(client.stat(model.ref).path)
+    pod, volume = Pod(f"pod-dead-{how}"), lazy_volume(model.ref)
+    with kubelet(lazy_agent) as k:
+        assert k.set_up(pod, volume).ok
+        target = k.target(pod, volume)
+    if how == "sigterm":
+        lazy_agent.stop()
+    else:
+        lazy_agent.kill()
+    lazy_agent.start()
+    with pytest.raises(OSError) as dead:
+        os.stat(target)
+    assert dead.value.errno == errno.ENOTCONN
+    with kubelet(lazy_agent) as k:
+        outcome = k.tear_down(pod, volume)
+        assert outcome.ok, outcome
+        assert find_mount(target) is None
+        assert not target.exists()
+        assert k.set_up(pod, volume).ok
+        try:
+            assert file_digests(target) == file_digests(stored)
+        finally:
+            assert k.tear_down(pod, volume).ok
+    assert not [m for m in mounts_under(lazy_agent.kubelet_dir) if m.startswith(str(target))]
