@@ -75,6 +75,17 @@ class Health:
             problems.append("FUSE mount not serving")
         return problems
 
+    def liveness(self) -> list[str]:
+        """What /healthz reports: only what a restart of the agent repairs. A FUSE session
+        that ended (its mount detached, its connection aborted) never comes back in-process."""
+        if (
+            self.fuse_required
+            and not self.stopping
+            and (self.fuse is None or not self.fuse.healthy())
+        ):
+            return ["FUSE session dead (lazy volumes answer ENOTCONN); restart the agent"]
+        return []
+
 
 async def start_agent_api(
     socket_path: Path, servicer: AgentService, tls: TcpTls | None = None
@@ -152,6 +163,9 @@ def http_app(
         return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
     async def healthz(request: web.Request) -> web.Response:
+        problems = await asyncio.to_thread(health.liveness)
+        if problems:
+            return web.Response(status=503, text="unhealthy: " + "; ".join(problems) + "\n")
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
@@ -372,6 +386,13 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
+def _ignore_sighup() -> None:
+    log.info(
+        "SIGHUP ignored: the agent reads its configuration only at start; "
+        "restart it (a DaemonSet rollout) to apply a change"
+    )
+
+
 async def serve(config: Config) -> int:
     setup_logging(fmt=config.agent.log_format, level=config.agent.log_level)
     agent = Agent(config)
@@ -379,6 +400,8 @@ async def serve(config: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Before the FUSE mount starts: libfuse would otherwise make SIGHUP unmount it for good.
+    loop.add_signal_handler(signal.SIGHUP, _ignore_sighup)
     try:
         await agent.start()
         await stop.wait()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +115,32 @@ def test_unpublish_of_a_dead_lazy_target_succeeds_and_kubelet_can_republish(
         finally:
             assert k.tear_down(pod, volume).ok
     assert not [m for m in mounts_under(lazy_agent.kubelet_dir) if m.startswith(str(target))]
+
+
+def test_sighup_leaves_the_fuse_mount_serving(lazy_agent: AgentProcess, origin: Origin) -> None:
+    model = origin.models["gamma"]
+    with AgentClient(lazy_agent.socket) as client:
+        list(client.preheat([model.ref]))
+    assert lazy_agent.proc is not None
+    os.kill(lazy_agent.proc.pid, signal.SIGHUP)
+    # The agent answers an API call after the signal, so the signal has been handled.
+    with AgentClient(lazy_agent.socket) as client:
+        assert client.stat(model.ref).manifest_digest == model.digest
+    assert lazy_agent.proc.poll() is None
+    assert model.digest in os.listdir(lazy_agent.fuse_root)
+    assert lazy_agent.get("/readyz")[0] == 200
+    assert lazy_agent.get("/healthz")[0] == 200
+    assert "SIGHUP" in lazy_agent.log_text()
+
+
+def test_health_reports_a_dead_fuse_session(lazy_agent: AgentProcess) -> None:
+    """Someone detaches the agent's FUSE mount: the session ends, and both probes say so
+    (liveness fails, so kubelet restarts the agent, which mounts a new session)."""
+    subprocess.run(["umount", "-l", str(lazy_agent.fuse_root)], check=True, timeout=30)
+    deadline = time.monotonic() + 30
+    while lazy_agent.get("/healthz")[0] == 200:
+        assert time.monotonic() < deadline, "healthz still ok 30 s after the FUSE session died"
+        time.sleep(0.1)
+    status, text = lazy_agent.get("/healthz")
+    assert status == 503 and "FUSE" in text, text
+    assert lazy_agent.get("/readyz")[0] == 503
