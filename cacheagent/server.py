@@ -33,6 +33,7 @@ from cacheagent.errors import ConfigError
 from cacheagent.fuse.mount import FuseMount, MountOptions
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.store_provider import StoreProvider
+from cacheagent.fuse.waits import OriginWaits, origin_wait_limit
 from cacheagent.logs import setup_logging
 from cacheagent.memory.gpu import GpuInfo, GpuInventory
 from cacheagent.memory.pagecache import residency
@@ -321,12 +322,20 @@ class Agent:
             return
         loop = asyncio.get_running_loop()
         stats = FuseStats()
-        provider = StoreProvider(service.store, service.engine, loop, stats=stats)
+        waits = OriginWaits(origin_wait_limit(cfg.max_threads), cfg.origin_waits_per_model)
+        provider = StoreProvider(
+            service.store,
+            service.engine,
+            loop,
+            stats=stats,
+            read_timeout=cfg.origin_wait_seconds,
+            waits=waits,
+        )
         mount = FuseMount(
             cfg.mountpoint,
             provider,
             stats=stats,
-            options=MountOptions(read_ahead_kb=cfg.read_ahead_kb),
+            options=MountOptions(read_ahead_kb=cfg.read_ahead_kb, max_threads=cfg.max_threads),
         )
         self.metrics.fuse_counts = stats.snapshot
         await asyncio.to_thread(mount.start)

@@ -64,10 +64,12 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
         *,
         tree_cache_size: int = DEFAULT_TREE_CACHE,
         on_init: Callable[[], None] | None = None,
+        max_background: int | None = None,
     ) -> None:
         self.stats = stats if stats is not None else FuseStats()
         self._provider = provider
         self._on_init = on_init
+        self._max_background = max_background
         self._started_ns = time.time_ns()
         self._trees: OrderedDict[str, _Model] = OrderedDict()
         self._tree_cache_size = tree_cache_size
@@ -77,7 +79,15 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
     # -- lifecycle and cache --------------------------------------------------------------------
 
     def init_with_config(self, conn_info: Any, config: Any) -> None:
-        """libfuse has processed the kernel's INIT: the mount now answers requests."""
+        """libfuse has processed the kernel's INIT: the mount now answers requests.
+
+        ``max_background`` caps the kernel's asynchronous requests (readahead) in flight; at the
+        kernel's default of 12, readahead of reads waiting for a stalled origin fills it and
+        readahead of cached files queues behind them.
+        """
+        if conn_info is not None and self._max_background is not None:
+            conn_info.max_background = self._max_background
+            conn_info.congestion_threshold = max(1, self._max_background * 3 // 4)
         if self._on_init is not None:
             self._on_init()
 

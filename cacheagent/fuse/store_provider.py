@@ -2,8 +2,10 @@
 
 FUSE callbacks run in libfuse's threads; the store is thread-safe and is called directly, while
 anything that waits for the network is handed to the agent's event loop with
-``run_coroutine_threadsafe`` and awaited with a bound, so a dead origin turns into EIO, never a
-hung reader.
+``run_coroutine_threadsafe`` and awaited with a bound (``fuse.origin_wait_seconds``, one
+deadline for the whole wait), so a dead origin turns into ETIMEDOUT, never a hung reader. Such
+waits hold a libfuse worker, so ``OriginWaits`` caps how many may wait at once, in total and per
+model, keeping workers free for reads of bytes already on disk (see ``waits.py``).
 
 Reads of a blob already committed come from the blob file through a descriptor kept per open
 file. Reads of a blob still downloading ask the pull engine for exactly that range first
@@ -27,21 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cacheagent.errors import (
-    CacheAgentError,
-    ModelNotFoundError,
-    OriginUnavailableError,
-    SourceError,
-)
+from cacheagent.errors import CacheAgentError, ModelNotFoundError, SourceError
 from cacheagent.fuse.provider import FuseFile, ModelListing
 from cacheagent.fuse.stats import FuseStats
+from cacheagent.fuse.waits import LazyReadTimeoutError, OriginWaits
 from cacheagent.pull.engine import PullEngine
 from cacheagent.store import ModelFile, Store
 
 T = TypeVar("T")
 
 LEASE_KIND = "fuse"
-READ_TIMEOUT_SECONDS = 120.0
+READ_TIMEOUT_SECONDS = 30.0
+UNBOUNDED_WAITS = OriginWaits(total=1 << 30, per_model=1 << 30)
 
 
 @dataclass
@@ -62,12 +61,14 @@ class StoreProvider:
         *,
         stats: FuseStats | None = None,
         read_timeout: float = READ_TIMEOUT_SECONDS,
+        waits: OriginWaits = UNBOUNDED_WAITS,
     ) -> None:
         self.store = store
         self.engine = engine
         self.loop = loop
         self.stats = stats
         self.read_timeout = read_timeout
+        self.waits = waits
         self._handles: dict[int, _Open] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -137,19 +138,26 @@ class StoreProvider:
 
     def _lazy_read(self, opened: _Open, offset: int, size: int) -> bytes:
         blob = opened.file.blob
-        try:
-            path = self._wait(self.engine.ensure_range(blob, offset, offset + size))
-        except ModelNotFoundError:
-            # Not a raw blob being downloaded: a tar member, whose layer must unpack first.
-            self._wait(self._model_done(opened.digest))
+        with self.waits.admit(opened.digest):
+            path = self._wait(self._fetch(opened, offset, size))
+        if path is None:
             fd = self._committed_fd(opened)
             if fd is None:
-                raise
+                raise ModelNotFoundError(f"blob {blob} of {opened.digest} is not in the store")
             return _pread_exact(fd, size, offset)
         data = _read_path(path, blob, self.store, size, offset)
         if self.stats is not None:
             self.stats.record_lazy_fetch(len(data))
         return data
+
+    async def _fetch(self, opened: _Open, offset: int, size: int) -> Path | None:
+        """Wait (under one deadline) until the bytes can be read: the file to read them from,
+        or None for a tar member, which is read from its blob once its layer has unpacked."""
+        try:
+            return await self.engine.ensure_range(opened.file.blob, offset, offset + size)
+        except ModelNotFoundError:
+            await self._model_done(opened.digest)
+            return None
 
     async def _model_done(self, digest: str) -> None:
         async for _ in self.engine.watch(digest):
@@ -166,8 +174,9 @@ class StoreProvider:
             return future.result(self.read_timeout)
         except FutureTimeout:
             future.cancel()
-            raise OriginUnavailableError(
-                f"lazy read timed out after {self.read_timeout:.0f}s waiting for the download"
+            raise LazyReadTimeoutError(
+                f"lazy read timed out after {self.read_timeout:g}s waiting for the origin "
+                "(fuse.origin_wait_seconds)"
             ) from None
 
 

@@ -8,6 +8,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,10 @@ from cacheagent.mountinfo import find_mount
 from tests.agent_process import AgentProcess
 from tests.csi_env import force_unmount, mounts_under
 from tests.e2e.conftest import Origin
+from tests.fault_server import Fault, FaultServer
 from tests.kubelet import InlineVolume, Kubelet, Pod
 from tests.support import require_fuse
+from tests.threaded import serve_in_thread
 
 DRIVER = "model.cacheagent.io"
 BACKOFF_SCALE = 0.02
@@ -144,3 +147,100 @@ def test_health_reports_a_dead_fuse_session(lazy_agent: AgentProcess) -> None:
     status, text = lazy_agent.get("/healthz")
     assert status == 503 and "FUSE" in text, text
     assert lazy_agent.get("/readyz")[0] == 503
+
+
+STALLED_READERS = 24  # more than libfuse's worker threads before the fix (16)
+ORIGIN_WAIT_SECONDS = 3.0
+CACHED_READ_BOUND_SECONDS = 2.0  # a cached 1 MiB read takes milliseconds; the bound is slack
+
+
+def test_a_stalled_origin_does_not_freeze_reads_of_a_cached_model(tmp_path: Path) -> None:
+    require_fuse()
+    stalled, cached = os.urandom(96 << 20), os.urandom(8 << 20)
+    server = FaultServer(stall_seconds=600)
+    server.add("stalled.safetensors", stalled)
+    server.add("cached.safetensors", cached)
+    # cut_at 0: every GET of the stalled blob answers its headers, then nothing.
+    server.inject("stalled.safetensors", Fault("stall", times=10_000, cut_at=0.0))
+    with serve_in_thread(server):
+        agent = AgentProcess(
+            tmp_path / "agent",
+            insecure=(server.host,),
+            fuse=True,
+            extra={"fuse": {"origin_wait_seconds": ORIGIN_WAIT_SECONDS}},
+        )
+        agent.start()
+        try:
+            _check_containment(agent, server, stalled, cached)
+        finally:
+            agent.stop()
+            for leftover in mounts_under(agent.kubelet_dir):
+                force_unmount(leftover)
+            agent.cleanup()
+
+
+def _http_ref(server: FaultServer, name: str, data: bytes) -> str:
+    return f"{server.url(name)}#sha256={hashlib.sha256(data).hexdigest()}"
+
+
+def _check_containment(
+    agent: AgentProcess, server: FaultServer, stalled: bytes, cached: bytes
+) -> None:
+    cached_ref = _http_ref(server, "cached.safetensors", cached)
+    with AgentClient(agent.socket) as client:
+        list(client.preheat([cached_ref]))
+    pods = [Pod("pod-stalled"), Pod("pod-cached")]
+    volumes = [
+        lazy_volume(_http_ref(server, "stalled.safetensors", stalled)),
+        lazy_volume(cached_ref),
+    ]
+    with kubelet(agent) as k:
+        for pod, volume in zip(pods, volumes, strict=True):
+            assert k.set_up(pod, volume).ok
+        stalled_file = k.target(pods[0], volumes[0]) / "stalled.safetensors"
+        cached_file = k.target(pods[1], volumes[1]) / "cached.safetensors"
+        try:
+            outcomes = _read_while_stalled(stalled_file, cached_file, cached)
+        finally:
+            for pod, volume in zip(pods, volumes, strict=True):
+                assert k.tear_down(pod, volume).ok
+    cached_seconds, stalled_results = outcomes
+    assert cached_seconds < CACHED_READ_BOUND_SECONDS, cached_seconds
+    bound = ORIGIN_WAIT_SECONDS + 10.0
+    assert len(stalled_results) == STALLED_READERS
+    for err, seconds in stalled_results:
+        assert err in (errno.ETIMEDOUT, errno.EIO), (err, seconds)
+        assert seconds < bound, (err, seconds)
+
+
+def _read_while_stalled(
+    stalled_file: Path, cached_file: Path, cached: bytes
+) -> tuple[float, list[tuple[int | None, float]]]:
+    results: list[tuple[int | None, float]] = []
+    guard = threading.Lock()
+
+    def read_stalled(index: int) -> None:
+        started = time.monotonic()
+        code: int | None = None
+        try:
+            with stalled_file.open("rb", buffering=0) as f:
+                os.pread(f.fileno(), 1 << 20, index * (4 << 20))
+        except OSError as exc:
+            code = exc.errno
+        with guard:
+            results.append((code, time.monotonic() - started))
+
+    readers = [threading.Thread(target=read_stalled, args=(i,)) for i in range(STALLED_READERS)]
+    for reader in readers:
+        reader.start()
+    try:
+        time.sleep(1.0)  # not synchronisation: gives the readers time to occupy FUSE threads
+        started = time.monotonic()
+        with cached_file.open("rb", buffering=0) as f:
+            data = os.pread(f.fileno(), 1 << 20, len(cached) - (1 << 20))
+        cached_seconds = time.monotonic() - started
+        assert data == cached[-(1 << 20) :]
+    finally:
+        for reader in readers:
+            reader.join(ORIGIN_WAIT_SECONDS + 60)
+    return cached_seconds, results
