@@ -342,6 +342,8 @@ class Agent:
         self._on_stop("FUSE", lambda: asyncio.to_thread(mount.stop))
         service.fuse_root = cfg.mountpoint
         service.on_evicted = mount.fs.forget
+        provider.on_unverified = mount.fs.invalidate
+        self._on_stop("FUSE page-cache watchers", provider.aclose)
         self.health.fuse = mount
         self.health.fuse_required = True
 

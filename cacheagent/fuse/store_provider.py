@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from cacheagent.pull.engine import PullEngine
 from cacheagent.store import ModelFile, Store
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 LEASE_KIND = "fuse"
 READ_TIMEOUT_SECONDS = 30.0
@@ -69,6 +71,11 @@ class StoreProvider:
         self.stats = stats
         self.read_timeout = read_timeout
         self.waits = waits
+        # Told (model, path) of each file served before its blob was verified, once that blob
+        # failed: the FUSE mount drops the kernel's cached pages of it.
+        self.on_unverified: Callable[[str, str], object] | None = None
+        self._unverified: dict[str, set[tuple[str, str]]] = {}  # model -> {(path, blob)}
+        self._watchers: set[asyncio.Task[None]] = set()
         self._handles: dict[int, _Open] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -105,7 +112,43 @@ class StoreProvider:
         self.store.add_lease(digest, holder, LEASE_KIND)
         with self._lock:
             self._handles[handle] = _Open(digest, match, holder)
+        if self.on_unverified is not None and not self.store.has_blob(match.blob):
+            self._watch(digest, match)
         return handle
+
+    # -- bytes served before verification ------------------------------------------------------
+
+    def _watch(self, digest: str, file: ModelFile) -> None:
+        with self._lock:
+            watched = digest in self._unverified
+            self._unverified.setdefault(digest, set()).add((file.path, file.blob))
+        if not watched:
+            self.loop.call_soon_threadsafe(self._start_watcher, digest)
+
+    def _start_watcher(self, digest: str) -> None:
+        task = self.loop.create_task(self._drop_unverified(digest))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _drop_unverified(self, digest: str) -> None:
+        """Once the model's pull ends, drop the cached pages of files whose blob it did not
+        commit: the kernel would otherwise keep serving bytes that failed their digest."""
+        try:
+            async for _ in self.engine.watch(digest):
+                pass
+        finally:
+            with self._lock:
+                files = self._unverified.pop(digest, set())
+        for path, blob in sorted(files):
+            if self.on_unverified is None or await asyncio.to_thread(self.store.has_blob, blob):
+                continue
+            log.warning("fuse: %s/%s failed verification; dropping its cached pages", digest, path)
+            await asyncio.to_thread(self.on_unverified, digest, path)
+
+    async def aclose(self) -> None:
+        for task in list(self._watchers):
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
 
     def release(self, handle: int) -> None:
         with self._lock:

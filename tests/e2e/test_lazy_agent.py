@@ -244,3 +244,52 @@ def _read_while_stalled(
         for reader in readers:
             reader.join(ORIGIN_WAIT_SECONDS + 60)
     return cached_seconds, results
+
+
+def test_pages_served_before_a_failed_verification_leave_the_page_cache(tmp_path: Path) -> None:
+    """Bytes read before the blob failed its digest were cached by the kernel; once the pull
+    fails, a reader that still has the file open must not get them again from the cache."""
+    require_fuse()
+    payload = os.urandom(64 << 20)
+    wrong = hashlib.sha256(b"not these bytes").hexdigest()
+    with serve_in_thread(FaultServer()) as server:
+        server.add("weights.safetensors", payload)
+        ref = f"{server.url('weights.safetensors')}#sha256={wrong}"
+        agent = AgentProcess(tmp_path / "agent", insecure=(server.host,), fuse=True)
+        agent.start()
+        pod, volume = Pod("pod-unverified"), lazy_volume(ref)
+        try:
+            with kubelet(agent) as k:
+                assert k.set_up(pod, volume).ok
+                path = k.target(pod, volume) / "weights.safetensors"
+                try:
+                    with path.open("rb", buffering=0) as f:
+                        assert os.pread(f.fileno(), 65536, 0) == payload[:65536]
+                        _wait_until_no_pulls(agent)
+                        assert _read_error(f.fileno(), deadline=30.0) == errno.EIO
+                finally:
+                    assert k.tear_down(pod, volume).ok
+        finally:
+            agent.stop()
+            agent.cleanup()
+
+
+def _wait_until_no_pulls(agent: AgentProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with AgentClient(agent.socket) as client:
+        while client.status().pulls:
+            assert time.monotonic() < deadline, "the pull did not finish"
+            time.sleep(0.1)
+
+
+def _read_error(fd: int, deadline: float) -> int | None:
+    """Re-read the first 64 KiB until it fails (the agent drops the pages just after the pull
+    ends); the errno, or None if the cached bytes were still served at the deadline."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            os.pread(fd, 65536, 0)
+        except OSError as exc:
+            return exc.errno
+        time.sleep(0.1)
+    return None
