@@ -24,6 +24,7 @@ from tests.fault_server import Fault, FaultServer
 from tests.kubelet import InlineVolume, Kubelet, Pod
 from tests.support import require_fuse
 from tests.threaded import serve_in_thread
+from tests.throttle import ThrottleProxy
 
 DRIVER = "model.cacheagent.io"
 BACKOFF_SCALE = 0.02
@@ -293,3 +294,55 @@ def _read_error(fd: int, deadline: float) -> int | None:
             return exc.errno
         time.sleep(0.1)
     return None
+
+
+THROTTLED_BYTES_PER_SECOND = 4 << 20  # a 24 MiB model takes about 6 s to pull
+
+
+def test_lazy_reads_are_fetched_on_demand_while_the_pull_runs(
+    tmp_path: Path, origin: Origin
+) -> None:
+    """Through a bandwidth-capped link to the registry, the tail of the last shard is read
+    long before the background pull gets there: the bytes came from a range fetch on demand."""
+    require_fuse()
+    model = origin.models["gamma"]
+    upstream_host, _, upstream_port = origin.registry.host.rpartition(":")
+    proxy = ThrottleProxy(upstream_host, int(upstream_port), THROTTLED_BYTES_PER_SECOND)
+    with serve_in_thread(proxy):
+        ref = model.ref.replace(origin.registry.host, proxy.host)
+        agent = AgentProcess(tmp_path / "agent", insecure=(proxy.host,), fuse=True)
+        agent.start()
+        pod, volume = Pod("pod-on-demand"), lazy_volume(ref)
+        try:
+            with kubelet(agent) as k:
+                assert k.set_up(pod, volume).ok
+                target = k.target(pod, volume)
+                try:
+                    _read_tail_while_pulling(agent, target, model.digest)
+                finally:
+                    assert k.tear_down(pod, volume).ok
+        finally:
+            agent.stop()
+            agent.cleanup()
+
+
+def _read_tail_while_pulling(agent: AgentProcess, target: Path, digest: str) -> None:
+    shard = sorted(p for p in target.iterdir() if p.suffix == ".safetensors")[-1]
+    with shard.open("rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        tail = os.pread(f.fileno(), 1 << 20, size - (1 << 20))
+    with AgentClient(agent.socket) as client:
+        pulling = [p.manifest_digest for p in client.status().pulls]
+    assert digest in pulling, "the pull finished before the read: the test proves nothing"
+    assert _metric(agent, "cacheagent_fuse_lazy_fetched_bytes_total") >= len(tail)
+    _wait_until_no_pulls(agent)
+    with AgentClient(agent.socket) as client:
+        stored = Path(client.stat(digest).path) / shard.name
+    assert tail == stored.read_bytes()[-(1 << 20) :]
+
+
+def _metric(agent: AgentProcess, name: str) -> float:
+    for line in agent.get("/metrics")[1].splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
