@@ -84,6 +84,16 @@ async def read(provider: StoreProvider, handle: int, offset: int, size: int) -> 
     )
 
 
+async def background_requests(server: FaultServer, path: str, count: int) -> None:
+    """Wait until the background pull has sent ``count`` GETs for ``path`` (so they, not the
+    reader's, took the stall faults queued for that path)."""
+    for _ in range(2000):  # bounded: the pull sends them within milliseconds
+        if len([r for r in server.seen(path) if r.method == "GET"]) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"the background pull did not ask for {path} {count} times")
+
+
 def blob_bytes(layout: Path, digest: str) -> bytes:
     return (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
 
@@ -110,6 +120,7 @@ async def test_a_read_ahead_of_a_stalled_background_pull_is_fetched_on_demand(
     # The background download's two first ranges stall; the reader's range is asked for later.
     rig.server.inject(rig.served.blob_paths[big], Fault("stall", times=2, cut_at=0.0))
     digest = await rig.engine.start_background(rig.served.ref)
+    await background_requests(rig.server, rig.served.blob_paths[big], 2)
     provider = rig.provider()
     wanted = file_of(provider, digest, big)
     handle = await asyncio.to_thread(provider.open_file, digest, wanted.path)
