@@ -73,7 +73,9 @@ def row(name: str, samples: list[float]) -> str:
 
 def run(count: int, files: int) -> int:
     base = Path(tempfile.mkdtemp(prefix="cacheagent-csi-bench-", dir="/var/tmp"))
-    agent = AgentProcess(base / "agent", fuse=True)
+    # Pods naming an OCI layout on the node, and in lazy mode: explicit policy opt-ins.
+    policy = {"pod_layout_roots": [str(base)], "lazy_sources": ["oci-layout"]}
+    agent = AgentProcess(base / "agent", fuse=True, extra={"policy": policy})
     try:
         entries = [LayoutEntry(f"file-{i:04d}.bin", os.urandom(4096)) for i in range(files)]
         write_layout(base / "layout", entries, tag="v1")

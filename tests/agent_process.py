@@ -29,6 +29,8 @@ from tests.registry_server import free_port
 
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
+# The test origins listen on loopback, which an agent refuses for URL origins unless told.
+LOOPBACK_HTTP: Mapping[str, Any] = {"http_allowed_networks": ["127.0.0.0/8", "::1"]}
 
 
 @dataclass
@@ -100,7 +102,8 @@ class AgentProcess:
             timeout=timeout,
         )
 
-    def start(self) -> AgentProcess:
+    def start(self, *, wait: bool = True) -> AgentProcess:
+        """Start ``serve``; with ``wait`` (default) return once /readyz answers 200."""
         self.work.mkdir(parents=True, exist_ok=True)
         self.kubelet_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config()))
@@ -119,6 +122,8 @@ class AgentProcess:
             env={**os.environ, **self.env},
         )
         log.close()
+        if not wait:
+            return self
         try:
             self.wait_ready()
         except BaseException:

@@ -17,7 +17,7 @@ import pytest
 
 from cacheagent.cli.client import AgentClient
 from cacheagent.mountinfo import find_mount
-from tests.agent_process import AgentProcess
+from tests.agent_process import LOOPBACK_HTTP, AgentProcess
 from tests.csi_env import force_unmount, mounts_under
 from tests.e2e.conftest import Origin
 from tests.fault_server import Fault, FaultServer
@@ -28,7 +28,13 @@ from tests.throttle import ThrottleProxy
 
 DRIVER = "model.cacheagent.io"
 BACKOFF_SCALE = 0.02
-CACHE_HIT_PUBLISH_SECONDS = 5.0  # generous for a shared CI machine; it answers in milliseconds
+CACHE_HIT_PUBLISH_SECONDS = 5.0
+# Pods naming loopback URLs in lazy mode: each needs an explicit policy opt-in.
+HTTP_LAZY = {
+    **LOOPBACK_HTTP,
+    "pod_http_hosts": ["127.0.0.1"],
+    "lazy_sources": ["http"],
+}  # generous for a shared CI machine; it answers in milliseconds
 
 
 @pytest.fixture
@@ -168,7 +174,7 @@ def test_a_stalled_origin_does_not_freeze_reads_of_a_cached_model(tmp_path: Path
             tmp_path / "agent",
             insecure=(server.host,),
             fuse=True,
-            extra={"fuse": {"origin_wait_seconds": ORIGIN_WAIT_SECONDS}},
+            extra={"fuse": {"origin_wait_seconds": ORIGIN_WAIT_SECONDS}, "policy": HTTP_LAZY},
         )
         agent.start()
         try:
@@ -256,7 +262,9 @@ def test_pages_served_before_a_failed_verification_leave_the_page_cache(tmp_path
     with serve_in_thread(FaultServer()) as server:
         server.add("weights.safetensors", payload)
         ref = f"{server.url('weights.safetensors')}#sha256={wrong}"
-        agent = AgentProcess(tmp_path / "agent", insecure=(server.host,), fuse=True)
+        agent = AgentProcess(
+            tmp_path / "agent", insecure=(server.host,), fuse=True, extra={"policy": HTTP_LAZY}
+        )
         agent.start()
         pod, volume = Pod("pod-unverified"), lazy_volume(ref)
         try:
