@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 LEASE_KIND = "fuse"
 READ_TIMEOUT_SECONDS = 30.0
-UNBOUNDED_WAITS = OriginWaits(total=1 << 30, per_model=1 << 30)
 
 
 @dataclass
@@ -63,14 +62,15 @@ class StoreProvider:
         *,
         stats: FuseStats | None = None,
         read_timeout: float = READ_TIMEOUT_SECONDS,
-        waits: OriginWaits = UNBOUNDED_WAITS,
+        waits: OriginWaits | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.loop = loop
         self.stats = stats
         self.read_timeout = read_timeout
-        self.waits = waits
+        # Unbounded unless the mount passes its bounds (fuse.max_threads and friends).
+        self.waits = waits if waits is not None else OriginWaits(1 << 30, 1 << 30)
         # Told (model, path) of each file served before its blob was verified, once that blob
         # failed: the FUSE mount drops the kernel's cached pages of it.
         self.on_unverified: Callable[[str, str], object] | None = None
