@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cacheagent.cli.client import AgentClient  # noqa: E402
-from cacheagent.sources.layout_writer import LayoutEntry, write_layout  # noqa: E402
 from tests.agent_process import AgentProcess  # noqa: E402
 from tests.csi_env import force_unmount, mounts_under  # noqa: E402
 from tests.kubelet import InlineVolume, Kubelet, Pod  # noqa: E402
+from tests.oci.layout_writer import LayoutEntry, write_layout  # noqa: E402
 
 DRIVER = "model.cacheagent.io"
 P99_TARGET_MS = 50.0

@@ -40,11 +40,11 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import machine as machine_facts  # noqa: E402
 from cacheagent.cli.client import AgentCallError, AgentClient  # noqa: E402
-from cacheagent.sources.layout_writer import write_synthetic_layout  # noqa: E402
-from cacheagent.sources.push import push_layout  # noqa: E402
 from tests.agent_process import AgentProcess  # noqa: E402
 from tests.csi_env import force_unmount, mounts_under  # noqa: E402
 from tests.kubelet import InlineVolume, Kubelet, Pod  # noqa: E402
+from tests.oci.layout_writer import write_synthetic_layout  # noqa: E402
+from tests.oci.push import push_layout  # noqa: E402
 from tests.registry_server import RegistryServer  # noqa: E402
 from tests.threaded import serve_in_thread  # noqa: E402
 from tests.throttle import ThrottleProxy  # noqa: E402

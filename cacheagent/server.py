@@ -74,6 +74,7 @@ class Health:
     fuse_required: bool = False
     stopping: bool = False
     csi_socket: Path | None = None
+    store_problem: Callable[[], str | None] = lambda: None
 
     def check(self) -> list[str]:
         problems = []
@@ -81,6 +82,8 @@ class Health:
             problems.append("shutting down")
         if not self.store:
             problems.append("store not open")
+        elif (store_problem := self.store_problem()) is not None:
+            problems.append(store_problem)
         if not self.api:
             problems.append("agent API socket not serving")
         if not self.csi:
@@ -369,6 +372,11 @@ class Agent:
         self.health.csi_socket = cfg.csi.socket_path
         self.health.csi = True
 
+        watch = asyncio.create_task(service.watch_store())
+        self._on_stop("store watch", lambda: _cancel(watch))
+        scrub = asyncio.create_task(service.scrub(cfg.store.scrub_bytes_per_second))
+        self._on_stop("scrub", lambda: _cancel(scrub))
+        self.health.store_problem = lambda: service.store_problem
         snapshots = asyncio.create_task(self._refresh_snapshots(store, gpus))
         self._on_stop("metrics snapshots", lambda: _cancel(snapshots))
         log.info("cacheagent %s ready (store %s)", __version__, cfg.store.root)
@@ -391,12 +399,7 @@ class Agent:
         stats = FuseStats()
         waits = OriginWaits(origin_wait_limit(cfg.max_threads), cfg.origin_waits_per_model)
         provider = StoreProvider(
-            service.store,
-            service.engine,
-            loop,
-            stats=stats,
-            read_timeout=cfg.origin_wait_seconds,
-            waits=waits,
+            service, loop, stats=stats, read_timeout=cfg.origin_wait_seconds, waits=waits
         )
         mount = FuseMount(
             cfg.mountpoint,

@@ -1,6 +1,8 @@
-"""The FUSE content provider over the real store and pull engine (the lazy mode's read path).
+"""The FUSE content provider over the model service (the lazy mode's read path).
 
-FUSE callbacks run in libfuse's threads; the store is thread-safe and is called directly, while
+It sees the agent through ``cacheagent.volumes.LazyBackend`` (``ModelService``), never the
+store or the pull engine themselves. FUSE callbacks run in libfuse's threads; the backend's
+sync methods are thread-safe and are called directly, while
 anything that waits for the network is handed to the agent's event loop with
 ``run_coroutine_threadsafe`` and awaited with a bound (``fuse.origin_wait_seconds``, one
 deadline for the whole wait), so a dead origin turns into ETIMEDOUT, never a hung reader. Such
@@ -30,12 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cacheagent.errors import CacheAgentError, ModelNotFoundError, SourceError
+from cacheagent.errors import CacheAgentError, ModelNotFoundError
 from cacheagent.fuse.provider import FuseFile, ModelListing
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.waits import LazyReadTimeoutError, OriginWaits
-from cacheagent.pull.engine import PullEngine
-from cacheagent.store import ModelFile, Store
+from cacheagent.volumes import LazyBackend, TreeFile
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ READ_TIMEOUT_SECONDS = 30.0
 @dataclass
 class _Open:
     digest: str
-    file: ModelFile
+    file: TreeFile
     holder: str
     fd: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -56,16 +57,14 @@ class _Open:
 class StoreProvider:
     def __init__(
         self,
-        store: Store,
-        engine: PullEngine,
+        backend: LazyBackend,
         loop: asyncio.AbstractEventLoop,
         *,
         stats: FuseStats | None = None,
         read_timeout: float = READ_TIMEOUT_SECONDS,
         waits: OriginWaits | None = None,
     ) -> None:
-        self.store = store
-        self.engine = engine
+        self.backend = backend
         self.loop = loop
         self.stats = stats
         self.read_timeout = read_timeout
@@ -83,16 +82,10 @@ class StoreProvider:
     # -- tree ----------------------------------------------------------------------------------
 
     def models(self) -> Sequence[str]:
-        return self.store.model_digests()
+        return self.backend.model_digests()
 
-    def _files(self, digest: str) -> tuple[Sequence[ModelFile], float]:
-        model = self.store.get_model(digest)
-        if model is not None:
-            return model.files, model.created
-        pending = self.store.get_pending(digest)
-        if pending is not None:
-            return pending.files, pending.created
-        raise ModelNotFoundError(f"model {digest} is not in the store")
+    def _files(self, digest: str) -> tuple[Sequence[TreeFile], float]:
+        return self.backend.model_files(digest)
 
     def listing(self, digest: str) -> ModelListing:
         files, created = self._files(digest)
@@ -109,16 +102,16 @@ class StoreProvider:
             raise FileNotFoundError(path)
         handle = next(self._ids)
         holder = f"fuse:{os.getpid()}:{handle}"
-        self.store.add_lease(digest, holder, LEASE_KIND)
+        self.backend.add_lease(digest, holder, LEASE_KIND)
         with self._lock:
             self._handles[handle] = _Open(digest, match, holder)
-        if self.on_unverified is not None and not self.store.has_blob(match.blob):
+        if self.on_unverified is not None and self.backend.committed_blob(match.blob) is None:
             self._watch(digest, match)
         return handle
 
     # -- bytes served before verification ------------------------------------------------------
 
-    def _watch(self, digest: str, file: ModelFile) -> None:
+    def _watch(self, digest: str, file: TreeFile) -> None:
         with self._lock:
             watched = digest in self._unverified
             self._unverified.setdefault(digest, set()).add((file.path, file.blob))
@@ -134,13 +127,15 @@ class StoreProvider:
         """Once the model's pull ends, drop the cached pages of files whose blob it did not
         commit: the kernel would otherwise keep serving bytes that failed their digest."""
         try:
-            async for _ in self.engine.watch(digest):
-                pass
+            await self.backend.wait_model(digest)
+        except CacheAgentError:
+            pass  # the pull failed: the case this watch is for
         finally:
             with self._lock:
                 files = self._unverified.pop(digest, set())
         for path, blob in sorted(files):
-            if self.on_unverified is None or await asyncio.to_thread(self.store.has_blob, blob):
+            committed = await asyncio.to_thread(self.backend.committed_blob, blob)
+            if self.on_unverified is None or committed is not None:
                 continue
             log.warning("fuse: %s/%s failed verification; dropping its cached pages", digest, path)
             await asyncio.to_thread(self.on_unverified, digest, path)
@@ -157,8 +152,8 @@ class StoreProvider:
             return
         if opened.fd is not None:
             os.close(opened.fd)
-        self.store.release_lease(opened.holder)
-        self.store.touch(opened.digest)
+        self.backend.release_lease(opened.holder)
+        self.backend.touch(opened.digest)
 
     def read(self, handle: int, offset: int, size: int) -> bytes:
         with self._lock:
@@ -175,8 +170,10 @@ class StoreProvider:
 
     def _committed_fd(self, opened: _Open) -> int | None:
         with opened.lock:
-            if opened.fd is None and self.store.has_blob(opened.file.blob):
-                opened.fd = os.open(self.store.blob_path(opened.file.blob), os.O_RDONLY)
+            if opened.fd is None:
+                path = self.backend.committed_blob(opened.file.blob)
+                if path is not None:
+                    opened.fd = os.open(path, os.O_RDONLY)
             return opened.fd
 
     def _lazy_read(self, opened: _Open, offset: int, size: int) -> bytes:
@@ -188,7 +185,7 @@ class StoreProvider:
             if fd is None:
                 raise ModelNotFoundError(f"blob {blob} of {opened.digest} is not in the store")
             return _pread_exact(fd, size, offset)
-        data = _read_path(path, blob, self.store, size, offset)
+        data = _read_path(path, self.backend.blob_path(blob), size, offset)
         if self.stats is not None:
             self.stats.record_lazy_fetch(len(data))
         return data
@@ -197,19 +194,10 @@ class StoreProvider:
         """Wait (under one deadline) until the bytes can be read: the file to read them from,
         or None for a tar member, which is read from its blob once its layer has unpacked."""
         try:
-            return await self.engine.ensure_range(opened.file.blob, offset, offset + size)
+            return await self.backend.ensure_range(opened.file.blob, offset, offset + size)
         except ModelNotFoundError:
-            await self._model_done(opened.digest)
+            await self.backend.wait_model(opened.digest)
             return None
-
-    async def _model_done(self, digest: str) -> None:
-        async for _ in self.engine.watch(digest):
-            pass
-        if await asyncio.to_thread(self.store.get_model, digest) is None:
-            failure = self.engine.last_failure(digest)
-            if isinstance(failure, CacheAgentError):
-                raise failure
-            raise SourceError(f"model {digest} did not finish downloading: {failure}")
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -223,16 +211,16 @@ class StoreProvider:
             ) from None
 
 
-def _read_path(path: Path, blob: str, store: Store, size: int, offset: int) -> bytes:
+def _read_path(path: Path, committed: Path, size: int, offset: int) -> bytes:
     """Read from the partial file, or from the blob if the commit renamed it meanwhile."""
-    for candidate in (path, store.blob_path(blob)):
+    for candidate in (path, committed):
         with contextlib.suppress(FileNotFoundError):
             fd = os.open(candidate, os.O_RDONLY)
             try:
                 return _pread_exact(fd, size, offset)
             finally:
                 os.close(fd)
-    raise CacheAgentError(f"blob {blob} vanished while being read (verification failed?)")
+    raise CacheAgentError(f"{committed.name} vanished while being read (verification failed?)")
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:

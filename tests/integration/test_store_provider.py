@@ -1,6 +1,6 @@
-"""StoreProvider, the lazy mode's read path, over a real store, the real pull engine and a real
-HTTP registry origin (FaultServer) that can stall or corrupt blobs. Reads run in worker threads,
-as libfuse's callbacks do, while the event loop runs the engine."""
+"""StoreProvider, the lazy mode's read path, over the model service with a real store, the
+real pull engine and a real HTTP registry origin (FaultServer) that can stall or corrupt blobs.
+Reads run in worker threads, as libfuse's callbacks do, while the event loop runs the engine."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.store_provider import StoreProvider
 from cacheagent.fuse.waits import LazyReadTimeoutError, OriginBusyError, OriginWaits
 from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
-from cacheagent.sources.layout_writer import synthetic_model, write_layout
+from cacheagent.service import ModelService
 from cacheagent.sources.registry import RegistrySource
 from cacheagent.store import Store
 from tests.fault_server import Fault, FaultServer
 from tests.integration.pull_origin import ServedModel, registry_source, serve_layout
+from tests.oci.layout_writer import synthetic_model, write_layout
 
 KiB, MiB = 1 << 10, 1 << 20
 CONFIG = PullConfig(range_threshold_bytes=512 * KiB, range_chunk_bytes=128 * KiB, retries=1)
@@ -42,7 +43,8 @@ class Rig:
 
     def provider(self, **options: object) -> StoreProvider:
         loop = asyncio.get_running_loop()
-        return StoreProvider(self.store, self.engine, loop, stats=self.stats, **options)  # type: ignore[arg-type]
+        service = ModelService(self.store, self.engine)
+        return StoreProvider(service, loop, stats=self.stats, **options)  # type: ignore[arg-type]
 
     def biggest(self) -> str:
         return max(self.served.blob_sizes.items(), key=lambda kv: kv[1])[0]
