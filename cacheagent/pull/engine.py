@@ -35,6 +35,7 @@ from typing import Any
 from cacheagent.config import PullConfig
 from cacheagent.errors import (
     DISK_FULL_ERRNOS,
+    DigestMismatchError,
     DiskFullError,
     ModelNotFoundError,
     OriginUnavailableError,
@@ -527,7 +528,20 @@ class PullEngine:
         )
         bj.download = download
         self._changed.fire()
-        await download.run()
+        try:
+            await download.run()
+        except DigestMismatchError:
+            retry = job.source.after_mismatch(blob)
+            if retry is None:
+                raise
+            # The mismatched partial is gone; count its bytes, then once more from the origin.
+            self._fetched[bj.source_kind] += download.fetched_bytes
+            download = BlobDownload(
+                blob, retry, job.ref.origin, partial, self.settings, self._limits
+            )
+            bj.download = download
+            self._changed.fire()
+            await download.run()
         if layer.unpack == "raw":
             crashpoint("pull.before_commit")
             # commit_blob renames the partial file into blobs/ and drops its ranges record

@@ -1,0 +1,99 @@
+"""An origin wrapped so that blob bytes come from the fleet first.
+
+For each range the pull engine asks for, the rendezvous owner of the blob (``discovery``) is
+asked first; when this node is the owner, or there are no live peers, the origin is used. A
+peer that fails, is slow or answers wrongly sits out its cooldown, and the rest of the range
+comes from the origin in the same stream, so the engine sees one uninterrupted range. Tags and
+manifests always come from the origin (``resolve`` is the origin's): peers serve blobs only.
+
+When a blob assembled partly from peers fails verification, the engine calls
+``after_mismatch`` and downloads it once more, from the origin alone.
+
+A node serving a peer must not itself ask a peer for those bytes (two nodes with different
+views of the fleet could wait on each other): the peer server sets ``SERVING_PEER`` while it
+asks the engine for a range, and fetches started under it go to the origin.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from cacheagent.peers.client import PeerClient, PeerError
+from cacheagent.peers.discovery import Peer, PeerDirectory
+from cacheagent.peers.stats import PeerStats
+from cacheagent.refs import ModelRef
+from cacheagent.sources.base import BlobRef, ResolvedModel, Source
+
+log = logging.getLogger(__name__)
+
+SERVING_PEER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "cacheagent_serving_peer", default=False
+)
+_CONTRIBUTORS_KEPT = 1024
+
+
+class PeerSource(Source):
+    """``origin`` with peer fetch in front of its blob reads."""
+
+    def __init__(
+        self, origin: Source, directory: PeerDirectory, client: PeerClient, stats: PeerStats
+    ) -> None:
+        self.origin = origin
+        self.kind = origin.kind
+        self.supports_ranges = origin.supports_ranges
+        self._directory = directory
+        self._client = client
+        self._stats = stats
+        # blob digest -> peers that sent some of its bytes (blamed if it does not verify)
+        self._contributors: OrderedDict[str, set[Peer]] = OrderedDict()
+
+    async def resolve(self, ref: ModelRef) -> ResolvedModel:
+        return await self.origin.resolve(ref)
+
+    async def fetch(
+        self, blob: BlobRef, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        end = blob.size if end is None else end
+        pos = start
+        peer = None if SERVING_PEER.get() else self._directory.owner(blob.digest)
+        if peer is not None and pos < end:
+            try:
+                async for chunk in self._client.fetch(peer, blob.digest, blob.size, pos, end):
+                    self._credit(peer, blob.digest, len(chunk))
+                    pos += len(chunk)
+                    yield chunk
+            except PeerError as exc:
+                self._directory.mark_failed(peer)
+                self._stats.failed(peer.address, exc.reason)
+                log.warning("%s; blob %s: bytes %d-%d from the origin", exc, blob.digest, pos, end)
+        if pos < end:
+            async for chunk in self.origin.fetch(blob, pos, end):
+                self._stats.origin_bytes += len(chunk)
+                yield chunk
+
+    def after_mismatch(self, blob: BlobRef) -> Source | None:
+        """Blame the peers that sent bytes of a blob that did not verify; the engine downloads
+        it again from the origin alone (once: the origin's own mismatch is final)."""
+        peers = self._contributors.pop(blob.digest, set())
+        if not peers:
+            return None
+        for peer in peers:
+            self._directory.mark_failed(peer)
+            self._stats.failed(peer.address, "unverified")
+        log.warning(
+            "blob %s from peer(s) %s did not verify; fetching it from the origin",
+            blob.digest,
+            ", ".join(sorted(p.address for p in peers)),
+        )
+        return self.origin
+
+    def _credit(self, peer: Peer, digest: str, n: int) -> None:
+        self._stats.peer_bytes[peer.address] += n
+        peers = self._contributors.setdefault(digest, set())
+        peers.add(peer)
+        self._contributors.move_to_end(digest)
+        while len(self._contributors) > _CONTRIBUTORS_KEPT:
+            self._contributors.popitem(last=False)
