@@ -73,7 +73,9 @@ class PeerServer:
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         """Listen; returns the port (useful with port 0)."""
-        runner = web.AppRunner(self.app(), access_log=None)
+        runner = web.AppRunner(
+            self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=2.0
+        )
         await runner.setup()
         await web.TCPSite(runner, host, port, ssl_context=tls).start()
         self._runner = runner

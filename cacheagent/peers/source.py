@@ -35,13 +35,33 @@ SERVING_PEER: contextvars.ContextVar[bool] = contextvars.ContextVar(
 _CONTRIBUTORS_KEPT = 1024
 
 
+class _Counted(Source):
+    """The origin, its blob bytes counted as origin bytes (what ``after_mismatch`` returns)."""
+
+    def __init__(self, origin: Source, stats: PeerStats) -> None:
+        self.origin = origin
+        self.kind = origin.kind
+        self.supports_ranges = origin.supports_ranges
+        self._stats = stats
+
+    async def resolve(self, ref: ModelRef) -> ResolvedModel:
+        return await self.origin.resolve(ref)
+
+    async def fetch(
+        self, blob: BlobRef, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        async for chunk in self.origin.fetch(blob, start, end):
+            self._stats.origin_bytes += len(chunk)
+            yield chunk
+
+
 class PeerSource(Source):
     """``origin`` with peer fetch in front of its blob reads."""
 
     def __init__(
         self, origin: Source, directory: PeerDirectory, client: PeerClient, stats: PeerStats
     ) -> None:
-        self.origin = origin
+        self.origin = _Counted(origin, stats)
         self.kind = origin.kind
         self.supports_ranges = origin.supports_ranges
         self._directory = directory
@@ -71,7 +91,6 @@ class PeerSource(Source):
                 log.warning("%s; blob %s: bytes %d-%d from the origin", exc, blob.digest, pos, end)
         if pos < end:
             async for chunk in self.origin.fetch(blob, pos, end):
-                self._stats.origin_bytes += len(chunk)
                 yield chunk
 
     def after_mismatch(self, blob: BlobRef) -> Source | None:
