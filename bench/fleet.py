@@ -1,0 +1,276 @@
+"""Fleet benchmark: N agents preheating the same model at once, one bandwidth-capped origin.
+
+    .venv/bin/python bench/fleet.py [--size-mib 256] [--origin-mib-per-s 64] [--agents 2,4,8]
+
+Real parts only: Debian's ``docker-registry`` on loopback behind a TCP relay that caps its
+bandwidth and counts the bytes it sends (``tests/throttle_proxy.py``), dnsmasq answering the
+agents' headless-Service name with 127.0.0.2, 127.0.0.3, ... (``tests/dns_server.py``), and N
+``cacheagent serve`` processes with separate stores, each with its peer listener on its own
+loopback address and one shared port, finding each other through that DNS name. Every agent
+gets ``cacheagent preheat`` at the same moment; the agents verify every blob by digest.
+
+Rows: one agent alone (the baseline); for each N, all N at once (origin bytes / model size,
+wall time / the baseline); then the model is removed everywhere and preheated again while the
+agent that owns the biggest blob (by the rendezvous choice) is SIGKILLed once the origin has
+sent a quarter of the model: every other agent must still finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cacheagent.peers import rendezvous  # noqa: E402
+from tests.agent_process import AgentProcess  # noqa: E402
+from tests.dns_server import DnsServer  # noqa: E402
+from tests.oci_push import OciPusher, modelpack_artifact, sha256  # noqa: E402
+from tests.registry_server import RegistryServer, free_port  # noqa: E402
+from tests.throttle_proxy import ThrottleProxy  # noqa: E402
+
+MiB = 1 << 20
+SERVICE = "cacheagent-peers.cacheagent.svc.cluster.local"
+SHARDS = 2
+
+
+@dataclass
+class Row:
+    what: str
+    agents: int
+    ok: int
+    survivors: int
+    origin_ratio: float
+    seconds: float
+    vs_alone: float | None
+
+    def cells(self) -> tuple[str, ...]:
+        vs = "" if self.vs_alone is None else f"{self.vs_alone:.2f}x"
+        return (
+            self.what,
+            str(self.agents),
+            f"{self.ok}/{self.survivors}",
+            f"{self.origin_ratio:.3f}",
+            f"{self.seconds:.2f}",
+            vs,
+        )
+
+
+@dataclass
+class Fleet:
+    agents: list[AgentProcess]
+    hosts: list[str]
+    peer_port: int
+
+    def stop(self) -> None:
+        for agent in self.agents:
+            if agent.proc is not None:
+                agent.stop()
+            agent.cleanup()
+
+
+def start_fleet(work: Path, n: int, dns: DnsServer, origin: ThrottleProxy) -> Fleet:
+    hosts = [f"127.0.0.{i + 2}" for i in range(n)]
+    peer_port = free_port()
+    dns.set_hosts(SERVICE, hosts)
+    agents = [
+        AgentProcess(
+            work / f"n{n}-{i}",
+            insecure=(origin.address,),
+            extra={
+                "peers": {
+                    "enabled": True,
+                    "listen": f"{host}:{peer_port}",
+                    "dns_name": SERVICE,
+                    "dns_server": dns.address,
+                    "refresh_seconds": "1s",
+                    "miss_wait_seconds": "5s",
+                },
+                "agent": {"log_level": "warning"},
+            },
+        )
+        for i, host in enumerate(hosts)
+    ]
+    fleet = Fleet(agents, hosts, peer_port)
+    try:
+        _start_all(agents)
+        for agent in agents:
+            _wait_for_peers(agent, n - 1)
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet
+
+
+def _start_all(agents: list[AgentProcess]) -> None:
+    """Start every agent, then wait for each (their start-ups overlap)."""
+    for agent in agents:
+        agent.work.mkdir(parents=True, exist_ok=True)
+        agent.kubelet_dir.mkdir(parents=True, exist_ok=True)
+        agent.config_path.write_text(yaml.safe_dump(agent.config()))
+        log = open(agent.work / "agent.log", "ab")  # noqa: SIM115 - lives as long as proc
+        agent.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cacheagent.cli.main",
+                "--config",
+                str(agent.config_path),
+                "serve",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+    for agent in agents:
+        agent.wait_ready()
+
+
+def _metric(agent: AgentProcess, name: str) -> float:
+    with urllib.request.urlopen(f"{agent.http}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait_for_peers(agent: AgentProcess, n: int) -> None:
+    for _ in range(300):
+        if _metric(agent, "cacheagent_peers") >= n:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{agent.work.name} never saw {n} peers:\n{agent.log_text()}")
+
+
+async def preheat(agent: AgentProcess, ref: str) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cacheagent.cli.main",
+        "--config",
+        str(agent.config_path),
+        "preheat",
+        "--json",
+        ref,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0 and agent.proc is not None:
+        print(f"  {agent.work.name}: preheat failed: {err.decode().strip()}", file=sys.stderr)
+    return proc.returncode or 0
+
+
+async def run_all(
+    fleet: Fleet, ref: str, origin: ThrottleProxy, kill: str | None, size: int
+) -> tuple[int, int, float]:
+    """Preheat on every agent at once; returns (ok, origin bytes, seconds)."""
+    sent = origin.sent
+    started = time.monotonic()
+    tasks = [asyncio.create_task(preheat(a, ref)) for a in fleet.agents]
+    victim: AgentProcess | None = None
+    if kill is not None:
+        victim = fleet.agents[fleet.hosts.index(kill)]
+        for _ in range(100_000):
+            if origin.sent - sent >= size // 4 or all(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.005)
+        victim.kill()
+    codes = await asyncio.gather(*tasks)
+    seconds = time.monotonic() - started
+    ok = sum(
+        1
+        for agent, code in zip(fleet.agents, codes, strict=True)
+        if code == 0 and agent is not victim
+    )
+    return ok, origin.sent - sent, seconds
+
+
+def remove_everywhere(fleet: Fleet, ref: str) -> None:
+    for agent in fleet.agents:
+        agent.cli("rm", "--force", ref)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--origin-mib-per-s", type=float, default=64.0)
+    parser.add_argument("--agents", default="2,4,8")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    counts = [int(n) for n in args.agents.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-fleet-", dir=args.workdir))
+    shard = args.size_mib * MiB // SHARDS
+    files = {f"model-{i:05d}-of-{SHARDS:05d}.safetensors": os.urandom(shard) for i in range(SHARDS)}
+    files["config.json"] = b'{"architectures": ["Bench"]}'
+    size = sum(len(d) for d in files.values())
+    biggest = sha256(max(files.values(), key=len))
+    rows: list[Row] = []
+    registry = RegistryServer(work / "registry").start()
+    dns = DnsServer(work / "dns").start(SERVICE, ["127.0.0.2"])
+    try:
+        async with OciPusher(registry.url) as pusher:
+            await pusher.push("bench/fleet", modelpack_artifact(files), "v1")
+        del files
+        async with ThrottleProxy(registry.port, args.origin_mib_per_s * MiB) as origin:
+            ref = f"{origin.address}/bench/fleet:v1"
+            alone = start_fleet(work, 1, dns, origin)
+            try:
+                ok, sent, base = await run_all(alone, ref, origin, None, size)
+            finally:
+                alone.stop()
+            rows.append(Row("one agent alone", 1, ok, 1, sent / size, base, 1.0))
+            for n in counts:
+                fleet = start_fleet(work, n, dns, origin)
+                try:
+                    ok, sent, secs = await run_all(fleet, ref, origin, None, size)
+                    rows.append(Row("all at once", n, ok, n, sent / size, secs, secs / base))
+                    remove_everywhere(fleet, ref)
+                    owners = [f"{h}:{fleet.peer_port}" for h in fleet.hosts]
+                    owner = rendezvous.choose(biggest, owners)
+                    assert owner is not None
+                    victim = owner.rsplit(":", 1)[0]
+                    ok, sent, secs = await run_all(fleet, ref, origin, victim, size)
+                    rows.append(
+                        Row(
+                            "owner killed mid-transfer",
+                            n,
+                            ok,
+                            n - 1,
+                            sent / size,
+                            secs,
+                            secs / base,
+                        )
+                    )
+                finally:
+                    fleet.stop()
+    finally:
+        dns.stop()
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"\nmodel {size / MiB:.0f} MiB ({SHARDS} shards), origin capped at "
+        f"{args.origin_mib_per_s:g} MiB/s; ok = agents whose preheat succeeded (the killed one "
+        "not counted)\n"
+    )
+    header = ("run", "agents", "ok", "origin bytes / model", "seconds", "vs alone")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(" --- " for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row.cells()) + " |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
