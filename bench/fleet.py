@@ -26,14 +26,19 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb  # noqa: E402
+from cacheagent.cli.client import AgentClient  # noqa: E402
+from cacheagent.errors import CacheAgentError  # noqa: E402
 from cacheagent.peers import rendezvous  # noqa: E402
 from tests.agent_process import AgentProcess  # noqa: E402
 from tests.dns_server import DnsServer  # noqa: E402
@@ -55,6 +60,8 @@ class Row:
     origin_ratio: float
     seconds: float
     vs_alone: float | None
+    failures: Counter[str] = field(default_factory=Counter)
+    cpu_seconds: float = 0.0
 
     def cells(self) -> tuple[str, ...]:
         vs = "" if self.vs_alone is None else f"{self.vs_alone:.2f}x"
@@ -65,6 +72,8 @@ class Row:
             f"{self.origin_ratio:.3f}",
             f"{self.seconds:.2f}",
             vs,
+            f"{self.cpu_seconds:.1f}",
+            ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items())) or "0",
         )
 
 
@@ -146,6 +155,17 @@ def _metric(agent: AgentProcess, name: str) -> float:
     return 0.0
 
 
+def peer_failures(agent: AgentProcess) -> Counter[str]:
+    """The agent's peer failures by reason (from its /metrics)."""
+    total: Counter[str] = Counter()
+    with urllib.request.urlopen(f"{agent.http}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("cacheagent_peer_failures_total{"):
+                reason = line.split('reason="', 1)[1].split('"', 1)[0]
+                total[reason] += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
 def _wait_for_peers(agent: AgentProcess, n: int) -> None:
     for _ in range(300):
         if _metric(agent, "cacheagent_peers") >= n:
@@ -154,35 +174,38 @@ def _wait_for_peers(agent: AgentProcess, n: int) -> None:
     raise RuntimeError(f"{agent.work.name} never saw {n} peers:\n{agent.log_text()}")
 
 
+def _preheat_blocking(agent: AgentProcess, ref: str) -> int:
+    with AgentClient(agent.socket, timeout=600) as client:
+        last = None
+        try:
+            for event in client.preheat([ref]):
+                last = event
+        except CacheAgentError as exc:
+            if agent.proc is not None:
+                print(f"  {agent.work.name}: preheat failed: {exc}", file=sys.stderr)
+            return 1
+    return 0 if last is not None and last.phase == pb.PreheatEvent.DONE else 1
+
+
 async def preheat(agent: AgentProcess, ref: str) -> int:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cacheagent.cli.main",
-        "--config",
-        str(agent.config_path),
-        "preheat",
-        "--json",
-        ref,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode != 0 and agent.proc is not None:
-        print(f"  {agent.work.name}: preheat failed: {err.decode().strip()}", file=sys.stderr)
-    return proc.returncode or 0
+    """Preheat over the agent API (from this process: no CLI start-up in the timings)."""
+    return await asyncio.to_thread(_preheat_blocking, agent, ref)
 
 
 async def run_all(
     fleet: Fleet, ref: str, origin: ThrottleProxy, kill: str | None, size: int
-) -> tuple[int, int, float]:
-    """Preheat on every agent at once; returns (ok, origin bytes, seconds)."""
+) -> Row:
+    """Preheat on every agent at once; the row's ``what`` and ratios are the caller's."""
+    before = {agent.work.name: peer_failures(agent) for agent in fleet.agents}
+    procs = {a.work.name: psutil.Process(a.proc.pid) for a in fleet.agents if a.proc is not None}
+    cpu_before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
     sent = origin.sent
     started = time.monotonic()
     tasks = [asyncio.create_task(preheat(a, ref)) for a in fleet.agents]
     victim: AgentProcess | None = None
     if kill is not None:
         victim = fleet.agents[fleet.hosts.index(kill)]
+        cpu_before.pop(victim.work.name)
         for _ in range(100_000):
             if origin.sent - sent >= size // 4 or all(t.done() for t in tasks):
                 break
@@ -195,7 +218,14 @@ async def run_all(
         for agent, code in zip(fleet.agents, codes, strict=True)
         if code == 0 and agent is not victim
     )
-    return ok, origin.sent - sent, seconds
+    failed: Counter[str] = Counter()
+    for agent in fleet.agents:
+        if agent.proc is not None:
+            failed += peer_failures(agent) - before[agent.work.name]
+    cpu = sum(sum(procs[name].cpu_times()[:2]) - t for name, t in cpu_before.items())
+    n = len(fleet.agents)
+    survivors = n - (victim is not None)
+    return Row("", n, ok, survivors, (origin.sent - sent) / size, seconds, None, failed, cpu)
 
 
 def remove_everywhere(fleet: Fleet, ref: str) -> None:
@@ -209,6 +239,7 @@ async def main() -> None:
     parser.add_argument("--origin-mib-per-s", type=float, default=64.0)
     parser.add_argument("--agents", default="2,4,8")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the agents' logs and stores")
     args = parser.parse_args()
     counts = [int(n) for n in args.agents.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-", dir=args.workdir))
@@ -228,44 +259,36 @@ async def main() -> None:
             ref = f"{origin.address}/bench/fleet:v1"
             alone = start_fleet(work, 1, dns, origin)
             try:
-                ok, sent, base = await run_all(alone, ref, origin, None, size)
+                base = await run_all(alone, ref, origin, None, size)
             finally:
                 alone.stop()
-            rows.append(Row("one agent alone", 1, ok, 1, sent / size, base, 1.0))
+            rows.append(replace(base, what="one agent alone", vs_alone=1.0))
             for n in counts:
                 fleet = start_fleet(work, n, dns, origin)
                 try:
-                    ok, sent, secs = await run_all(fleet, ref, origin, None, size)
-                    rows.append(Row("all at once", n, ok, n, sent / size, secs, secs / base))
+                    row = await run_all(fleet, ref, origin, None, size)
+                    vs = row.seconds / base.seconds
+                    rows.append(replace(row, what="all at once", vs_alone=vs))
                     remove_everywhere(fleet, ref)
                     owners = [f"{h}:{fleet.peer_port}" for h in fleet.hosts]
                     owner = rendezvous.choose(biggest, owners)
                     assert owner is not None
-                    victim = owner.rsplit(":", 1)[0]
-                    ok, sent, secs = await run_all(fleet, ref, origin, victim, size)
-                    rows.append(
-                        Row(
-                            "owner killed mid-transfer",
-                            n,
-                            ok,
-                            n - 1,
-                            sent / size,
-                            secs,
-                            secs / base,
-                        )
-                    )
+                    row = await run_all(fleet, ref, origin, owner.rsplit(":", 1)[0], size)
+                    what = "owner killed mid-transfer"
+                    rows.append(replace(row, what=what, vs_alone=row.seconds / base.seconds))
                 finally:
                     fleet.stop()
     finally:
         dns.stop()
         registry.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     print(
         f"\nmodel {size / MiB:.0f} MiB ({SHARDS} shards), origin capped at "
-        f"{args.origin_mib_per_s:g} MiB/s; ok = agents whose preheat succeeded (the killed one "
-        "not counted)\n"
+        f"{args.origin_mib_per_s:g} MiB/s; ok: surviving agents whose preheat succeeded\n"
     )
-    header = ("run", "agents", "ok", "origin bytes / model", "seconds", "vs alone")
+    header = ["run", "agents", "ok", "origin bytes / model", "seconds", "vs alone"]
+    header += ["agents' CPU-s", "peer failures"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(" --- " for _ in header) + "|")
     for row in rows:

@@ -32,7 +32,6 @@ class PeerStats:
 
     def failed(self, peer: str, reason: FailureReason) -> None:
         self.failures[(peer, reason)] += 1
-        self.fallbacks[reason] += 1
 
 
 class PeerCollector(Collector):

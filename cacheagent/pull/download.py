@@ -353,7 +353,7 @@ class BlobDownload:
         while cursor.pos < end:
             self._raise_if_failed()
             try:
-                async with self._limits.slot(self.origin):
+                async with self._limits.slot(self.source.limit_key(self.blob, self.origin)):
                     await self._stream(cursor, end)
                 if cursor.pos < end:
                     raise ConnectionError(f"body ended at byte {cursor.pos}, wanted {end}")
