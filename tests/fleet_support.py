@@ -62,6 +62,7 @@ async def start_node(
     min_bytes_per_second: int = 64 * KiB,
     miss_wait_seconds: float = 2.0,
     serve: bool = True,
+    pull: PullConfig = PULL,
 ) -> Node:
     store = Store.open(work / host / "store")
     stats = PeerStats()
@@ -78,7 +79,7 @@ async def start_node(
     )
     origin = registry_source()
     source = PeerSource(origin, directory, client, stats)
-    engine = PullEngine(store, SourceRegistry([source]), PULL, tuning=TUNING)
+    engine = PullEngine(store, SourceRegistry([source]), pull, tuning=TUNING)
     server = None
     if serve:
         server = PeerServer(store, engine, stats, miss_wait_seconds=miss_wait_seconds)
@@ -93,6 +94,18 @@ def files_of(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def hosts_owning(digests: list[str], port: int) -> list[str]:
+    """One loopback host per digest such that, among exactly these hosts, each owns its
+    digest by the rendezvous choice."""
+    hosts = [f"127.0.0.{i}" for i in range(2, 40)]
+    for first in hosts:
+        for second in hosts:
+            pair = [Peer(first, port).address, Peer(second, port).address]
+            if first != second and [rendezvous.choose(d, pair) for d in digests] == pair:
+                return [first, second]
+    raise AssertionError("no pair of loopback hosts splits these digests")
 
 
 def hosts_where_first_wins(digest: str, port: int, count: int = 2) -> list[str]:

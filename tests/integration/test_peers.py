@@ -4,6 +4,7 @@ bandwidth cap as the origin, real peer listeners, real DNS (dnsmasq) for discove
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -17,10 +18,12 @@ from cacheagent.refs import parse_ref
 from tests.dns_server import DnsServer
 from tests.fault_server import Fault, FaultServer
 from tests.fleet_support import (
+    PULL,
     SERVICE,
     MiB,
     Node,
     files_of,
+    hosts_owning,
     hosts_where_first_wins,
     start_node,
 )
@@ -137,6 +140,30 @@ async def test_second_node_streams_from_the_owner_while_it_downloads(
     assert a.stats.origin_bytes == MODEL_BYTES
     # The origin saw each blob byte once (plus two manifests and the headers of the answers).
     assert MODEL_BYTES <= origin.sent <= MODEL_BYTES * 1.05
+
+
+async def test_two_owners_pulling_each_others_blobs_do_not_starve(
+    tmp_path: Path, registry: RegistryServer, fleet: list[Node]
+) -> None:
+    """A owns shard 0 and B shard 1, both pull both with 2 connections per origin: fetches
+    waiting on the other node must not hold the slots its own origin fetches need."""
+    shards = {"a.safetensors": os.urandom(2 * MiB), "b.safetensors": os.urandom(2 * MiB)}
+    async with OciPusher(registry.url) as pusher:
+        await pusher.push("models/split", modelpack_artifact(shards), "v1")
+    port = free_port()
+    host_a, host_b = hosts_owning([sha256(d) for d in shards.values()], port)
+    pull_config = dataclasses.replace(PULL, max_connections_per_origin=2)
+    peers = (Peer(host_a, port), Peer(host_b, port))
+    a = await start_node(tmp_path, host_a, port, static=peers, pull=pull_config)
+    b = await start_node(tmp_path, host_b, port, static=peers, pull=pull_config)
+    fleet += [a, b]
+    async with ThrottleProxy(registry.port, rate=4 * MiB) as proxy:
+        ref = f"{proxy.address}/models/split:v1"
+        await asyncio.gather(a.engine.pull(ref), b.engine.pull(ref))
+        sent = proxy.sent
+    assert not a.stats.failures and not b.stats.failures
+    assert a.stats.peer_bytes[b.peer.address] == b.stats.peer_bytes[a.peer.address] == 2 * MiB
+    assert 4 * MiB <= sent <= 4.2 * MiB
 
 
 async def test_lying_peer_is_discarded_and_the_origin_used(
