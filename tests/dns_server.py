@@ -24,18 +24,26 @@ from tests.support import require_binary
 START_TIMEOUT_SECONDS = 10.0
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_dns_port() -> int:
+    """A loopback port free for both UDP and TCP (dnsmasq listens on both)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no loopback port free for both UDP and TCP")
 
 
 class DnsServer:
     def __init__(self, workdir: Path) -> None:
         self.binary = require_binary("dnsmasq")
         self.workdir = workdir
-        self.port = free_udp_port()
+        self.port = free_dns_port()
         self.hosts = workdir / "hosts"
         self.proc: subprocess.Popen[bytes] | None = None
 

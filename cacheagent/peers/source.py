@@ -97,11 +97,16 @@ class PeerSource(Source):
                     yield chunk
                 break
             except PeerError as exc:
+                failure = exc
+                self._stats.failed(peer.address, exc.reason)
+                if exc.reason == "missing":
+                    # Alive but without this blob (never pulled it, evicted it, or unpacked a
+                    # tar layer it does not keep): the origin, and no cooldown.
+                    log.info("%s; blob %s: from the origin", exc, blob.digest)
+                    break
                 # It sits out its cooldown, so the rendezvous choice now names the next node:
                 # the one every other node also moves to (it fetches from the origin).
-                failure = exc
                 self._directory.mark_failed(peer)
-                self._stats.failed(peer.address, exc.reason)
                 log.warning(
                     "%s; blob %s: bytes %d-%d from the next node", exc, blob.digest, pos, end
                 )
