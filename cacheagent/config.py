@@ -420,7 +420,7 @@ class PeersConfig(_Section):
     static: tuple[str, ...] = ()
     advertise_address: str | None = None
     refresh_seconds: Annotated[Seconds, Range(0, open_low=True)] = 30.0
-    stall_seconds: Annotated[Seconds, Range(0, open_low=True)] = 5.0
+    stall_seconds: Annotated[Seconds, Range(0, open_low=True)] = 10.0
     min_bytes_per_second: ByteSize = 1 * MiB
     cooldown_seconds: Seconds = 30.0
     miss_wait_seconds: Seconds = 2.0

@@ -41,9 +41,12 @@ class PeerError(CacheAgentError):
 
 @dataclass(frozen=True)
 class ClientSettings:
+    """``answer_seconds`` bounds connecting and the response headers: a peer may hold them
+    back while it waits for a pull to reach the blob (its ``miss_wait_seconds``)."""
+
     stall_seconds: float = 5.0
     min_bytes_per_second: int = 1 << 20
-    connect_seconds: float = 2.0
+    answer_seconds: float = 7.0
     tls_ca: Path | None = None
     tls: bool = False
 
@@ -63,9 +66,7 @@ class PeerClient:
                 ssl_context = ssl.create_default_context(cafile=None if ca is None else str(ca))
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=ssl_context, limit=0),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.settings.connect_seconds
-                ),
+                timeout=aiohttp.ClientTimeout(total=None),
                 auto_decompress=False,
             )
         return self._session
@@ -79,15 +80,15 @@ class PeerClient:
     ) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` of the blob from ``peer``; PeerError on any misbehaviour
         (the bytes yielded before it are the right range of what the peer sent)."""
-        stall = self.settings.stall_seconds
+        wait = self.settings.answer_seconds
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         try:
-            async with asyncio.timeout(stall):
+            async with asyncio.timeout(wait):
                 response = await self._client().get(self.url(peer, digest), headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
             raise PeerError(peer, "error", f"{type(exc).__name__}: {exc}") from exc
         except TimeoutError as exc:
-            raise PeerError(peer, "slow", f"no answer in {stall:g}s") from exc
+            raise PeerError(peer, "slow", f"no answer in {wait:g}s") from exc
         async with response:
             _check_answer(peer, response, size, start, end)
             async for chunk in self._body(peer, response, end - start):

@@ -60,6 +60,7 @@ class Fleet:
             ClientSettings(
                 stall_seconds=config.stall_seconds,
                 min_bytes_per_second=config.min_bytes_per_second,
+                answer_seconds=config.stall_seconds + config.miss_wait_seconds,
                 tls=config.tls_cert is not None,
                 tls_ca=config.tls_ca,
             )

@@ -110,14 +110,17 @@ class PeerServer:
         return await self._partial(request, digest, path)
 
     async def _verified(self, request: web.Request, digest: str) -> web.StreamResponse:
-        response = web.FileResponse(
-            self.store.blob_path(digest),
+        """A committed blob: aiohttp sends it (Range, HEAD, sendfile) after we return."""
+        path = self.store.blob_path(digest)
+        if request.method == "GET":
+            size = (await asyncio.to_thread(path.stat)).st_size
+            with contextlib.suppress(UnsatisfiableRangeError):
+                start, end = parse_range(request.headers.get("Range"), size) or (0, size)
+                self.stats.served_bytes += end - start
+        return web.FileResponse(
+            path,
             headers={"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"},
         )
-        await response.prepare(request)
-        if request.method == "GET":
-            self.stats.served_bytes += response.content_length or 0
-        return response
 
     async def _in_flight(self, digest: str) -> Path | None:
         """The partial file of a blob being downloaded, once it is open (waiting up to
@@ -183,6 +186,8 @@ class PeerServer:
                 self.stats.served_bytes += len(data)
                 pos = upto
             await response.write_eof()
+        except ConnectionError:
+            log.debug("peer hung up while receiving blob %s at byte %d", digest, pos)
         except (CacheAgentError, TimeoutError) as exc:
             # The download here failed or stalled: cut the connection, the peer falls back.
             log.warning("serving blob %s to a peer stopped at byte %d: %s", digest, pos, exc)
