@@ -92,7 +92,8 @@ class PeerServer:
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         response = await self._answer(request)
-        self.stats.served[str(response.status)] += 1
+        if not isinstance(response, web.FileResponse):  # counted by _verified
+            self.stats.served[str(response.status)] += 1
         return response
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
@@ -112,10 +113,15 @@ class PeerServer:
     async def _verified(self, request: web.Request, digest: str) -> web.StreamResponse:
         """A committed blob: aiohttp sends it (Range, HEAD, sendfile) after we return."""
         path = self.store.blob_path(digest)
-        if request.method == "GET":
-            size = (await asyncio.to_thread(path.stat)).st_size
-            with contextlib.suppress(UnsatisfiableRangeError):
-                start, end = parse_range(request.headers.get("Range"), size) or (0, size)
+        size = (await asyncio.to_thread(path.stat)).st_size
+        try:
+            span = parse_range(request.headers.get("Range"), size)
+        except UnsatisfiableRangeError:
+            self.stats.served["416"] += 1
+        else:
+            self.stats.served["200" if span is None else "206"] += 1
+            if request.method == "GET":
+                start, end = span or (0, size)
                 self.stats.served_bytes += end - start
         return web.FileResponse(
             path,
