@@ -11,15 +11,24 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from cacheagent.config import PeersConfig
 from cacheagent.peers.client import PEER_REPOSITORY
 from cacheagent.peers.discovery import DiscoveryError, DnsResolver, Peer, PeerDirectory
+from cacheagent.peers.fleet import Fleet
+from cacheagent.peers.ranges import parse_range
+from cacheagent.pull.engine import PullEngine, SourceRegistry
 from cacheagent.refs import parse_ref
+from cacheagent.store import Store
+from tests.certs import make_pki
 from tests.dns_server import DnsServer
 from tests.fault_server import Fault, FaultServer
 from tests.fleet_support import (
     PULL,
     SERVICE,
+    TUNING,
     MiB,
     Node,
     files_of,
@@ -27,6 +36,8 @@ from tests.fleet_support import (
     hosts_where_first_wins,
     start_node,
 )
+from tests.integration.pull_origin import registry_source
+from tests.loopback import start_loopback
 from tests.oci_push import OciPusher, modelpack_artifact, sha256
 from tests.registry_server import RegistryServer, free_port
 from tests.throttle_proxy import ThrottleProxy
@@ -252,15 +263,16 @@ async def test_discovery_follows_the_headless_service(dns: DnsServer) -> None:
     )
     await directory.refresh()
     assert directory.peers() == (Peer("127.0.0.3", 9465),)
-    dns.set_hosts(SERVICE, ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    await asyncio.to_thread(dns.set_hosts, SERVICE, ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
     await directory.refresh()
     assert directory.peers() == (Peer("127.0.0.3", 9465), Peer("127.0.0.4", 9465))
-    dns.set_hosts(SERVICE, ["127.0.0.2"])  # the others are not ready any more
+    # the others are not ready any more
+    await asyncio.to_thread(dns.set_hosts, SERVICE, ["127.0.0.2"])
     await directory.refresh()
     assert directory.peers() == ()
-    dns.set_hosts(SERVICE, ["127.0.0.5"])
+    await asyncio.to_thread(dns.set_hosts, SERVICE, ["127.0.0.5"])
     await directory.refresh()
-    dns.stop()
+    await asyncio.to_thread(dns.stop)
     with pytest.raises(DiscoveryError, match=SERVICE):
         await directory.refresh()
     assert directory.peers() == (Peer("127.0.0.5", 9465),)  # a DNS blip keeps the last answer
@@ -275,7 +287,7 @@ async def test_discovery_change_during_a_pull_moves_the_rest_to_the_peer(
     fleet.append(a)
     assert await pull(a, origin) == expected()  # A holds the model
     sent_before = origin.sent
-    dns.set_hosts(SERVICE, [node_host])  # B's view: alone
+    await asyncio.to_thread(dns.set_hosts, SERVICE, [node_host])  # B's view: alone
     b = await start_node(
         tmp_path, node_host, port, resolver=DnsResolver(dns.address, timeout=0.5), serve=False
     )
@@ -284,7 +296,7 @@ async def test_discovery_change_during_a_pull_moves_the_rest_to_the_peer(
     try:
         b_pull = asyncio.create_task(pull(b, origin))
         await wait_until(lambda: b.stats.origin_bytes >= 512 * 1024, "origin bytes")
-        dns.set_hosts(SERVICE, [node_host, owner_host])  # A became ready
+        await asyncio.to_thread(dns.set_hosts, SERVICE, [node_host, owner_host])  # A became ready
         assert await b_pull == expected()
     finally:
         refresher.cancel()
@@ -292,3 +304,85 @@ async def test_discovery_change_during_a_pull_moves_the_rest_to_the_peer(
     assert b.stats.origin_bytes < MODEL_BYTES
     assert b.stats.origin_bytes + b.stats.peer_bytes[a.peer.address] == MODEL_BYTES
     assert origin.sent - sent_before < MODEL_BYTES
+
+
+async def test_dripping_peer_under_the_throughput_floor_is_given_up(
+    tmp_path: Path, origin: ThrottleProxy, fleet: list[Node]
+) -> None:
+    """A peer that keeps sending, but 1 KiB every 20 ms (50 KiB/s, under a 256 KiB/s floor)."""
+
+    blobs = {sha256(data): data for data in FILES.values()}
+
+    async def drip(request: web.Request) -> web.StreamResponse:
+        data = blobs[request.match_info["digest"]]
+        start, end = parse_range(request.headers.get("Range"), len(data)) or (0, len(data))
+        response = web.StreamResponse(status=206)
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        response.content_length = end - start
+        await response.prepare(request)
+        for offset in range(start, end, 1024):
+            await response.write(data[offset : min(end, offset + 1024)])
+            await asyncio.sleep(0.02)
+        return response
+
+    app = web.Application()
+    app.router.add_get(f"/v2/{PEER_REPOSITORY}/blobs/{{digest}}", drip)
+    runner, port = await start_loopback(app, shutdown_timeout=0.5)
+    try:
+        dripper = Peer("127.0.0.1", port)
+        b = await start_node(
+            tmp_path,
+            "127.0.0.3",
+            free_port(),
+            static=(dripper,),
+            stall_seconds=0.5,
+            min_bytes_per_second=256 * 1024,
+            serve=False,
+        )
+        fleet.append(b)
+        assert await pull(b, origin) == expected()
+    finally:
+        await runner.cleanup()
+    assert b.stats.failures[(dripper.address, "slow")] >= 1
+    assert b.stats.fallbacks["slow"] >= 1
+
+
+async def test_fleet_from_config_with_tls(
+    tmp_path: Path, origin: ThrottleProxy, registry: RegistryServer
+) -> None:
+    """Two nodes built by ``Fleet`` from the ``peers`` config, the listener on TLS only."""
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    nodes: list[tuple[Fleet, PullEngine, Store]] = []
+    origins = [registry_source(), registry_source()]
+    for host, origin_source in zip(("127.0.0.1", "127.0.0.3"), origins, strict=True):
+        config = PeersConfig(
+            enabled=True,
+            listen=f"{host}:{port}",
+            static=(f"127.0.0.1:{port}",),
+            tls_cert=pki.server_cert,
+            tls_key=pki.server_key,
+            tls_ca=pki.ca_cert,
+        )
+        fleet = Fleet(config)
+        store = Store.open(tmp_path / host)
+        engine = PullEngine(store, SourceRegistry(fleet.wrap([origin_source])), PULL, tuning=TUNING)
+        await fleet.start(store, engine, CollectorRegistry())
+        nodes.append((fleet, engine, store))
+    (a, a_engine, _), (b, b_engine, _) = nodes
+    try:
+        await a_engine.pull(ref(origin))
+        assert a.stats.origin_bytes == MODEL_BYTES  # the owner of everything: itself
+        await b_engine.pull(ref(origin))
+        assert b.stats.peer_bytes[f"127.0.0.1:{port}"] == MODEL_BYTES
+        assert b.stats.origin_bytes == 0
+        async with aiohttp.ClientSession() as http:  # no plain HTTP on the peer port
+            with pytest.raises(aiohttp.ClientError):
+                await http.get(f"http://127.0.0.1:{port}/v2/")
+    finally:
+        for fleet, engine, store in nodes:
+            await engine.aclose()
+            await fleet.stop()
+            store.close()
+        for origin_source in origins:
+            await origin_source.aclose()
