@@ -407,8 +407,8 @@ class PeersConfig(_Section):
     addresses, the port is ``listen``'s. ``advertise_address``: this node's address as peers see
     it, when it is not the listen host nor one of the machine's interface addresses. A peer
     transfer that delivers nothing for ``stall_seconds`` or less than ``min_bytes_per_second``
-    over that window is given up (the rest comes from the origin) and the peer sits out
-    ``cooldown_seconds``. The listener waits up to ``miss_wait_seconds`` for a blob it does not
+    over that window is given up (the rest comes from the next node the rendezvous choice names,
+    else the origin) and the peer sits out ``cooldown_seconds``. The listener waits up to ``miss_wait_seconds`` for a blob it does not
     hold to start downloading before answering 404.
     """
 
