@@ -7,6 +7,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ from tests.e2e.conftest import Origin
 from tests.e2e.test_agent_api import metric
 from tests.registry_server import free_port
 from tests.support import require_binary
+from tests.threaded import serve_in_thread
+from tests.throttle_proxy import ThrottleProxy
+
+MiB = 1 << 20
 
 CONFIGMAP = Path(__file__).resolve().parents[2] / "deploy" / "daemonset" / "configmap.yaml"
 
@@ -69,7 +74,8 @@ def start_agent(work: Path, host: str, port: int, dns: DnsServer, origin: Origin
     peers.update(
         enabled=True, listen=f"{host}:{port}", dns_server=dns.address, refresh_seconds="0.2s"
     )
-    agent = AgentProcess(work, insecure=(origin.registry.host,), extra={"peers": peers})
+    # "127.0.0.1": the registry's port and that of a bandwidth cap in front of it
+    agent = AgentProcess(work, insecure=("127.0.0.1",), extra={"peers": peers})
     return agent.start()
 
 
@@ -117,3 +123,50 @@ def test_second_agent_takes_the_model_from_its_peer(
             b.cleanup()
         a.stop()
         a.cleanup()
+
+
+def test_peer_killed_mid_transfer_the_other_agent_finishes(
+    tmp_path: Path, origin: Origin, dns: DnsServer
+) -> None:
+    """A real agent SIGKILLed while it streams a model to another one (origin capped at
+    8 MiB/s so the transfer is still going): the other finishes from the origin."""
+    name = shipped_peers_config()["dns_name"]
+    model = origin.models["gamma"]
+    dns.set_hosts(name, ["127.0.0.2"])  # B is joining: only A is ready
+    port = free_port()
+    with serve_in_thread(ThrottleProxy(origin.registry.port, rate=8 * MiB)) as capped:
+        ref = model.ref.replace(origin.registry.host, capped.address)
+        a = start_agent(tmp_path / "a", "127.0.0.2", port, dns, origin)
+        b: AgentProcess | None = None
+        try:
+            b = start_agent(tmp_path / "b", "127.0.0.3", port, dns, origin)
+            wait_for_metric(b, "cacheagent_peers", 1)
+            peer = Peer("127.0.0.2", port).address
+            via_peer = {"from": "peer", "peer": peer}
+            with ThreadPoolExecutor(2) as pool:
+                a_preheat = pool.submit(a.cli, "preheat", ref, check=False)
+                b_preheat = pool.submit(b.cli, "preheat", ref, check=False)
+                for _ in range(600):
+                    if metric(b, "cacheagent_fleet_bytes_total", **via_peer) >= MiB:
+                        break
+                    if b_preheat.done():
+                        break
+                    time.sleep(0.05)
+                a.kill()
+                assert a_preheat.result(timeout=60).returncode != 0
+                done = b_preheat.result(timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert b.cli("stat", ref).returncode == 0
+            from_peer = metric(b, "cacheagent_fleet_bytes_total", **via_peer)
+            from_origin = metric(
+                b, "cacheagent_fleet_bytes_total", **{"from": "origin", "peer": ""}
+            )
+            assert from_peer >= MiB and from_origin > 0
+            failures = metric(b, "cacheagent_peer_failures_total", peer=peer, reason="error")
+            assert failures >= 1
+        finally:
+            if b is not None:
+                b.stop()
+                b.cleanup()
+            a.kill()
+            a.cleanup()
