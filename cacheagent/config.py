@@ -408,8 +408,8 @@ class PeersConfig(_Section):
     it, when it is not the listen host nor one of the machine's interface addresses. A peer
     transfer that delivers nothing for ``stall_seconds`` or less than ``min_bytes_per_second``
     over that window is given up (the rest comes from the next node the rendezvous choice names,
-    else the origin) and the peer sits out ``cooldown_seconds``. The listener waits up to ``miss_wait_seconds`` for a blob it does not
-    hold to start downloading before answering 404.
+    else the origin) and the peer sits out ``cooldown_seconds``. The listener waits up to
+    ``miss_wait_seconds`` for a blob it does not hold to start downloading before answering 404.
     """
 
     section: ClassVar[str] = "peers"

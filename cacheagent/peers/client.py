@@ -13,7 +13,7 @@ import asyncio
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +77,7 @@ class PeerClient:
 
     async def fetch(
         self, peer: Peer, digest: str, size: int, start: int, end: int
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Yield bytes ``[start, end)`` of the blob from ``peer``; PeerError on any misbehaviour
         (the bytes yielded before it are the right range of what the peer sent)."""
         wait = self.settings.answer_seconds

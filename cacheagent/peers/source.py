@@ -20,10 +20,11 @@ asks the engine for a range, and fetches started under it go to the origin.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from cacheagent.peers.client import PeerClient, PeerError
 from cacheagent.peers.discovery import Peer, PeerDirectory
@@ -56,10 +57,16 @@ class _Counted(Source):
 
     async def fetch(
         self, blob: BlobRef, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
-        async for chunk in self.origin.fetch(blob, start, end):
-            self._stats.origin_bytes += len(chunk)
-            yield chunk
+    ) -> AsyncGenerator[bytes, None]:
+        stream = self.origin.fetch(blob, start, end)
+        try:
+            async for chunk in stream:
+                self._stats.origin_bytes += len(chunk)
+                yield chunk
+        finally:  # closed with us, not whenever the garbage collector gets to it
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 class PeerSource(Source):
@@ -90,11 +97,13 @@ class PeerSource(Source):
             peer = None if SERVING_PEER.get() else self._directory.owner(blob.digest)
             if peer is None or pos >= end:
                 break
+            stream = self._client.fetch(peer, blob.digest, blob.size, pos, end)
             try:
-                async for chunk in self._client.fetch(peer, blob.digest, blob.size, pos, end):
-                    self._credit(peer, blob.digest, len(chunk))
-                    pos += len(chunk)
-                    yield chunk
+                async with contextlib.aclosing(stream):  # a cancelled pull closes the response
+                    async for chunk in stream:
+                        self._credit(peer, blob.digest, len(chunk))
+                        pos += len(chunk)
+                        yield chunk
                 break
             except PeerError as exc:
                 failure = exc
@@ -113,8 +122,9 @@ class PeerSource(Source):
         if pos < end:
             if failure is not None:
                 self._stats.fallbacks[failure.reason] += 1
-            async for chunk in self.origin.fetch(blob, pos, end):
-                yield chunk
+            async with contextlib.aclosing(self.origin.fetch(blob, pos, end)) as rest:
+                async for chunk in rest:
+                    yield chunk
 
     def limit_key(self, blob: BlobRef, origin: str) -> str:
         """Fetches that will ask a peer count against their own per-"origin" limit: a node
