@@ -269,7 +269,8 @@ class Agent:
 
         origins: Origins = build_sources(cfg)
         self._on_stop("origins", origins.aclose)
-        fleet = Fleet(cfg.peers) if cfg.peers.enabled else None
+        # Fleet reads resolv.conf, interface addresses: off the loop
+        fleet = await asyncio.to_thread(Fleet, cfg.peers) if cfg.peers.enabled else None
         engine = PullEngine(
             store,
             SourceRegistry(fleet.wrap(origins.sources) if fleet else origins.sources),

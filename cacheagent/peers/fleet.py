@@ -43,6 +43,9 @@ def self_hosts(config: PeersConfig) -> frozenset[str]:
 
 
 class Fleet:
+    """Peer fetch for one agent. The constructor does blocking reads (the resolver's
+    configuration, the interface addresses): daemons build it in a thread."""
+
     def __init__(self, config: PeersConfig) -> None:
         self.config = config
         self.stats = PeerStats()
@@ -77,7 +80,7 @@ class Fleet:
         server = PeerServer(
             store, engine, self.stats, miss_wait_seconds=self.config.miss_wait_seconds
         )
-        await server.start(self.host, self.port, self._tls())
+        await server.start(self.host, self.port, await asyncio.to_thread(self._tls))
         self._server = server
         self._refresh = asyncio.create_task(self.directory.run(self.config.refresh_seconds))
         log.info(

@@ -16,7 +16,6 @@ the cluster (the headless Service, a NetworkPolicy) or turn on TLS with client c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -102,13 +101,15 @@ class PeerServer:
             return _error(400, "NAME_INVALID", f"invalid repository name {name!r}")
         if not _DIGEST.fullmatch(digest):
             return _error(400, "DIGEST_INVALID", f"invalid digest {digest!r}")
-        if await asyncio.to_thread(self.store.has_blob, digest):
-            return await self._verified(request, digest)
-        SERVING_PEER.set(True)  # this handler's task only: our fetches go to the origin
-        path = await self._in_flight(digest)
-        if path is None:
-            return _error(404, "BLOB_UNKNOWN", f"blob {digest} is not on this node")
-        return await self._partial(request, digest, path)
+        unknown = _error(404, "BLOB_UNKNOWN", f"blob {digest} is not on this node")
+        try:
+            if await asyncio.to_thread(self.store.has_blob, digest):
+                return await self._verified(request, digest)
+            SERVING_PEER.set(True)  # this handler's task only: our fetches go to the origin
+            path = await self._in_flight(digest)
+            return unknown if path is None else await self._partial(request, digest, path)
+        except FileNotFoundError:  # evicted, or a download discarded, a moment ago
+            return unknown
 
     async def _verified(self, request: web.Request, digest: str) -> web.StreamResponse:
         """A committed blob: aiohttp sends it (Range, HEAD, sendfile) after we return."""
@@ -201,8 +202,7 @@ class PeerServer:
                 request.transport.close()
         finally:
             claim.cancel()
-            with contextlib.suppress(BaseException):
-                await claim
+            await asyncio.gather(claim, return_exceptions=True)
 
 
 def _open_either(partial: Path, blob: Path) -> int:
