@@ -410,6 +410,8 @@ class PeersConfig(_Section):
     over that window is given up (the rest comes from the next node the rendezvous choice names,
     else the origin) and the peer sits out ``cooldown_seconds``. The listener waits up to
     ``miss_wait_seconds`` for a blob it does not hold to start downloading before answering 404.
+    ``tls_cert``/``tls_key``: the listener speaks TLS only and agents present that certificate
+    to peers; with ``tls_ca``, peers and clients must hold a certificate that CA signed.
     """
 
     section: ClassVar[str] = "peers"

@@ -4,6 +4,7 @@ listener on its own loopback address, and a PeerSource in front of a real regist
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.sources.base import Source
 from cacheagent.store import Store
 from tests.integration.pull_origin import registry_source
+from tests.support import require_binary
 
 KiB, MiB = 1 << 10, 1 << 20
 # Ranged downloads (many 128 KiB pieces) for a few-MiB model, fast retries.
@@ -114,3 +116,30 @@ def hosts_where_first_wins(digest: str, port: int, count: int = 2) -> list[str]:
     hosts = [f"127.0.0.{i}" for i in range(2, 12)]
     ranked = rendezvous.ranking(digest, [Peer(h, port).address for h in hosts])
     return [Peer.parse(a).host for a in ranked[:count]]
+
+
+@dataclass(frozen=True)
+class FleetPki:
+    ca: Path
+    cert: Path  # one agent certificate, for serving and as a client (serverAuth + clientAuth)
+    key: Path
+
+
+def fleet_pki(directory: Path) -> FleetPki:
+    """A fleet CA and an agent certificate it signed, usable on both ends of a peer transfer."""
+    openssl = require_binary("openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    steps = (
+        "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=fleet-CA -keyout ca.key -out ca.pem",
+        "req -newkey rsa:2048 -nodes -subj /CN=agent -keyout agent.key -out agent.csr",
+        "x509 -req -in agent.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2"
+        " -out agent.pem -extfile ext",
+    )
+    for step in steps:
+        subprocess.run(
+            [openssl, *step.split()], cwd=directory, check=True, capture_output=True, timeout=60
+        )
+    return FleetPki(directory / "ca.pem", directory / "agent.pem", directory / "agent.key")

@@ -47,8 +47,10 @@ class ClientSettings:
     stall_seconds: float = 5.0
     min_bytes_per_second: int = 1 << 20
     answer_seconds: float = 7.0
-    tls_ca: Path | None = None
     tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None  # presented to peers that ask for a client certificate
+    tls_key: Path | None = None
 
 
 class PeerClient:
@@ -60,10 +62,7 @@ class PeerClient:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            ssl_context: ssl.SSLContext | bool = False
-            if self.settings.tls:
-                ca = self.settings.tls_ca
-                ssl_context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+            ssl_context = client_tls(self.settings) if self.settings.tls else False
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=ssl_context, limit=0),
                 timeout=aiohttp.ClientTimeout(total=None),
@@ -123,6 +122,19 @@ class PeerClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def client_tls(settings: ClientSettings) -> ssl.SSLContext:
+    """Peers are checked against ``tls_ca`` (the fleet's CA), not by name: they are addressed
+    by pod IP, which changes with every pod, so a certificate cannot name them all."""
+    context = ssl.create_default_context(
+        cafile=None if settings.tls_ca is None else str(settings.tls_ca)
+    )
+    if settings.tls_ca is not None:
+        context.check_hostname = False  # the chain is still verified (CERT_REQUIRED)
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
 
 
 def _check_answer(

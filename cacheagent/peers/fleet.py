@@ -66,6 +66,8 @@ class Fleet:
                 answer_seconds=config.stall_seconds + config.miss_wait_seconds,
                 tls=config.tls_cert is not None,
                 tls_ca=config.tls_ca,
+                tls_cert=config.tls_cert,
+                tls_key=config.tls_key,
             )
         )
         self._server: PeerServer | None = None
@@ -91,11 +93,16 @@ class Fleet:
         )
 
     def _tls(self) -> ssl.SSLContext | None:
+        """The listener's TLS; with ``tls_ca`` peers must present a certificate it signed
+        (every agent has one: its own ``tls_cert``), so only the fleet can read blobs."""
         cfg = self.config
         if cfg.tls_cert is None or cfg.tls_key is None:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        if cfg.tls_ca is not None:
+            context.load_verify_locations(cafile=str(cfg.tls_ca))
+            context.verify_mode = ssl.CERT_REQUIRED
         return context
 
     async def stop(self) -> None:

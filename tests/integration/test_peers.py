@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from cacheagent.peers.ranges import parse_range
 from cacheagent.pull.engine import PullEngine, SourceRegistry
 from cacheagent.refs import parse_ref
 from cacheagent.store import Store
-from tests.certs import make_pki
 from tests.dns_server import DnsServer
 from tests.fault_server import Fault, FaultServer
 from tests.fleet_support import (
@@ -32,6 +32,7 @@ from tests.fleet_support import (
     MiB,
     Node,
     files_of,
+    fleet_pki,
     hosts_owning,
     hosts_where_first_wins,
     start_node,
@@ -347,11 +348,12 @@ async def test_dripping_peer_under_the_throughput_floor_is_given_up(
     assert b.stats.fallbacks["slow"] >= 1
 
 
-async def test_fleet_from_config_with_tls(
+async def test_fleet_from_config_with_mutual_tls(
     tmp_path: Path, origin: ThrottleProxy, registry: RegistryServer
 ) -> None:
-    """Two nodes built by ``Fleet`` from the ``peers`` config, the listener on TLS only."""
-    pki = make_pki(tmp_path / "pki")
+    """Two nodes built by ``Fleet`` from the ``peers`` config: the listener speaks TLS only and
+    serves only clients with a certificate from the fleet's CA."""
+    pki = fleet_pki(tmp_path / "pki")
     port = free_port()
     nodes: list[tuple[Fleet, PullEngine, Store]] = []
     origins = [registry_source(), registry_source()]
@@ -360,9 +362,9 @@ async def test_fleet_from_config_with_tls(
             enabled=True,
             listen=f"{host}:{port}",
             static=(f"127.0.0.1:{port}",),
-            tls_cert=pki.server_cert,
-            tls_key=pki.server_key,
-            tls_ca=pki.ca_cert,
+            tls_cert=pki.cert,
+            tls_key=pki.key,
+            tls_ca=pki.ca,
         )
         fleet = Fleet(config)
         store = Store.open(tmp_path / host)
@@ -376,9 +378,17 @@ async def test_fleet_from_config_with_tls(
         await b_engine.pull(ref(origin))
         assert b.stats.peer_bytes[f"127.0.0.1:{port}"] == MODEL_BYTES
         assert b.stats.origin_bytes == 0
-        async with aiohttp.ClientSession() as http:  # no plain HTTP on the peer port
-            with pytest.raises(aiohttp.ClientError):
-                await http.get(f"http://127.0.0.1:{port}/v2/")
+        url = f"127.0.0.1:{port}/v2/"
+        trusting = ssl.create_default_context(cafile=str(pki.ca))
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(aiohttp.ClientError):  # no plain HTTP
+                await http.get(f"http://{url}")
+            with pytest.raises(aiohttp.ClientError):  # no client certificate: no answer
+                async with http.get(f"https://{url}", ssl=trusting) as r:
+                    await r.read()
+            trusting.load_cert_chain(pki.cert, pki.key)
+            async with http.get(f"https://{url}", ssl=trusting) as r:
+                assert r.status == 200
     finally:
         for fleet, engine, store in nodes:
             await engine.aclose()
