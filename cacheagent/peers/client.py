@@ -143,8 +143,10 @@ def _check_answer(
     """The answer must be exactly the range asked for of a blob of the declared size."""
     if response.status == 404:
         raise PeerError(peer, "missing", "does not hold the blob")
-    if response.status == 200 and start == 0 and end == size:
+    if response.status == 200:
         length = response.content_length
+        if (start, end) != (0, size):
+            raise PeerError(peer, "wrong_answer", f"ignored the Range bytes={start}-{end - 1}")
         if length is not None and length != size:
             raise PeerError(peer, "wrong_answer", f"sent {length} bytes for a {size}-byte blob")
         return

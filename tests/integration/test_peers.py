@@ -200,6 +200,25 @@ async def test_lying_peer_is_discarded_and_the_origin_used(
     assert list((b.store.root / "partial").iterdir()) == []
 
 
+async def test_peer_answering_another_range_is_not_used(
+    tmp_path: Path, origin: ThrottleProxy, fleet: list[Node]
+) -> None:
+    """A peer that ignores Range (200 with the whole blob) for every request."""
+    async with FaultServer() as confused:
+        for data in FILES.values():
+            name = f"v2/{PEER_REPOSITORY}/blobs/{sha256(data)}"
+            confused.add(name, data)
+            confused.inject(name, Fault("ignore_range", times=1000))
+        peer = Peer("127.0.0.1", confused.port)
+        b = await start_node(tmp_path, "127.0.0.3", free_port(), static=(peer,), serve=False)
+        fleet.append(b)
+        assert await pull(b, origin) == expected()
+    assert b.stats.failures[(peer.address, "wrong_answer")] >= 1
+    # A whole small blob asked for whole is a right answer; no byte of a wrong one was used.
+    assert b.stats.peer_bytes[peer.address] + b.stats.origin_bytes == MODEL_BYTES
+    assert b.stats.peer_bytes[peer.address] < len(WEIGHTS)
+
+
 async def test_slow_peer_is_given_up_for_the_origin(
     tmp_path: Path, origin: ThrottleProxy, fleet: list[Node]
 ) -> None:
