@@ -90,7 +90,11 @@ async def test_range_requests_pass_through_the_proxy(tmp_path: Path, proxy: Tiny
         config = load_config(
             None,
             {},
-            {"registries.insecure": ["127.0.0.1"], "registries.proxy": {origin.host: proxy.url}},
+            {
+                "registries.insecure": ["127.0.0.1"],
+                "registries.proxy": {origin.host: proxy.url},
+                "policy.http_allowed_networks": ["127.0.0.0/8"],  # the test origin's loopback
+            },
         )
         origins = build_sources(config)
         try:
