@@ -47,6 +47,7 @@ from pathlib import Path
 
 import psutil
 
+from cacheagent.config import PrefetchConfig
 from cacheagent.memory.cgroup import memory_room
 from cacheagent.memory.cpuset import format_cpulist
 from cacheagent.memory.lock import MemoryLocker, MemoryLockError
@@ -468,3 +469,15 @@ def _await_resident(
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
     return [step for steps in pending.values() for step in steps]
+
+
+def prefetcher_from_config(
+    prefetch: PrefetchConfig, gpu_cpus: GpuCpuResolver | None = None
+) -> Prefetcher:
+    """The warmer as ``prefetch.*`` says (share, workers, method); ``gpu_cpus`` from NVML."""
+    return Prefetcher(
+        memory_share=prefetch.memory_share,
+        method=WarmMethod(prefetch.method),
+        workers=prefetch.workers,
+        gpu_cpus=gpu_cpus,
+    )

@@ -24,12 +24,12 @@ import pytest
 from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb
 from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
 from cacheagent.api import AgentService
+from cacheagent.api_server import start_agent_api
 from cacheagent.config import PullConfig
 from cacheagent.errors import CacheFullError, SourceError
 from cacheagent.memory.prefetch import MemoryLocker
 from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.refs import LayoutRef
-from cacheagent.server import start_agent_api
 from cacheagent.service import ModelService
 from cacheagent.sources.layout import OciLayoutSource
 from cacheagent.store import Model, Store

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from cacheagent.api import AgentService
+from cacheagent.api_server import start_agent_api
 from cacheagent.memory.gpu import GpuInventory
 from cacheagent.pull.engine import PullEngine, SourceRegistry
-from cacheagent.server import start_agent_api
 from cacheagent.service import ModelService
 from cacheagent.store import Store
 from tests.fake_pynvml import FakeNvml, two_gpus_on_two_nodes

@@ -28,14 +28,13 @@ def test_an_unknown_group_names_the_key() -> None:
 def test_the_warmer_gets_the_configured_workers_and_method() -> None:
     from cacheagent.config import load_config
     from cacheagent.memory.gpu import GpuInventory
-    from cacheagent.memory.prefetch import WarmMethod
-    from cacheagent.server import prefetcher_from_config
+    from cacheagent.memory.prefetch import WarmMethod, prefetcher_from_config
     from tests.fake_pynvml import FakeNvml
 
     config = load_config(None, {}, {"prefetch.workers": "5", "prefetch.method": "read"})
     gpus = GpuInventory(FakeNvml())
     try:
-        warmer = prefetcher_from_config(config.prefetch, gpus)
+        warmer = prefetcher_from_config(config.prefetch, gpus.numa_cpus_for)
     finally:
         gpus.close()
     assert (warmer.workers, warmer.method) == (5, WarmMethod.READ)
