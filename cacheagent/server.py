@@ -49,7 +49,8 @@ from cacheagent.memory.pagecache import residency
 from cacheagent.memory.prefetch import MemoryLocker, prefetcher_from_config
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
 from cacheagent.peers.fleet import Fleet
-from cacheagent.pull.engine import PullEngine, SourceRegistry, tuning_from_config
+from cacheagent.pull.engine import PullEngine, SourceRegistry
+from cacheagent.pull.tuning import tuning_from_config
 from cacheagent.service import ModelService
 from cacheagent.sockets import prepare_socket, resolve_gid
 from cacheagent.sources.factory import Origins, build_sources

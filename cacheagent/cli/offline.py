@@ -16,8 +16,9 @@ from typing import Any
 from cacheagent.config import Config
 from cacheagent.errors import CacheAgentError, ModelNotFoundError, StoreLockedError
 from cacheagent.memory.pagecache import residency
-from cacheagent.pull.engine import PullEngine, SourceRegistry, tuning_from_config
+from cacheagent.pull.engine import PullEngine, SourceRegistry
 from cacheagent.pull.progress import PullProgress
+from cacheagent.pull.tuning import tuning_from_config
 from cacheagent.sources.factory import build_sources
 from cacheagent.store import FsckReport, Model, Store
 from cacheagent.store.lookup import find_model

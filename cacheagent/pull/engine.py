@@ -82,18 +82,6 @@ class PullTuning:
     max_unpack_ratio: float = 32.0
 
 
-def tuning_from_config(pull: PullConfig, *, tag_ttl_seconds: float) -> PullTuning:
-    """The knobs a config file sets (``pull.*``, ``store.tag_ttl_seconds``); the rest stay at
-    their measured defaults."""
-    return PullTuning(
-        ranges_per_blob=pull.ranges_per_blob,
-        hash_mode=pull.hash_mode,
-        tag_ttl_seconds=tag_ttl_seconds,
-        max_blob_bytes=pull.max_blob_bytes,
-        max_unpack_ratio=pull.max_unpack_ratio,
-    )
-
-
 class SourceRegistry:
     """Which Source serves which kind of reference ("oci", "oci-layout", "hf", "http")."""
 

@@ -151,7 +151,7 @@ def test_config_package_keeps_every_module_under_500_lines() -> None:
 
 
 def test_the_engine_gets_the_configured_knobs() -> None:
-    from cacheagent.pull.engine import tuning_from_config
+    from cacheagent.pull.tuning import tuning_from_config
 
     pull = load_config(
         None,
