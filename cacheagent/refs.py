@@ -35,6 +35,10 @@ Forms and the decisions taken where the brief is silent:
     The default port is dropped, scheme and host are lowercased; path and query are kept as
     written.
 
+``<any of the above>|option|...`` (``ViewRef``)
+    A view of the model: file patterns and the Hugging Face cache layout
+    (``cacheagent.viewopts`` has the options). Its canonical form is part of the cache key.
+
 Whitespace and control characters are errors anywhere, not trimmed: a reference is an
 identifier, and a silently repaired one would name something the user did not write.
 """
@@ -49,6 +53,7 @@ from typing import ClassVar, Literal, TypeAlias
 from urllib.parse import urlsplit
 
 from cacheagent.errors import RefError
+from cacheagent.viewopts import ViewOptions, parse_view_options
 
 RefKind = Literal["oci", "oci-layout", "hf", "http"]
 
@@ -178,12 +183,57 @@ class HttpRef(_Ref):
         return self.url.startswith("http:")
 
 
-ModelRef: TypeAlias = OciRef | LayoutRef | HfRef | HttpRef
+PlainRef: TypeAlias = OciRef | LayoutRef | HfRef | HttpRef
+
+
+@dataclass(frozen=True)
+class ViewRef(_Ref):
+    """A view of another reference's model: some of its files, or another layout.
+
+    It has no ``digest`` of its own (the view's digest is computed from the base manifest's),
+    so nothing mistakes the base model for the view.
+    """
+
+    base: PlainRef
+    options: ViewOptions
+
+    @property
+    def kind(self) -> RefKind:
+        return self.base.kind
+
+    @property
+    def canonical(self) -> str:
+        return self.base.canonical + self.options.suffix
+
+    @property
+    def origin(self) -> str:
+        return self.base.origin
+
+    @property
+    def is_immutable(self) -> bool:
+        return self.base.is_immutable
+
+
+ModelRef: TypeAlias = PlainRef | ViewRef
 
 
 def parse_ref(text: str) -> ModelRef:
     """Parse and normalise a model reference; raises ``RefError`` naming the bad part."""
     _check_characters(text)
+    base_text, bar, options = text.partition("|")
+    if not bar:
+        return _parse_plain(text)
+    base = _parse_plain(base_text) if base_text else None
+    if base is None:
+        raise RefError(text, "reference", "nothing before '|'")
+    default_hf = base.repo_id if isinstance(base, HfRef) else None
+    view = parse_view_options(text, options.split("|"), default_hf_repo=default_hf)
+    if view.hf_cache:
+        _check_hf_repo_id(text, view.hf_cache)
+    return ViewRef(base, view)
+
+
+def _parse_plain(text: str) -> PlainRef:
     match = _SCHEME_RE.match(text)
     if match is None:
         return _parse_oci(text, "oci", text)
@@ -510,7 +560,7 @@ def _parse_http(ref: str, scheme: str, rest: str) -> HttpRef:
     return HttpRef(url=f"{scheme}://{host}{parts.path}{query}", sha256=digest)
 
 
-_Parser = Callable[[str, str, str], ModelRef]
+_Parser = Callable[[str, str, str], PlainRef]
 _PARSERS: dict[str, _Parser] = {
     "oci": _parse_oci,
     "oci-layout": _parse_layout,

@@ -54,6 +54,7 @@ from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.sources.base import Layer, ResolvedModel, Source
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.tarsafe import UnpackedFile, unpack_tar
+from cacheagent.sources.views import assemble, resolve_model
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
 from cacheagent.store.paths import safe_relpath
@@ -329,7 +330,7 @@ class PullEngine:
                 del self._resolving[key]
 
     async def _resolve_and_start(self, ref: ModelRef) -> _ModelJob | Model:
-        resolved = await self.sources.for_ref(ref).resolve(ref)
+        resolved = await resolve_model(self.sources.for_ref(ref), ref)
         digest = resolved.manifest_digest
         # Cache the answer at once: callers arriving while the model downloads find the pull
         # through the tag cache instead of asking the origin again.
@@ -391,10 +392,14 @@ class PullEngine:
         ticker: asyncio.Task[None] | None = None
         leased = False
         try:
+            inline = [
+                ModelFile(path, await asyncio.to_thread(store.add_blob_bytes, data), len(data))
+                for path, data in resolved.inline_files
+            ]
             await asyncio.to_thread(
                 store.put_pending,
                 digest,
-                [_raw_file(layer) for layer in resolved.layers if layer.unpack == "raw"],
+                [_raw_file(layer) for layer in resolved.layers if layer.unpack == "raw"] + inline,
                 ref=job.ref.canonical,
                 source_kind=job.source.kind,
                 manifest=resolved.manifest,
@@ -412,7 +417,7 @@ class PullEngine:
             )
             job.state = "committing"
             self._publish(job)
-            files = [f for group in groups for f in group]
+            files = assemble(resolved, groups) + inline
             crashpoint("pull.before_tree")
             model = await asyncio.to_thread(
                 store.put_model,
@@ -482,14 +487,15 @@ class PullEngine:
         digest = layer.blob.digest
         while True:
             bj = self._blobs.get(digest)
+            unpack = f"{layer.unpack}:{layer.subtree}" if layer.subtree else layer.unpack
             if bj is None:
-                bj = _BlobJob(layer.unpack, job.source.kind)
+                bj = _BlobJob(unpack, job.source.kind)
                 self._blobs[digest] = bj
                 bj.task = asyncio.create_task(self._run_blob(bj, layer, job))
                 bj.task.add_done_callback(functools.partial(self._blob_finished, digest, bj))
                 self._changed.fire()
                 break
-            if bj.unpack == layer.unpack and not bj.abandoned:
+            if bj.unpack == unpack and not bj.abandoned:
                 break
             # Being cancelled (its last waiter left), or the same bytes wanted raw by one model
             # and unpacked by another: let it finish, then start afresh.
@@ -553,6 +559,7 @@ class PullEngine:
             partial.parent,
             commit,
             max_total_bytes=int(layer.blob.size * ratio),
+            subtree=layer.subtree,
         )
 
     def _wanted(self, blob_digest: str) -> bool:
