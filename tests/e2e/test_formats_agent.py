@@ -1,0 +1,129 @@
+"""Formats through the real agent: pods written for modelpack/model-csi-driver, file-pattern
+views and the Hugging Face cache layout, published over the CSI socket as kubelet does, with
+the real registry behind the agent and real read-only bind mounts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cacheagent._proto.csi.v1 import csi_pb2 as pb
+from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
+from cacheagent.cli.client import AgentClient
+from cacheagent.mountinfo import find_mount
+from tests.agent_process import AgentProcess
+from tests.csi_env import force_unmount, mount_capability, mounts_under
+from tests.e2e.conftest import Origin
+from tests.support import require_root
+
+KUBELET = {
+    "csi.storage.k8s.io/pod.name": "model-inference-pod",
+    "csi.storage.k8s.io/pod.namespace": "default",
+    "csi.storage.k8s.io/pod.uid": "0c7a9c52-1111-2222-3333-444455556666",
+    "csi.storage.k8s.io/serviceAccount.name": "default",
+    "csi.storage.k8s.io/ephemeral": "true",
+}
+
+
+@pytest.fixture
+def published(agent: AgentProcess) -> Iterator[list[tuple[str, Path]]]:
+    """Volumes a test published; unpublished (and force-unmounted if need be) afterwards."""
+    volumes: list[tuple[str, Path]] = []
+    yield volumes
+    stub = pb_grpc.NodeStub(grpc.insecure_channel(f"unix://{agent.csi_socket}"))
+    for volume, target in volumes:
+        stub.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id=volume, target_path=str(target)), timeout=60
+        )
+    for leftover in mounts_under(agent.kubelet_dir):
+        force_unmount(leftover)
+
+
+def publish(
+    agent: AgentProcess,
+    published: list[tuple[str, Path]],
+    volume: str,
+    context: Mapping[str, str],
+) -> Path:
+    """NodePublishVolume as kubelet sends it, retried while the model downloads."""
+    require_root()
+    target = agent.kubelet_dir / "pods" / volume / "volumes" / "kubernetes.io~csi" / "model"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    request = pb.NodePublishVolumeRequest(
+        volume_id=volume,
+        target_path=str(target),
+        volume_capability=mount_capability(),
+        readonly=True,
+        volume_context=dict(context),
+    )
+    stub = pb_grpc.NodeStub(grpc.insecure_channel(f"unix://{agent.csi_socket}"))
+    for _ in range(60):
+        try:
+            stub.NodePublishVolume(request, timeout=60)
+            break
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+    else:
+        raise AssertionError("publish still UNAVAILABLE after 60 tries")
+    published.append((volume, target))
+    mount = find_mount(target)
+    assert mount is not None and "ro" in mount.options
+    return target
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_model_csi_driver_pod_works_with_only_the_driver_name_changed(
+    agent: AgentProcess, origin: Origin, published: list[tuple[str, Path]]
+) -> None:
+    """The volume exactly as model-csi-driver's getting-started shows it."""
+    model = origin.models["alpha"]
+    target = publish(
+        agent,
+        published,
+        "vol-mcd",
+        {"model.csi.modelpack.org/reference": model.ref, **KUBELET},
+    )
+    with AgentClient(agent.socket) as client:
+        info = client.stat(model.ref)
+    assert info.manifest_digest == model.digest
+    assert digests(target) == digests(Path(info.path))
+    assert any(name.endswith(".safetensors") for name in digests(target))
+
+
+def test_model_csi_driver_exclusions_mount_a_view(
+    agent: AgentProcess, origin: Origin, published: list[tuple[str, Path]]
+) -> None:
+    model = origin.models["beta"]
+    full = publish(agent, published, "vol-full", {"model": model.ref, **KUBELET})
+    view = publish(
+        agent,
+        published,
+        "vol-light",
+        {
+            "model.csi.modelpack.org/type": "image",
+            "model.csi.modelpack.org/reference": model.ref,
+            "model.csi.modelpack.org/exclude-model-weights": "true",
+            "model.csi.modelpack.org/exclude-file-patterns": '["README.md"]',
+            **KUBELET,
+        },
+    )
+    everything = digests(full)
+    shown = digests(view)
+    assert set(shown) == {
+        p for p in everything if not p.endswith(".safetensors") and p != "README.md"
+    }
+    assert {"config.json", "tokenizer.json", "code/__init__.py"} <= set(shown)
+    assert all(shown[p] == everything[p] for p in shown)
+    assert (view / "config.json").stat().st_ino == (full / "config.json").stat().st_ino
