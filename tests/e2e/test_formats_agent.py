@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -127,3 +130,59 @@ def test_model_csi_driver_exclusions_mount_a_view(
     assert {"config.json", "tokenizer.json", "code/__init__.py"} <= set(shown)
     assert all(shown[p] == everything[p] for p in shown)
     assert (view / "config.json").stat().st_ino == (full / "config.json").stat().st_ino
+
+
+HF_LOADER = """
+import json, sys
+from huggingface_hub import hf_hub_download, snapshot_download
+repo = sys.argv[1]
+config = hf_hub_download(repo, "config.json")
+tokenizer = hf_hub_download(repo, "tokenizer.json")
+snapshot = snapshot_download(repo)
+print(json.dumps({"config": config, "tokenizer": tokenizer, "snapshot": snapshot,
+                  "loaded": json.load(open(config)), "vocab": json.load(open(tokenizer))}))
+"""
+
+
+def test_hf_cache_layout_loads_offline_with_huggingface_hub(
+    agent: AgentProcess, origin: Origin, published: list[tuple[str, Path]]
+) -> None:
+    """``HF_HUB_OFFLINE=1 HF_HUB_CACHE=<volume>``: the real huggingface_hub finds config and
+    tokenizer by repo name alone, as transformers/vllm would, reading the read-only mount."""
+    model = origin.models["gamma"]
+    target = publish(
+        agent,
+        published,
+        "vol-hf",
+        {"model": model.ref, "layout": "hf-cache", "hf-repo": "acme/gamma", **KUBELET},
+    )
+    with AgentClient(agent.socket) as client:
+        list(client.preheat([model.ref]))  # the full model, to compare with
+        plain = Path(client.stat(model.ref).path)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(agent.work),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(target),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", HF_LOADER, "acme/gamma"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    snapshot = Path(result["snapshot"])
+    assert snapshot.parent == target / "models--acme--gamma" / "snapshots"
+    assert result["loaded"] == json.loads((plain / "config.json").read_bytes())
+    assert result["vocab"] == json.loads((plain / "tokenizer.json").read_bytes())
+    assert Path(result["config"]) == snapshot / "config.json"
+    assert digests(snapshot) == digests(plain)
+    commit = (target / "models--acme--gamma" / "refs" / "main").read_text()
+    assert snapshot.name == commit
+    blobs = {p.name for p in (target / "models--acme--gamma" / "blobs").iterdir()}
+    assert blobs == set(digests(plain).values())
