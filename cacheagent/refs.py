@@ -45,7 +45,6 @@ identifier, and a silently repaired one would name something the user did not wr
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +52,17 @@ from typing import ClassVar, Literal, TypeAlias
 from urllib.parse import urlsplit
 
 from cacheagent.errors import RefError
+from cacheagent.refcheck import (
+    MAX_OCI_NAME_LENGTH,
+    check_abs_path,
+    check_digest,
+    check_hf_repo_id,
+    check_host_port,
+    check_repo_component,
+    check_revision,
+    check_sha256_hex,
+    check_tag,
+)
 from cacheagent.viewopts import ViewOptions, parse_view_options
 
 RefKind = Literal["oci", "oci-layout", "hf", "http"]
@@ -60,19 +70,6 @@ RefKind = Literal["oci", "oci-layout", "hf", "http"]
 DEFAULT_REGISTRY = "docker.io"
 DEFAULT_TAG = "latest"
 MAX_REF_LENGTH = 8192
-MAX_OCI_NAME_LENGTH = 255
-MAX_TAG_LENGTH = 128
-MAX_HF_NAME_LENGTH = 96
-MAX_PATH_BYTES = 4096
-MAX_PATH_COMPONENT_BYTES = 255
-
-_HEX = frozenset("0123456789abcdef")
-_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-_TAG_CHARS = _ALNUM | frozenset("._-")
-_HF_CHARS = _ALNUM | frozenset("._-")
-_REVISION_CHARS = _ALNUM | frozenset("._-/")
-_REPO_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-_HOST_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -229,7 +226,7 @@ def parse_ref(text: str) -> ModelRef:
     default_hf = base.repo_id if isinstance(base, HfRef) else None
     view = parse_view_options(text, options.split("|"), default_hf_repo=default_hf)
     if view.hf_cache:
-        _check_hf_repo_id(text, view.hf_cache)
+        check_hf_repo_id(text, view.hf_cache)
     return ViewRef(base, view)
 
 
@@ -279,10 +276,10 @@ def _parse_oci(ref: str, _scheme: str, rest: str) -> OciRef:
     name_tag, at, digest_text = rest.partition("@")
     if "@" in digest_text:
         raise RefError(ref, "digest", "more than one '@'")
-    digest = _check_digest(ref, digest_text) if at else None
+    digest = check_digest(ref, digest_text) if at else None
     name, tag = _split_tag(name_tag)
     if tag is not None:
-        _check_tag(ref, tag)
+        check_tag(ref, tag)
     registry, repository = _split_registry(ref, name)
     if tag is None and digest is None:
         tag = DEFAULT_TAG
@@ -299,7 +296,7 @@ def _split_tag(name_tag: str) -> tuple[str, str | None]:
 def _split_registry(ref: str, name: str) -> tuple[str, str]:
     first, slash, remainder = name.partition("/")
     if slash and ("." in first or ":" in first or first.lower() == "localhost"):
-        registry = _check_host_port(ref, first, "registry", default_port=None)
+        registry = check_host_port(ref, first, "registry", default_port=None)
         path = remainder
     else:
         registry, path = DEFAULT_REGISTRY, name
@@ -310,7 +307,7 @@ def _split_registry(ref: str, name: str) -> tuple[str, str]:
     if registry == DEFAULT_REGISTRY and "/" not in path:
         path = f"library/{path}"
     for component in path.split("/"):
-        _check_repo_component(ref, component)
+        check_repo_component(ref, component)
     total = len(registry) + 1 + len(path)
     if total > MAX_OCI_NAME_LENGTH:
         raise RefError(
@@ -319,120 +316,6 @@ def _split_registry(ref: str, name: str) -> tuple[str, str]:
             f"registry/repository is {total} characters, at most {MAX_OCI_NAME_LENGTH}",
         )
     return registry, path
-
-
-def _check_repo_component(ref: str, component: str) -> None:
-    if not component:
-        raise RefError(ref, "repository", "empty path component")
-    if _REPO_COMPONENT_RE.fullmatch(component):
-        return
-    if _REPO_COMPONENT_RE.fullmatch(component.lower()):
-        problem = f"repository component {component!r} must be lowercase"
-    elif not (component[0].isascii() and component[0].isalnum()):
-        problem = f"repository component {component!r} must start with a lowercase letter or digit"
-    elif not (component[-1].isascii() and component[-1].isalnum()):
-        problem = f"repository component {component!r} must end with a lowercase letter or digit"
-    else:
-        problem = (
-            f"repository component {component!r} may only join lowercase letters and digits "
-            "with one '.', one or two '_', or '-'"
-        )
-    raise RefError(ref, "repository", problem)
-
-
-def _check_tag(ref: str, tag: str) -> None:
-    if not tag:
-        raise RefError(ref, "tag", "empty tag after ':'")
-    if len(tag) > MAX_TAG_LENGTH:
-        raise RefError(ref, "tag", f"tag is {len(tag)} characters, at most {MAX_TAG_LENGTH}")
-    if tag[0] not in _ALNUM and tag[0] != "_":
-        raise RefError(ref, "tag", f"tag {tag!r} must start with a letter, digit or '_'")
-    bad = _first_not_in(tag, _TAG_CHARS)
-    if bad is not None:
-        raise RefError(
-            ref, "tag", f"tag {tag!r} contains {bad!r}; allowed: letters, digits, '_', '.', '-'"
-        )
-
-
-def _check_digest(ref: str, text: str) -> str:
-    if not text:
-        raise RefError(ref, "digest", "empty digest after '@'")
-    algorithm, colon, hex_part = text.partition(":")
-    if not colon:
-        raise RefError(ref, "digest", f"digest {text!r} must look like sha256:<64 hex>")
-    if algorithm != "sha256":
-        raise RefError(ref, "digest", f"unsupported digest algorithm {algorithm!r} (only sha256)")
-    return "sha256:" + _check_sha256_hex(ref, "digest", hex_part)
-
-
-def _check_sha256_hex(ref: str, part: str, hex_part: str) -> str:
-    bad = _first_not_in(hex_part, _HEX)
-    if bad is not None:
-        kind = "lowercase hex" if bad in "ABCDEF" else "hex"
-        raise RefError(ref, part, f"sha256 digest must be {kind}, found {bad!r}")
-    if len(hex_part) != 64:
-        raise RefError(ref, part, f"sha256 digest must be 64 hex characters, got {len(hex_part)}")
-    return hex_part
-
-
-def _check_host_port(ref: str, text: str, part: str, default_port: int | None) -> str:
-    """Normalise ``host[:port]`` (``[v6]:port`` too); drops ``default_port`` when given."""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise RefError(ref, part, f"unclosed '[' in {text!r}")
-        host = _check_ipv6(ref, part, text[1:end])
-        tail = text[end + 1 :]
-        if tail and not tail.startswith(":"):
-            raise RefError(ref, part, f"unexpected {tail!r} after IPv6 address")
-        port_text = tail[1:] if tail else None
-    else:
-        host_text, colon, port_text_raw = text.partition(":")
-        host = _check_hostname(ref, part, host_text)
-        port_text = port_text_raw if colon else None
-    if port_text is None:
-        return host
-    port = _check_port(ref, port_text)
-    return host if port == default_port else f"{host}:{port}"
-
-
-def _check_ipv6(ref: str, part: str, text: str) -> str:
-    try:
-        return f"[{ipaddress.IPv6Address(text).compressed}]"
-    except ValueError:
-        raise RefError(ref, part, f"{text!r} is not an IPv6 address") from None
-
-
-def _check_hostname(ref: str, part: str, text: str) -> str:
-    if not text:
-        raise RefError(ref, part, "empty host name")
-    host = text.lower()
-    for label in host.split("."):
-        if not label:
-            raise RefError(ref, part, f"empty label in host name {text!r}")
-        if not _HOST_LABEL_RE.fullmatch(label):
-            raise RefError(
-                ref,
-                part,
-                f"host label {label!r} must be 1-63 letters, digits or '-', "
-                "not starting or ending with '-'",
-            )
-    return host
-
-
-def _check_port(ref: str, text: str) -> int:
-    if not text:
-        raise RefError(ref, "port", "empty port after ':'")
-    if not (text.isascii() and text.isdigit()):
-        raise RefError(ref, "port", f"port {text!r} must be a number")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise RefError(ref, "port", f"port {port} out of range 1-65535")
-    return port
-
-
-def _first_not_in(text: str, allowed: frozenset[str]) -> str | None:
-    return next((char for char in text if char not in allowed), None)
 
 
 # --- OCI layout -------------------------------------------------------------------------------
@@ -444,30 +327,14 @@ def _parse_layout(ref: str, _scheme: str, rest: str) -> LayoutRef:
     body, digest = rest, None
     head, at, tail = rest.rpartition("@")
     if at and "/" not in tail:
-        body, digest = head, _check_digest(ref, tail)
+        body, digest = head, check_digest(ref, tail)
     path, tag = _split_tag(body)
     if tag is not None:
-        _check_tag(ref, tag)
-    _check_abs_path(ref, path)
+        check_tag(ref, tag)
+    check_abs_path(ref, path)
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     return LayoutRef(path=path, tag=tag, digest=digest)
-
-
-def _check_abs_path(ref: str, path: str) -> None:
-    if path == "/":
-        raise RefError(ref, "path", "path must name a directory below '/'")
-    if len(path.encode()) > MAX_PATH_BYTES:
-        raise RefError(ref, "path", f"path is longer than {MAX_PATH_BYTES} bytes")
-    for component in path[1:].split("/"):
-        if not component:
-            raise RefError(ref, "path", "empty path component (doubled or trailing '/')")
-        if component in (".", ".."):
-            raise RefError(ref, "path", f"path component {component!r} is not allowed")
-        if len(component.encode()) > MAX_PATH_COMPONENT_BYTES:
-            raise RefError(
-                ref, "path", f"path component longer than {MAX_PATH_COMPONENT_BYTES} bytes"
-            )
 
 
 # --- Hugging Face -----------------------------------------------------------------------------
@@ -475,63 +342,11 @@ def _check_abs_path(ref: str, path: str) -> None:
 
 def _parse_hf(ref: str, _scheme: str, rest: str) -> HfRef:
     repo_id, at, revision = rest.partition("@")
-    _check_hf_repo_id(ref, repo_id)
+    check_hf_repo_id(ref, repo_id)
     if not at:
         raise RefError(ref, "revision", "missing @revision (a branch, tag or 40-hex commit)")
-    _check_revision(ref, revision)
+    check_revision(ref, revision)
     return HfRef(repo_id=repo_id, revision=revision)
-
-
-def _check_hf_repo_id(ref: str, repo_id: str) -> None:
-    parts = repo_id.split("/")
-    if len(parts) != 2:
-        raise RefError(ref, "repository", f"expected org/name, got {repo_id!r}")
-    for name in parts:
-        _check_hf_name(ref, name)
-    if repo_id.endswith(".git"):
-        raise RefError(ref, "repository", f"{repo_id!r} must not end with '.git'")
-
-
-def _check_hf_name(ref: str, name: str) -> None:
-    if not name:
-        raise RefError(ref, "repository", "empty path component")
-    if len(name) > MAX_HF_NAME_LENGTH:
-        raise RefError(
-            ref, "repository", f"{name!r} is {len(name)} characters, at most {MAX_HF_NAME_LENGTH}"
-        )
-    bad = _first_not_in(name, _HF_CHARS)
-    if bad is not None:
-        raise RefError(
-            ref, "repository", f"{name!r} contains {bad!r}; allowed: letters, digits, '-_.'"
-        )
-    if name[0] in "-." or name[-1] in "-.":
-        raise RefError(
-            ref, "repository", f"{name!r} must start and end with a letter, digit or '_'"
-        )
-    if "--" in name or ".." in name:
-        raise RefError(ref, "repository", f"{name!r} must not contain '--' or '..'")
-
-
-def _check_revision(ref: str, revision: str) -> None:
-    if not revision:
-        raise RefError(ref, "revision", "empty revision after '@'")
-    if len(revision) > 255:
-        raise RefError(ref, "revision", f"revision is {len(revision)} characters, at most 255")
-    bad = _first_not_in(revision, _REVISION_CHARS)
-    if bad is not None:
-        raise RefError(
-            ref,
-            "revision",
-            f"revision {revision!r} contains {bad!r}; allowed: letters, digits, '._-/'",
-        )
-    if (
-        revision[0] in "/-."
-        or revision[-1] in "/."
-        or "//" in revision
-        or ".." in revision
-        or revision.endswith(".lock")
-    ):
-        raise RefError(ref, "revision", f"revision {revision!r} is not a valid git ref name")
 
 
 # --- HTTP(S) ----------------------------------------------------------------------------------
@@ -546,14 +361,14 @@ def _parse_http(ref: str, scheme: str, rest: str) -> HttpRef:
         raise RefError(
             ref, "fragment", f"fragment must be exactly sha256=<64 lowercase hex>, got {fragment!r}"
         )
-    digest = "sha256:" + _check_sha256_hex(ref, "fragment", hex_part)
+    digest = "sha256:" + check_sha256_hex(ref, "fragment", hex_part)
     try:
         parts = urlsplit(f"{scheme}://{body}")
     except ValueError as exc:
         raise RefError(ref, "host", f"malformed host ({exc})") from None
     if "@" in parts.netloc:
         raise RefError(ref, "host", "credentials in the URL are not allowed (they would be logged)")
-    host = _check_host_port(ref, parts.netloc, "host", default_port=_DEFAULT_PORTS[scheme])
+    host = check_host_port(ref, parts.netloc, "host", default_port=_DEFAULT_PORTS[scheme])
     if not parts.path or parts.path.endswith("/"):
         raise RefError(ref, "path", "URL path must end in a file name")
     query = f"?{parts.query}" if parts.query else ""
