@@ -398,6 +398,32 @@ class PolicyConfig(_Section):
 
 
 @dataclass(frozen=True)
+class S3Config(_Section):
+    """``s3://`` origins. ``endpoint`` unset: AWS (``https://s3.<region>.amazonaws.com``); set it
+    for MinIO/Ceph (plain ``http://`` only for hosts in ``registries.insecure``). ``addressing``
+    ``auto`` is path-style with an endpoint, virtual-hosted without. Credentials: the static
+    pair (``access_key_id`` + ``secret_access_key_file``), else botocore's standard chain
+    (``AWS_*`` environment, ``profile`` in the shared credentials/config files, container and
+    instance roles); ``anonymous`` sends unsigned requests (public buckets)."""
+
+    section: ClassVar[str] = "s3"
+    endpoint: HttpUrl | None = None
+    region: str = "us-east-1"
+    addressing: Literal["auto", "path", "virtual"] = "auto"
+    access_key_id: str | None = None
+    secret_access_key_file: Path | None = None
+    profile: str | None = None
+    anonymous: bool = False
+
+    def _check(self) -> None:
+        if (self.access_key_id is None) != (self.secret_access_key_file is None):
+            raise ConfigError(
+                "s3.access_key_id",
+                "static credentials need both s3.access_key_id and s3.secret_access_key_file",
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     pull: PullConfig = field(default_factory=PullConfig)
@@ -408,6 +434,7 @@ class Config:
     fuse: FuseConfig = field(default_factory=FuseConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    s3: S3Config = field(default_factory=S3Config)
 
 
 def _section_types() -> dict[str, type[_Section]]:

@@ -205,3 +205,40 @@ def check_revision(ref: str, revision: str) -> None:
         or revision.endswith(".lock")
     ):
         raise RefError(ref, "revision", f"revision {revision!r} is not a valid git ref name")
+
+
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_VERSION_CHARS = ALNUM | frozenset("._+=-")
+MAX_KEY_BYTES = 1024
+
+
+def check_bucket(ref: str, bucket: str) -> None:
+    """S3 bucket naming rules (3-63 lowercase letters, digits, '.', '-')."""
+    if not bucket:
+        raise RefError(ref, "bucket", "missing bucket name, as in s3://bucket/prefix/")
+    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+        raise RefError(
+            ref,
+            "bucket",
+            f"bucket {bucket!r} must be 3-63 lowercase letters, digits, '.' or '-', "
+            "starting and ending with a letter or digit",
+        )
+
+
+def check_object_key(ref: str, key: str) -> None:
+    """A key or prefix whose components can become model paths."""
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise RefError(ref, "key", f"key is longer than {MAX_KEY_BYTES} bytes")
+    for component in key.removesuffix("/").split("/") if key else ():
+        if component in ("", ".", ".."):
+            raise RefError(ref, "key", f"key component {component!r} is not allowed")
+
+
+def check_version_id(ref: str, version: str) -> None:
+    if len(version) > MAX_KEY_BYTES or first_not_in(version, _VERSION_CHARS) is not None:
+        raise RefError(
+            ref,
+            "version",
+            f"{version!r} is neither sha256:<hex>, an ETag (32 hex) nor a version id "
+            "(letters, digits, '._+=-')",
+        )

@@ -35,6 +35,14 @@ Forms and the decisions taken where the brief is silent:
     The default port is dropped, scheme and host are lowercased; path and query are kept as
     written.
 
+``s3://bucket[/key-or-prefix][@pin]`` (``S3Ref``)
+    An object, or every object under a prefix, in S3 or an S3-compatible store (endpoint from
+    config). The pin after the last ``@`` (when no ``/`` follows it) is ``sha256:<hex>``, the
+    expected manifest digest (what the agent computed for that listing before); 32 hex digits
+    (``-N`` for a multipart upload), an ETag; anything else, a version id. A pinned reference is
+    immutable. Bucket names follow S3's rules; keys may not hold empty, ``.`` or ``..``
+    components.
+
 ``<any of the above>|option|...`` (``ViewRef``)
     A view of the model: file patterns and the Hugging Face cache layout
     (``cacheagent.viewopts`` has the options). Its canonical form is part of the cache key.
@@ -55,17 +63,20 @@ from cacheagent.errors import RefError
 from cacheagent.refcheck import (
     MAX_OCI_NAME_LENGTH,
     check_abs_path,
+    check_bucket,
     check_digest,
     check_hf_repo_id,
     check_host_port,
+    check_object_key,
     check_repo_component,
     check_revision,
     check_sha256_hex,
     check_tag,
+    check_version_id,
 )
 from cacheagent.viewopts import ViewOptions, parse_view_options
 
-RefKind = Literal["oci", "oci-layout", "hf", "http"]
+RefKind = Literal["oci", "oci-layout", "hf", "http", "s3"]
 
 DEFAULT_REGISTRY = "docker.io"
 DEFAULT_TAG = "latest"
@@ -180,7 +191,33 @@ class HttpRef(_Ref):
         return self.url.startswith("http:")
 
 
-PlainRef: TypeAlias = OciRef | LayoutRef | HfRef | HttpRef
+@dataclass(frozen=True)
+class S3Ref(_Ref):
+    """Objects in an S3 bucket: one object, or all under a prefix (``key`` ending in ``/``,
+    or found to be no object); at most one of ``digest``, ``etag``, ``version`` pins it."""
+
+    kind: ClassVar[Literal["s3"]] = "s3"
+    bucket: str
+    key: str
+    digest: str | None = None
+    etag: str | None = None
+    version: str | None = None
+
+    @property
+    def canonical(self) -> str:
+        pin = self.digest or self.etag or self.version
+        return f"s3://{self.bucket}/{self.key}" + (f"@{pin}" if pin else "")
+
+    @property
+    def origin(self) -> str:
+        return f"s3://{self.bucket}"
+
+    @property
+    def is_immutable(self) -> bool:
+        return bool(self.digest or self.etag or self.version)
+
+
+PlainRef: TypeAlias = OciRef | LayoutRef | HfRef | HttpRef | S3Ref
 
 
 @dataclass(frozen=True)
@@ -375,6 +412,25 @@ def _parse_http(ref: str, scheme: str, rest: str) -> HttpRef:
     return HttpRef(url=f"{scheme}://{host}{parts.path}{query}", sha256=digest)
 
 
+def _parse_s3(ref: str, _scheme: str, rest: str) -> S3Ref:
+    body, pin = rest, None
+    head, at, tail = rest.rpartition("@")
+    if at and "/" not in tail:
+        body, pin = head, tail
+    bucket, _, key = body.partition("/")
+    check_bucket(ref, bucket)
+    check_object_key(ref, key)
+    if pin is None:
+        return S3Ref(bucket, key)
+    if pin.startswith("sha256:"):
+        return S3Ref(bucket, key, digest=check_digest(ref, pin))
+    if _ETAG_RE.fullmatch(pin):
+        return S3Ref(bucket, key, etag=pin)
+    check_version_id(ref, pin)
+    return S3Ref(bucket, key, version=pin)
+
+
+_ETAG_RE = re.compile(r"[0-9a-f]{32}(?:-[0-9]{1,5})?")
 _Parser = Callable[[str, str, str], PlainRef]
 _PARSERS: dict[str, _Parser] = {
     "oci": _parse_oci,
@@ -382,6 +438,7 @@ _PARSERS: dict[str, _Parser] = {
     "hf": _parse_hf,
     "http": _parse_http,
     "https": _parse_http,
+    "s3": _parse_s3,
 }
 _EXAMPLES = {
     "oci": "oci://registry.example.com/models/x:v1",
@@ -389,4 +446,5 @@ _EXAMPLES = {
     "hf": "hf://org/name@main",
     "http": "http://host/path/file#sha256=<hex>",
     "https": "https://host/path/file#sha256=<hex>",
+    "s3": "s3://bucket/prefix/",
 }

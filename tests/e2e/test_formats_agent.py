@@ -22,6 +22,7 @@ from cacheagent.mountinfo import find_mount
 from tests.agent_process import AgentProcess
 from tests.csi_env import force_unmount, mount_capability, mounts_under
 from tests.e2e.conftest import Origin
+from tests.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from tests.support import require_root
 
 KUBELET = {
@@ -38,13 +39,20 @@ def published(agent: AgentProcess) -> Iterator[list[tuple[str, Path]]]:
     """Volumes a test published; unpublished (and force-unmounted if need be) afterwards."""
     volumes: list[tuple[str, Path]] = []
     yield volumes
-    stub = pb_grpc.NodeStub(grpc.insecure_channel(f"unix://{agent.csi_socket}"))
-    for volume, target in volumes:
-        stub.NodeUnpublishVolume(
-            pb.NodeUnpublishVolumeRequest(volume_id=volume, target_path=str(target)), timeout=60
-        )
-    for leftover in mounts_under(agent.kubelet_dir):
-        force_unmount(leftover)
+    unpublish_all(agent, volumes)
+
+
+def unpublish_all(agent: AgentProcess, volumes: list[tuple[str, Path]]) -> None:
+    try:
+        stub = pb_grpc.NodeStub(grpc.insecure_channel(f"unix://{agent.csi_socket}"))
+        for volume, target in volumes:
+            stub.NodeUnpublishVolume(
+                pb.NodeUnpublishVolumeRequest(volume_id=volume, target_path=str(target)),
+                timeout=60,
+            )
+    finally:
+        for leftover in mounts_under(agent.kubelet_dir):
+            force_unmount(leftover)
 
 
 def publish(
@@ -186,3 +194,46 @@ def test_hf_cache_layout_loads_offline_with_huggingface_hub(
     assert snapshot.name == commit
     blobs = {p.name for p in (target / "models--acme--gamma" / "blobs").iterdir()}
     assert blobs == set(digests(plain).values())
+
+
+def test_agent_serves_an_s3_model_as_its_config_describes(tmp_path: Path) -> None:
+    """``s3.endpoint`` in the config file, credentials from the standard AWS environment
+    variables: preheat over the agent API, then a pod mounts a view of it."""
+    files = {"config.json": b'{"model_type": "s3"}', "weights.bin": os.urandom(300_000)}
+    with S3Server(tmp_path / "s3") as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="team-models")
+        for path, data in files.items():
+            client.put_object(
+                Bucket="team-models", Key=f"m1/{path}", Body=data, ChecksumAlgorithm="SHA256"
+            )
+        agent = AgentProcess(
+            tmp_path / "s3agent",
+            insecure=(s3.host,),
+            extra={"s3": {"endpoint": s3.endpoint, "region": "us-east-1"}},
+            env={
+                "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_EC2_METADATA_DISABLED": "true",
+            },
+        )
+        volumes: list[tuple[str, Path]] = []
+        with agent:
+            try:
+                done = agent.cli("preheat", "s3://team-models/m1/")
+                assert done.returncode == 0, done.stderr
+                with AgentClient(agent.socket) as api:
+                    info = api.stat("s3://team-models/m1/")
+                assert {
+                    str(p.relative_to(info.path)): p.read_bytes()
+                    for p in Path(info.path).rglob("*")
+                    if p.is_file()
+                } == files
+                target = publish(
+                    agent, volumes, "vol-s3", {"model": "s3://team-models/m1/", "include": "*.json"}
+                )
+                assert digests(target) == {
+                    "config.json": hashlib.sha256(files["config.json"]).hexdigest()
+                }
+            finally:
+                unpublish_all(agent, volumes)

@@ -224,3 +224,42 @@ def test_index_with_two_modelpack_entries_is_ambiguous() -> None:
     )
     with pytest.raises(SourceError, match="2 ModelPack manifests"):
         select_from_index(index, ("linux", "amd64"))
+
+
+# -- s3 references -----------------------------------------------------------------------------
+
+
+def test_s3_refs_and_their_pins() -> None:
+    from cacheagent.refs import S3Ref
+
+    digest = sha256_digest(b"m")
+    assert parse_ref("s3://models/qwen/") == S3Ref("models", "qwen/")
+    assert parse_ref("s3://models") == S3Ref("models", "")
+    assert parse_ref(f"s3://models/qwen/@{digest}") == S3Ref("models", "qwen/", digest=digest)
+    etag = "0123456789abcdef0123456789abcdef-12"
+    assert parse_ref(f"s3://b-1/k.bin@{etag}") == S3Ref("b-1", "k.bin", etag=etag)
+    version = "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrH"
+    ref = parse_ref(f"s3://b-1/k.bin@{version}")
+    assert ref == S3Ref("b-1", "k.bin", version=version)
+    assert (ref.kind, ref.origin, ref.is_immutable) == ("s3", "s3://b-1", True)
+    assert not parse_ref("s3://b-1/k/").is_immutable
+    assert parse_ref(ref.canonical) == ref
+    view = parse_ref("s3://models/qwen/|exclude=*.pth")
+    assert isinstance(view, ViewRef) and view.base == S3Ref("models", "qwen/")
+
+
+@pytest.mark.parametrize(
+    ("text", "part"),
+    [
+        ("s3://", "bucket"),
+        ("s3://Bad_Bucket/x", "bucket"),
+        ("s3://ab/x", "bucket"),
+        ("s3://models/a//b", "key"),
+        ("s3://models/a/../b", "key"),
+        ("s3://models/k@v!", "version"),
+    ],
+)
+def test_bad_s3_refs_name_the_part(text: str, part: str) -> None:
+    with pytest.raises(RefError) as err:
+        parse_ref(text)
+    assert err.value.part == part
