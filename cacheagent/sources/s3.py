@@ -190,6 +190,11 @@ class S3Source(StreamingSource):
             async with resp:
                 if resp.status == 404:
                     return None
+                if resp.status in (401, 403):
+                    raise SourceError(
+                        f"{what}: access denied (HTTP {resp.status}); check the S3 credentials "
+                        "(s3.* config or the AWS environment) and the bucket policy"
+                    )
                 raise_for_status(resp.status, None, what=what, origin=url.host or "")
                 size = resp.content_length
                 etag = resp.headers.get("ETag", "").strip('"')
