@@ -237,3 +237,25 @@ def test_agent_serves_an_s3_model_as_its_config_describes(tmp_path: Path) -> Non
                 }
             finally:
                 unpublish_all(agent, volumes)
+
+
+def test_preheat_takes_a_view_reference(agent: AgentProcess, origin: Origin) -> None:
+    """``cacheagent preheat 'REF|include=...'``: only the matching files are pulled, and the
+    view is listed under its own canonical reference."""
+    model = origin.models["alpha"]
+    view = f"{model.ref}|include=*.json,code/"
+    done = agent.cli("preheat", view)
+    assert done.returncode == 0, done.stderr
+    with AgentClient(agent.socket) as client:
+        info = client.stat(view)
+        listed = {m.ref: m.manifest_digest for m in client.list().models}
+    assert listed == {view: info.manifest_digest}  # a model of its own; the full one not pulled
+    assert sorted(f.path for f in info.files) == [
+        "code/__init__.py",
+        "code/modeling_synthetic.py",
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    ]
+    assert info.ref == view
+    assert info.manifest_digest != model.digest
