@@ -21,7 +21,8 @@ Two artifact conventions are understood (see ``layers_of``):
 Any other layer (a titleless layer in a non-image manifest, say) makes the manifest "not a model".
 
 Image indexes (``select_from_index``): an entry whose descriptor carries a ModelPack
-``artifactType`` wins over every platform entry, because modelcar builders publish one index
+``artifactType`` (or an annotation naming a ModelPack media type, or an ``org.cncf.model.*``
+annotation) wins over every platform entry, because modelcar builders publish one index
 holding both a runnable image for ``linux/amd64`` (the model under ``/models``) and the ModelPack
 manifest (platform ``unknown/unknown``); the ModelPack one is the model itself, with per-file
 layers the pull can share and verify file by file.
@@ -338,7 +339,7 @@ def select_from_index(index: ParsedIndex, platform: tuple[str, str] | None) -> D
     entries = [e for e in index.manifests if _ANNOTATION_DOCKER_REF_TYPE not in e.annotations]
     if not entries:
         raise SourceError("image index lists no manifests")
-    modelpacks = [e for e in entries if e.artifact_type in _MODELPACK_ARTIFACTS]
+    modelpacks = [e for e in entries if _says_modelpack(e)]
     if len(modelpacks) == 1:
         return modelpacks[0]
     if modelpacks:
@@ -365,6 +366,19 @@ def select_from_index(index: ParsedIndex, platform: tuple[str, str] | None) -> D
         return entries[0]
     wanted = f"platform {_plat(platform)}" if platform else "no platform given"
     raise SourceError(f"image index entry is ambiguous ({wanted}): {_choices(entries)}")
+
+
+def _says_modelpack(entry: Descriptor) -> bool:
+    """The index entry declares a ModelPack manifest: by its ``artifactType`` (OCI 1.1), or by
+    an annotation naming a ModelPack media type or an ``org.cncf.model.*`` key."""
+    if entry.artifact_type in _MODELPACK_ARTIFACTS:
+        return True
+    return any(
+        key.startswith(("org.cncf.model.", "org.cnai.model."))
+        or value in _MODELPACK_ARTIFACTS
+        or value in _MODELPACK_CONFIGS
+        for key, value in entry.annotations.items()
+    )
 
 
 def _plat(platform: tuple[str, str]) -> str:

@@ -218,6 +218,21 @@ def test_index_prefers_the_modelpack_entry_over_the_platform_match() -> None:
     assert select_from_index(index, None).digest == D[1]
 
 
+def test_index_entry_annotated_as_modelpack_wins() -> None:
+    marked = Descriptor(
+        OCI_MANIFEST,
+        D[2],
+        100,
+        {"org.cncf.model.name": "qwen"},
+        "",
+        Platform("unknown", "unknown"),
+    )
+    index = ParsedIndex(OCI_INDEX, (entry(0, ("linux", "amd64")), marked))
+    assert select_from_index(index, ("linux", "amd64")).digest == D[2]
+    plain = ParsedIndex(OCI_INDEX, (entry(0, ("linux", "amd64")), entry(1, ("unknown", "unknown"))))
+    assert select_from_index(plain, ("linux", "amd64")).digest == D[0]
+
+
 def test_index_with_two_modelpack_entries_is_ambiguous() -> None:
     index = ParsedIndex(
         OCI_INDEX, (entry(0, None, MODELPACK_ARTIFACT), entry(1, None, MODELPACK_ARTIFACT))
