@@ -23,7 +23,7 @@ from tests.agent_process import AgentProcess
 from tests.csi_env import force_unmount, mount_capability, mounts_under
 from tests.e2e.conftest import Origin
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
-from tests.support import require_root
+from tests.support import require_fuse, require_root
 
 KUBELET = {
     "csi.storage.k8s.io/pod.name": "model-inference-pod",
@@ -259,3 +259,33 @@ def test_preheat_takes_a_view_reference(agent: AgentProcess, origin: Origin) -> 
     ]
     assert info.ref == view
     assert info.manifest_digest != model.digest
+
+
+def test_lazy_mode_serves_a_view_through_fuse(tmp_path: Path, origin: Origin) -> None:
+    """A view in lazy mode: the FUSE mount shows only the kept files, in the HF layout."""
+    require_fuse()
+    model = origin.models["beta"]
+    agent = AgentProcess(tmp_path / "lazy", insecure=(origin.registry.host,), fuse=True)
+    volumes: list[tuple[str, Path]] = []
+    with agent:
+        try:
+            target = publish(
+                agent,
+                volumes,
+                "vol-lazy",
+                {
+                    "model": model.ref,
+                    "mode": "lazy",
+                    "exclude": "README.md,code/",
+                    "layout": "hf-cache",
+                    "hf-repo": "acme/beta",
+                },
+            )
+            snapshots = target / "models--acme--beta" / "snapshots"
+            (snapshot,) = list(snapshots.iterdir())
+            shown = digests(snapshot)
+            assert "README.md" not in shown and not any(p.startswith("code/") for p in shown)
+            assert {"config.json", "tokenizer.json"} <= set(shown)
+            assert any(p.endswith(".safetensors") for p in shown)
+        finally:
+            unpublish_all(agent, volumes)
