@@ -83,6 +83,8 @@ def tree(store: Store, digest: str) -> dict[str, bytes]:
 
 MODELCAR_LAYERS: list[list[Entry]] = [
     list(BASE_OS),
+    [],  # empty layers (ENV, WORKDIR...): the same blob twice in one image
+    [],
     [
         Entry("./models/", kind="dir"),
         file("./models/config.json", b'{"model_type": "old"}'),

@@ -3,11 +3,13 @@ ModelPack-first index rule. Pure logic; end to end: tests/integration/test_forma
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cacheagent.digest import sha256_digest
-from cacheagent.errors import RefError, SourceError
-from cacheagent.refs import HfRef, OciRef, ViewRef, parse_ref
+from cacheagent.errors import RefError, SourceError, UnsafePathError
+from cacheagent.refs import HfRef, OciRef, S3Ref, ViewRef, parse_ref
 from cacheagent.sources.base import BlobRef, Layer, ResolvedModel
 from cacheagent.sources.manifest import (
     MODELPACK_ARTIFACT,
@@ -19,9 +21,11 @@ from cacheagent.sources.manifest import (
     select_from_index,
 )
 from cacheagent.sources.modelcar import stack_layers
+from cacheagent.sources.tarsafe import unpack_tar
 from cacheagent.sources.views import assemble, narrow
 from cacheagent.store import ModelFile
 from cacheagent.viewopts import ViewOptions
+from tests.modelcar_image import BASE_OS, Entry, file, layer_tar
 
 D = [sha256_digest(str(i).encode()) for i in range(8)]
 EMPTY = sha256_digest(b"")
@@ -245,8 +249,6 @@ def test_index_with_two_modelpack_entries_is_ambiguous() -> None:
 
 
 def test_s3_refs_and_their_pins() -> None:
-    from cacheagent.refs import S3Ref
-
     digest = sha256_digest(b"m")
     assert parse_ref("s3://models/qwen/") == S3Ref("models", "qwen/")
     assert parse_ref("s3://models") == S3Ref("models", "")
@@ -278,3 +280,47 @@ def test_bad_s3_refs_name_the_part(text: str, part: str) -> None:
     with pytest.raises(RefError) as err:
         parse_ref(text)
     assert err.value.part == part
+
+
+# -- tarsafe subtree (modelcar layers) ----------------------------------------------------------
+
+
+def test_unpack_subtree_skips_the_os_and_strips_the_prefix(tmp_path: Path) -> None:
+    src = tmp_path / "layer.tar"
+    src.write_bytes(
+        layer_tar(
+            [
+                *BASE_OS,
+                Entry("models/", kind="dir"),
+                file("./models/a/config.json", b"{}"),
+                Entry("models/a/same", kind="hardlink", link="models/a/config.json"),
+            ]
+        )
+    )
+    committed: list[str] = []
+    files = unpack_tar(
+        src,
+        "tar",
+        tmp_path,
+        lambda entry, tmp: committed.append(entry.path),
+        max_total_bytes=1 << 20,
+        subtree="models",
+    )
+    assert [f.path for f in files] == ["a/config.json", "a/same"]
+    assert committed == ["a/config.json"]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [("models/../etc/passwd", b"x")],
+        [("models/a/../../b", b"x")],
+    ],
+)
+def test_unpack_subtree_refuses_escapes(tmp_path: Path, entries: list[tuple[str, bytes]]) -> None:
+    src = tmp_path / "layer.tar"
+    src.write_bytes(layer_tar([file(name, data) for name, data in entries]))
+    with pytest.raises(UnsafePathError):
+        unpack_tar(
+            src, "tar", tmp_path, lambda e, t: None, max_total_bytes=1 << 20, subtree="models"
+        )
