@@ -6,7 +6,8 @@ canonical form (``registry.local/models/qwen:v1``, ``oci-layout:///srv/m:v1``,
 ``registry.local/models/*`` covers every repository below ``models`` at any tag or digest.
 Because the canonical form carries the tag (``latest`` when none was written) or digest, a
 pattern naming one repository needs a trailing ``*`` or ``:*``. A leading ``oci://`` in a
-pattern is ignored, as it is in references.
+pattern is ignored, as it is in references. A view (``<ref>|include=...``, see
+``cacheagent.viewopts``) matches whatever its base reference matches.
 
 ``allowed_sources`` (``check_source``): empty allows everything; otherwise a reference must
 match at least one pattern.
@@ -29,7 +30,7 @@ from fnmatch import fnmatchcase
 from typing import Protocol
 
 from cacheagent.errors import PolicyDeniedError
-from cacheagent.refs import ModelRef
+from cacheagent.refs import ModelRef, ViewRef
 
 
 class PolicyRules(Protocol):
@@ -73,5 +74,8 @@ def check_mount(policy: PolicyRules, namespace: str | None, ref: ModelRef) -> No
 
 
 def _matches_any(ref: ModelRef, patterns: Sequence[str]) -> bool:
-    canonical = ref.canonical
-    return any(fnmatchcase(canonical, pattern.removeprefix("oci://")) for pattern in patterns)
+    # A view (``ref|exclude=...``) is allowed when the model it shows part of is.
+    names = {ref.canonical, ref.base.canonical if isinstance(ref, ViewRef) else ref.canonical}
+    return any(
+        fnmatchcase(name, pattern.removeprefix("oci://")) for pattern in patterns for name in names
+    )

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from cacheagent.config import PolicyConfig
 from cacheagent.digest import sha256_digest
-from cacheagent.errors import RefError, SourceError, UnsafePathError
+from cacheagent.errors import PolicyDeniedError, RefError, SourceError, UnsafePathError
+from cacheagent.policy import check_mount, check_source
 from cacheagent.refs import HfRef, OciRef, S3Ref, ViewRef, parse_ref
 from cacheagent.sources.base import BlobRef, Layer, ResolvedModel
 from cacheagent.sources.manifest import (
@@ -324,3 +326,15 @@ def test_unpack_subtree_refuses_escapes(tmp_path: Path, entries: list[tuple[str,
         unpack_tar(
             src, "tar", tmp_path, lambda e, t: None, max_total_bytes=1 << 20, subtree="models"
         )
+
+
+def test_policy_treats_a_view_as_its_base_model() -> None:
+    policy = PolicyConfig(
+        allowed_sources=("reg.io/models/qwen:v1",),
+        namespaces={"team-a": ("reg.io/models/qwen:v1",)},
+    )
+    view = parse_ref("reg.io/models/qwen:v1|exclude=*.pth|hf-cache=org/qwen")
+    check_source(policy, view)
+    check_mount(policy, "team-a", view)
+    with pytest.raises(PolicyDeniedError):
+        check_source(policy, parse_ref("reg.io/models/other:v1|exclude=*.pth"))
