@@ -313,15 +313,18 @@ def test_unpack_subtree_skips_the_os_and_strips_the_prefix(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    "entries",
+    "entry",
     [
-        [("models/../etc/passwd", b"x")],
-        [("models/a/../../b", b"x")],
+        file("models/../etc/passwd", b"x"),
+        file("models/a/../../b", b"x"),
+        Entry("models/link", kind="symlink", link="../etc/passwd"),
+        Entry("models/null", kind="device"),
+        Entry("models/motd", kind="hardlink", link="etc/os-release"),
     ],
 )
-def test_unpack_subtree_refuses_escapes(tmp_path: Path, entries: list[tuple[str, bytes]]) -> None:
+def test_unpack_subtree_refuses_escapes_links_and_devices(tmp_path: Path, entry: Entry) -> None:
     src = tmp_path / "layer.tar"
-    src.write_bytes(layer_tar([file(name, data) for name, data in entries]))
+    src.write_bytes(layer_tar([file("etc/os-release", b"os"), entry]))
     with pytest.raises(UnsafePathError):
         unpack_tar(
             src, "tar", tmp_path, lambda e, t: None, max_total_bytes=1 << 20, subtree="models"
