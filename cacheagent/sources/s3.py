@@ -6,7 +6,9 @@ relative to the prefix (``safe_relpath``; zero-byte ``.../`` directory markers s
 with ListObjectsV2 (at most ``max_objects``). Each object is HEADed with
 ``x-amz-checksum-mode: ENABLED``: a full-object SHA-256 checksum (uploads with
 ``--checksum-algorithm SHA256``) is its blob digest at once; an object without one is read
-once at resolution and hashed (so it is read twice in all; the README says how to avoid it).
+once at resolution and hashed (so it is read twice in all; the README says how to avoid it);
+the digest is remembered by bucket, key, version, ETag and size, so re-listing an unchanged
+prefix after the tag TTL reads nothing again.
 The manifest is synthesized (canonical JSON of bucket, prefix and every file's path, digest,
 size, ETag and version id), so a changed object means a new model digest; a reference pinned
 ``@sha256:<digest>`` must resolve to exactly that manifest, which is how a user-given manifest
@@ -27,6 +29,7 @@ import hashlib
 import logging
 import random
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -51,6 +54,7 @@ S3_ARTIFACT_TYPE = "application/vnd.cacheagent.s3.objects.v1+json"
 FILE_MEDIA_TYPE = "application/octet-stream"
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _LIST_MAX_BYTES = 8 << 20
+_HASHED_KEPT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class S3Source(StreamingSource):
         )
         self.signer = signer or S3Signer(self.options.region)
         self._homes: BlobHomes[_Home] = BlobHomes()
+        # Digests of objects without a checksum, by (bucket, key, version, ETag, size).
+        self._hashed: OrderedDict[tuple[str, str, str | None, str, int], str] = OrderedDict()
 
     # -- resolve --------------------------------------------------------------------------------
 
@@ -214,6 +220,11 @@ class S3Source(StreamingSource):
     async def _digest(self, bucket: str, obj: _Object, gate: asyncio.Semaphore) -> str:
         if obj.checksum is not None:
             return obj.checksum
+        identity = (bucket, obj.key, obj.version, obj.etag, obj.size)
+        known = self._hashed.get(identity)
+        if known is not None:  # unchanged since we hashed it (a re-listing after the tag TTL)
+            self._hashed.move_to_end(identity)
+            return known
         log.warning(
             "s3://%s/%s has no SHA-256 checksum: reading it once to hash it", bucket, obj.key
         )
@@ -222,7 +233,11 @@ class S3Source(StreamingSource):
         async with gate, contextlib.aclosing(self._object_bytes(bucket, obj, probe)) as chunks:
             async for chunk in chunks:
                 hasher.update(chunk)
-        return f"sha256:{hasher.hexdigest()}"
+        digest = f"sha256:{hasher.hexdigest()}"
+        self._hashed[identity] = digest
+        while len(self._hashed) > _HASHED_KEPT:
+            self._hashed.popitem(last=False)
+        return digest
 
     async def _get_small(self, bucket: str, key: str, query: Mapping[str, str], what: str) -> bytes:
         url = self._url(bucket, key, query)

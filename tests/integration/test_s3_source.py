@@ -148,6 +148,10 @@ async def test_objects_without_sha256_are_hashed_at_resolution(make_source: Any)
     gets = [u for m, u, _ in source.sent if m == "GET" and "list-type" not in u]
     assert all("/plain/" in u for u in gets)  # checksummed objects were not read to resolve
     assert with_checksums.manifest_digest != resolved.manifest_digest
+    source.sent.clear()
+    again = await source.resolve(parse_ref("s3://models/plain/"))  # re-listed after the TTL
+    assert again.manifest_digest == resolved.manifest_digest
+    assert [url for m, url, _ in source.sent if m == "GET" and "list-type" not in url] == []
 
 
 async def test_manifest_digest_pin_is_verified(make_source: Any, store: Store) -> None:
