@@ -130,8 +130,16 @@ def _entry_credentials(entry: object, where: str) -> Credentials | None:
 
 
 def load_docker_config(path: Path) -> dict[str, Credentials]:
+    """Credentials from ``path``; a missing file is no credentials (the optional Secret of the
+    DaemonSet may not exist), any other read or parse problem is an error."""
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        log.warning(
+            "registries.docker_config: %s does not exist; pulling without registry credentials",
+            path,
+        )
+        return {}
     except OSError as exc:
         raise ConfigError(
             "registries.docker_config", f"cannot read {path}: {exc.strerror}"
