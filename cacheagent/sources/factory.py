@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from cacheagent.config import Config
 from cacheagent.sources.auth import CredentialStore
 from cacheagent.sources.base import Source
+from cacheagent.sources.guard import OriginGuard
 from cacheagent.sources.hf import HfOptions, HfSource, read_token_file
 from cacheagent.sources.http import HttpOptions, HttpSource
 from cacheagent.sources.layout import OciLayoutSource
@@ -41,16 +42,18 @@ class Origins:
 
 def build_sources(config: Config) -> Origins:
     pull, registries = config.pull, config.registries
-    transport = Transport(
-        TransportOptions(
-            ca_file=registries.ca_file,
-            insecure=frozenset(registries.insecure),
-            proxies=dict(registries.proxy),
-            max_connections=pull.max_connections_total,
-            max_connections_per_host=pull.max_connections_per_origin,
-            read_timeout=pull.timeout_seconds,
-        )
+    options = TransportOptions(
+        ca_file=registries.ca_file,
+        insecure=frozenset(registries.insecure),
+        proxies=dict(registries.proxy),
+        max_connections=pull.max_connections_total,
+        max_connections_per_host=pull.max_connections_per_origin,
+        read_timeout=pull.timeout_seconds,
     )
+    transport = Transport(options)
+    # URL origins get their own transport, held to the policy's redirect and address rules.
+    guard = OriginGuard.with_proxies(config.policy, registries.proxy.values())
+    http_transport = Transport(guard.transport_options(options))
     retry = RetryPolicy(max_attempts=pull.retries + 1, max_delay=pull.retry_max_seconds)
     token = read_token_file(config.hf.token_file) if config.hf.token_file else None
     sources: list[Source] = [
@@ -65,7 +68,7 @@ def build_sources(config: Config) -> Origins:
                 retry=retry,
             ),
         ),
-        HttpSource(transport, options=HttpOptions(retry=retry)),
+        HttpSource(http_transport, options=HttpOptions(retry=retry), owns_transport=True),
         HfSource(
             transport, options=HfOptions(endpoint=config.hf.endpoint, token=token, retry=retry)
         ),

@@ -210,7 +210,10 @@ def test_agent_serves_an_s3_model_as_its_config_describes(tmp_path: Path) -> Non
         agent = AgentProcess(
             tmp_path / "s3agent",
             insecure=(s3.host,),
-            extra={"s3": {"endpoint": s3.endpoint, "region": "us-east-1"}},
+            extra={
+                "s3": {"endpoint": s3.endpoint, "region": "us-east-1"},
+                "policy": {"pod_s3_buckets": ["team-*"]},
+            },
             env={
                 "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY,

@@ -10,7 +10,7 @@ import pytest
 from cacheagent.config import PolicyConfig
 from cacheagent.digest import sha256_digest
 from cacheagent.errors import PolicyDeniedError, RefError, SourceError, UnsafePathError
-from cacheagent.policy import check_mount, check_source
+from cacheagent.policy import check_mount, check_pod_ref, check_source
 from cacheagent.refs import HfRef, OciRef, S3Ref, ViewRef, parse_ref
 from cacheagent.sources.base import BlobRef, Layer, ResolvedModel
 from cacheagent.sources.manifest import (
@@ -341,3 +341,13 @@ def test_policy_treats_a_view_as_its_base_model() -> None:
     check_mount(policy, "team-a", view)
     with pytest.raises(PolicyDeniedError):
         check_source(policy, parse_ref("reg.io/models/other:v1|exclude=*.pth"))
+
+
+def test_pods_may_name_views_of_what_they_may_name_and_listed_s3_buckets() -> None:
+    policy = PolicyConfig(pod_s3_buckets=("team-*",))
+    check_pod_ref(policy, parse_ref("reg.io/models/qwen:v1|exclude=*.pth"))
+    check_pod_ref(policy, parse_ref("s3://team-models/m1/|include=*.json"))
+    with pytest.raises(PolicyDeniedError, match=r"policy\.pod_s3_buckets"):
+        check_pod_ref(policy, parse_ref("s3://payroll/exports/"))
+    with pytest.raises(PolicyDeniedError, match=r"policy\.pod_layout_roots"):
+        check_pod_ref(policy, parse_ref("oci-layout:///srv/m:v1|include=*.json"))
