@@ -64,16 +64,14 @@ from cacheagent.refcheck import (
     MAX_OCI_NAME_LENGTH,
     check_abs_path,
     check_bucket,
-    check_digest,
     check_hf_repo_id,
-    check_host_port,
     check_object_key,
     check_repo_component,
     check_revision,
-    check_sha256_hex,
     check_tag,
     check_version_id,
 )
+from cacheagent.refgrammar import digest_part, host_port_part, sha256_hex_part
 from cacheagent.viewopts import ViewOptions, parse_view_options
 
 RefKind = Literal["oci", "oci-layout", "hf", "http", "s3"]
@@ -313,7 +311,7 @@ def _parse_oci(ref: str, _scheme: str, rest: str) -> OciRef:
     name_tag, at, digest_text = rest.partition("@")
     if "@" in digest_text:
         raise RefError(ref, "digest", "more than one '@'")
-    digest = check_digest(ref, digest_text) if at else None
+    digest = digest_part(ref, digest_text) if at else None
     name, tag = _split_tag(name_tag)
     if tag is not None:
         check_tag(ref, tag)
@@ -333,7 +331,7 @@ def _split_tag(name_tag: str) -> tuple[str, str | None]:
 def _split_registry(ref: str, name: str) -> tuple[str, str]:
     first, slash, remainder = name.partition("/")
     if slash and ("." in first or ":" in first or first.lower() == "localhost"):
-        registry = check_host_port(ref, first, "registry", default_port=None)
+        registry = host_port_part(ref, first, "registry", default_port=None)
         path = remainder
     else:
         registry, path = DEFAULT_REGISTRY, name
@@ -364,7 +362,7 @@ def _parse_layout(ref: str, _scheme: str, rest: str) -> LayoutRef:
     body, digest = rest, None
     head, at, tail = rest.rpartition("@")
     if at and "/" not in tail:
-        body, digest = head, check_digest(ref, tail)
+        body, digest = head, digest_part(ref, tail)
     path, tag = _split_tag(body)
     if tag is not None:
         check_tag(ref, tag)
@@ -398,14 +396,14 @@ def _parse_http(ref: str, scheme: str, rest: str) -> HttpRef:
         raise RefError(
             ref, "fragment", f"fragment must be exactly sha256=<64 lowercase hex>, got {fragment!r}"
         )
-    digest = "sha256:" + check_sha256_hex(ref, "fragment", hex_part)
+    digest = "sha256:" + sha256_hex_part(ref, "fragment", hex_part)
     try:
         parts = urlsplit(f"{scheme}://{body}")
     except ValueError as exc:
         raise RefError(ref, "host", f"malformed host ({exc})") from None
     if "@" in parts.netloc:
         raise RefError(ref, "host", "credentials in the URL are not allowed (they would be logged)")
-    host = check_host_port(ref, parts.netloc, "host", default_port=_DEFAULT_PORTS[scheme])
+    host = host_port_part(ref, parts.netloc, "host", default_port=_DEFAULT_PORTS[scheme])
     if not parts.path or parts.path.endswith("/"):
         raise RefError(ref, "path", "URL path must end in a file name")
     query = f"?{parts.query}" if parts.query else ""
@@ -423,7 +421,7 @@ def _parse_s3(ref: str, _scheme: str, rest: str) -> S3Ref:
     if pin is None:
         return S3Ref(bucket, key)
     if pin.startswith("sha256:"):
-        return S3Ref(bucket, key, digest=check_digest(ref, pin))
+        return S3Ref(bucket, key, digest=digest_part(ref, pin))
     if _ETAG_RE.fullmatch(pin):
         return S3Ref(bucket, key, etag=pin)
     check_version_id(ref, pin)
