@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev libfuse2 docker-registry prometheus apache2-utils util-linux curl openssl)
+APT_PACKAGES=(fuse3 libfuse3-dev libfuse2 docker-registry prometheus apache2-utils util-linux curl openssl dnsmasq-base tinyproxy)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -19,7 +19,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian starts the packaged services on install; the tests start their own on loopback ports.
-for svc in docker-registry prometheus; do
+for svc in docker-registry prometheus tinyproxy; do
     if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi
