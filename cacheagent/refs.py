@@ -25,8 +25,9 @@ Forms and the decisions taken where the brief is silent:
     ``latest``.
 
 ``hf://org/name@revision`` (``HfRef``)
-    The revision is required (a branch, a tag or a 40-hex commit) so that nothing silently
-    follows ``main``; only a commit makes the ref immutable.
+    The revision is required (a branch, a tag, a ref such as ``refs/pr/1``, or a 40-hex commit)
+    so that nothing silently follows ``main``; only a commit makes the ref immutable. Legacy
+    single-name repos (``hf://gpt2@main``) have no org.
 
 ``https://host[:port]/path/file[?query]#sha256=<hex>`` (``HttpRef``)
     The fragment is the expected digest and is required. ``http://`` parses too, and
@@ -434,8 +435,8 @@ def _parse_hf(ref: str, _scheme: str, rest: str) -> HfRef:
 
 def _check_hf_repo_id(ref: str, repo_id: str) -> None:
     parts = repo_id.split("/")
-    if len(parts) != 2:
-        raise RefError(ref, "repository", f"expected org/name, got {repo_id!r}")
+    if len(parts) > 2:
+        raise RefError(ref, "repository", f"expected org/name or name, got {repo_id!r}")
     for name in parts:
         _check_hf_name(ref, name)
     if repo_id.endswith(".git"):

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything cacheagent needs on a fresh Debian machine, idempotently:
-# system packages (FUSE 3, the CNCF distribution registry, promtool, htpasswd),
+# system packages (FUSE 3, the CNCF distribution registry, promtool, htpasswd, tinyproxy),
 # a virtualenv with the Python dependencies, and the generated gRPC code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev libfuse2 docker-registry prometheus apache2-utils util-linux curl openssl)
+APT_PACKAGES=(fuse3 libfuse3-dev libfuse2 docker-registry prometheus apache2-utils util-linux curl openssl tinyproxy)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -19,7 +19,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian starts the packaged services on install; the tests start their own on loopback ports.
-for svc in docker-registry prometheus; do
+for svc in docker-registry prometheus tinyproxy; do
     if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi

@@ -64,5 +64,9 @@ class Source(abc.ABC):
     def fetch(self, blob: BlobRef, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` of ``blob`` (``end`` None means to the end)."""
 
+    def waiting(self) -> str:
+        """Why fetches from this source are paused right now (a rate limit's wait), else ""."""
+        return ""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release connections and files."""

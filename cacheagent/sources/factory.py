@@ -6,8 +6,8 @@ import platform as _platform
 from dataclasses import dataclass
 
 from cacheagent.config import Config
-from cacheagent.sources.auth import CredentialStore
 from cacheagent.sources.base import Source
+from cacheagent.sources.credentials import CredentialStore
 from cacheagent.sources.hf import HfOptions, HfSource, read_token_file
 from cacheagent.sources.http import HttpOptions, HttpSource
 from cacheagent.sources.layout import OciLayoutSource

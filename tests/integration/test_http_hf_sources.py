@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import socket
 import ssl
@@ -28,15 +27,13 @@ from cacheagent.errors import (
     SourceError,
     UnsafePathError,
 )
-from cacheagent.refs import HfRef, HttpRef, parse_ref
+from cacheagent.refs import HttpRef, parse_ref
 from cacheagent.sources.base import BlobRef, ResolvedModel, Source
-from cacheagent.sources.hf import HfOptions, HfSource
 from cacheagent.sources.http import HttpOptions, HttpSource
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.transport import Transport, TransportOptions
 from tests.certs import make_pki
 from tests.fault_server import Fault, FaultServer
-from tests.hf_server import HfRepo, HfServer
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=2.0, max_total_seconds=10.0)
 DATA = random.Random(7).randbytes(256 * 1024 + 17)
@@ -359,129 +356,3 @@ async def test_redirect_to_plain_http_of_a_secure_host_is_refused(
         with pytest.raises(SourceError, match=r"registries\.insecure"):
             await read_all(source, model.layers[0].blob)
         assert storage.requests == []
-
-
-# -- HfSource -----------------------------------------------------------------------------------
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-SAFETENSORS = random.Random(3).randbytes(150_000)
-CONFIG_JSON = b'{"model_type": "test", "hidden_size": 8}\n'
-
-
-def hf_repo() -> HfRepo:
-    return HfRepo(
-        repo_id="acme/tiny-model",
-        commit=COMMIT,
-        branches={"main": COMMIT, "v1.0": COMMIT},
-        files={"config.json": CONFIG_JSON, ".gitattributes": b"*.safetensors filter=lfs\n"},
-        lfs_files={"model.safetensors": SAFETENSORS, "sub/dir/extra.bin": b"lfs extra"},
-    )
-
-
-@pytest.fixture
-async def hub() -> AsyncIterator[tuple[HfServer, FaultServer]]:
-    async with FaultServer() as cdn:
-        server = HfServer(cdn_url=cdn.url("lfs/"), token=TOKEN)
-        server.add(hf_repo())
-        for data in hf_repo().lfs_files.values():
-            cdn.add(f"lfs/{hashlib.sha256(data).hexdigest()}", data)
-        await server.start()
-        try:
-            yield server, cdn
-        finally:
-            await server.stop()
-
-
-@pytest.fixture
-async def make_hf(hub: tuple[HfServer, FaultServer]) -> AsyncIterator[Callable[..., HfSource]]:
-    server, cdn = hub
-    made: list[HfSource] = []
-
-    def build(token: str | None = TOKEN, small_file_max_bytes: int = 1 << 20) -> HfSource:
-        source = HfSource(
-            Transport(TransportOptions(insecure=frozenset({server.host, cdn.host}))),
-            options=HfOptions(
-                endpoint=server.endpoint,
-                token=token,
-                retry=FAST,
-                small_file_max_bytes=small_file_max_bytes,
-            ),
-        )
-        made.append(source)
-        return source
-
-    yield build
-    for source in made:
-        await source.transport.aclose()
-
-
-async def test_hf_resolve_and_fetch(
-    hub: tuple[HfServer, FaultServer],
-    make_hf: Callable[..., HfSource],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    server, cdn = hub
-    source = make_hf()
-    model = await source.resolve(HfRef("acme/tiny-model", "main"))
-    by_path = {layer.path: layer.blob for layer in model.layers}
-    assert sorted(by_path) == [
-        ".gitattributes",
-        "config.json",
-        "model.safetensors",
-        "sub/dir/extra.bin",
-    ]
-    assert by_path["model.safetensors"].digest == sha256_digest(SAFETENSORS)  # lfs.oid
-    assert by_path["config.json"] == BlobRef(
-        sha256_digest(CONFIG_JSON), len(CONFIG_JSON), "application/octet-stream"
-    )
-    manifest = json.loads(model.manifest)
-    assert (manifest["repo"], manifest["commit"]) == ("acme/tiny-model", COMMIT)
-    assert model.manifest_digest == sha256_digest(model.manifest)
-
-    # Same commit, any name for it: same model digest.
-    for revision in ("v1.0", COMMIT):
-        again = await make_hf().resolve(HfRef("acme/tiny-model", revision))
-        assert again.manifest_digest == model.manifest_digest
-
-    weights = by_path["model.safetensors"]
-    assert await read_all(source, weights) == SAFETENSORS
-    assert await read_all(source, weights, 1000, 2000) == SAFETENSORS[1000:2000]
-    cdn_gets = cdn.seen(f"lfs/{hashlib.sha256(SAFETENSORS).hexdigest()}")
-    assert [r.headers.get("Range") for r in cdn_gets] == [None, "bytes=1000-1999"]
-    assert all("Authorization" not in r.headers for r in cdn.requests)  # the token stayed home
-    resolve_calls = [p for p, _ in server.requests if "/resolve/" in p]
-    assert all(headers["Authorization"] == f"Bearer {TOKEN}" for _, headers in server.requests)
-
-    # Small git files were hashed at resolve and are served from memory.
-    assert await read_all(source, by_path["config.json"], 2) == CONFIG_JSON[2:]
-    assert [p for p, _ in server.requests if "/resolve/" in p] == resolve_calls
-    assert TOKEN not in caplog.text and TOKEN not in repr(source)
-
-
-async def test_hf_tree_pages_are_followed(
-    hub: tuple[HfServer, FaultServer], make_hf: Callable[..., HfSource]
-) -> None:
-    server, _ = hub
-    server.page_size = 2
-    model = await make_hf().resolve(HfRef("acme/tiny-model", "main"))
-    assert len(model.layers) == 4
-    assert sum("/tree/" in p for p, _ in server.requests) == 3  # 4 files + 1 dir, 2 per page
-
-
-async def test_hf_errors(
-    hub: tuple[HfServer, FaultServer], make_hf: Callable[..., HfSource]
-) -> None:
-    with pytest.raises(ModelNotFoundError):
-        await make_hf().resolve(HfRef("acme/absent", "main"))
-    with pytest.raises(ModelNotFoundError):
-        await make_hf().resolve(HfRef("acme/tiny-model", "no-such-branch"))
-    with pytest.raises(SourceError, match="no hf token is configured"):
-        await make_hf(token=None).resolve(HfRef("acme/tiny-model", "main"))
-    with pytest.raises(SourceError, match="token was refused") as refused:
-        await make_hf(token="hf_wrong-" + TOKEN).resolve(HfRef("acme/tiny-model", "main"))
-    assert TOKEN not in str(refused.value)
-    with pytest.raises(SourceError, match=r"'\.gitattributes' is 25 bytes, not in LFS, and over"):
-        await make_hf(small_file_max_bytes=10).resolve(HfRef("acme/tiny-model", "main"))
-    with pytest.raises(SourceError, match="resolve the model first"):
-        await read_all(make_hf(), BlobRef(sha256_digest(b"?"), 1, "x"))
