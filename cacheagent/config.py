@@ -297,7 +297,9 @@ class StoreConfig(_Section):
 class PullConfig(_Section):
     """``timeout_seconds``: a response that delivers less than 16 KiB in that time is cut off
     and retried (so a slow-drip origin cannot hold a pull forever); ``retries`` and
-    ``retry_max_seconds`` bound the retries of one request."""
+    ``retry_max_seconds`` bound the retries of one request; ``rate_limit_max_wait_seconds`` is
+    the longest wait an origin may ask for (429 with ``Retry-After`` or ``RateLimit``) before
+    the pull fails instead of waiting."""
 
     section: ClassVar[str] = "pull"
     range_threshold_bytes: Annotated[ByteSize, Range(1)] = 64 * MiB
@@ -308,6 +310,7 @@ class PullConfig(_Section):
     retry_max_seconds: Seconds = 30.0
     timeout_seconds: Annotated[Seconds, Range(0, open_low=True)] = 60.0
     manifest_max_bytes: Annotated[ByteSize, Range(1)] = 4 * MiB
+    rate_limit_max_wait_seconds: Seconds = 300.0
 
 
 @dataclass(frozen=True)

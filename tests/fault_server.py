@@ -12,7 +12,10 @@ Behaving like the real services: with ``compress`` set it gzips whole bodies for
 ``Accept-Encoding`` admits gzip (as CDNs do for text); with ``presign_secret`` set it is object
 storage behind presigned URLs (``presign``): a request needs a valid ``Signature`` for its path
 and an ``Expires`` still in the future, else 403 ``AccessDenied``. ``bind`` picks the loopback
-address (127.0.0.2 makes a second host for redirects).
+address (127.0.0.2 makes a second host for redirects). With ``strict_accept`` it serves an item
+only to a request whose ``Accept`` admits its content type (exactly, or ``*/*``), else 404
+``MANIFEST_UNKNOWN``, as registries that match Accept strictly do. ``count(name, method)``
+tells manifest GETs from HEADs.
 
 Because aiohttp parses absolute-form request targets, the server also works as a plain HTTP
 forward proxy: point a client's proxy at it and it answers for any host (``Seen.raw_path`` shows
@@ -82,6 +85,11 @@ def accepts_gzip(header: str | None) -> bool:
     return False
 
 
+def _admits(accept: str | None, content_type: str) -> bool:
+    types = {part.split(";", 1)[0].strip() for part in (accept or "").split(",")}
+    return content_type in types or "*/*" in types
+
+
 @dataclass
 class FaultServer:
     require_authorization: str | None = None
@@ -90,6 +98,7 @@ class FaultServer:
     bind: str = "127.0.0.1"
     compress: bool = False
     presign_secret: str | None = None
+    strict_accept: bool = False
     items: dict[str, _Item] = field(default_factory=dict)
     faults: dict[str, list[Fault]] = field(default_factory=dict)
     served: Counter[str] = field(default_factory=Counter)
@@ -178,6 +187,11 @@ class FaultServer:
         item = self.items.get(name)
         if item is None:
             return web.Response(status=404)
+        if self.strict_accept and not _admits(request.headers.get("Accept"), item.content_type):
+            return web.json_response(
+                {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
+                status=404,
+            )
         fault = self._next_fault(name, request.method)
         if fault is not None and fault.kind == "status":
             headers = dict(fault.headers)

@@ -194,7 +194,7 @@ def cmd_preheat(args: argparse.Namespace, config: Config) -> int:
                 event.ref,
                 done=event.bytes_done,
                 total=event.bytes_total,
-                phase=event.Phase.Name(event.phase).lower(),
+                phase=event.waiting or event.Phase.Name(event.phase).lower(),
             )
             if event.phase in (event.DONE, event.FAILED):
                 final.append(_message_dict(event))

@@ -52,7 +52,7 @@ from cacheagent.pull.download import (
 from cacheagent.pull.progress import BlobProgress, PullProgress, PullState, RateMeter, eta_seconds
 from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.sources.base import Layer, ResolvedModel, Source
-from cacheagent.sources.retry import RetryPolicy
+from cacheagent.sources.factory import retry_policy
 from cacheagent.sources.tarsafe import UnpackedFile, unpack_tar
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
@@ -151,7 +151,7 @@ class PullEngine:
             idle_timeout_seconds=cfg.timeout_seconds,
             record_interval_seconds=tun.record_interval_seconds,
             hash_mode=tun.hash_mode,
-            retry=RetryPolicy(max_attempts=cfg.retries + 1, max_delay=cfg.retry_max_seconds),
+            retry=retry_policy(cfg),
         )
         self.in_flight: dict[str, PullProgress] = {}
         self._limits = Limits(cfg.max_connections_per_origin, cfg.max_connections_total)
@@ -611,6 +611,7 @@ class PullEngine:
             eta_seconds=eta_seconds(total - done_bytes, rate),
             blobs=tuple(blobs.values()),
             error=error,
+            waiting=job.source.waiting(),
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform as _platform
 from dataclasses import dataclass
 
-from cacheagent.config import Config
+from cacheagent.config import Config, PullConfig
 from cacheagent.sources.base import Source
 from cacheagent.sources.credentials import CredentialStore
 from cacheagent.sources.hf import HfOptions, HfSource, read_token_file
@@ -37,6 +37,15 @@ class Origins:
         await self.transport.aclose()
 
 
+def retry_policy(pull: PullConfig) -> RetryPolicy:
+    """The one retry policy of every origin and of the download pipeline, from ``pull.*``."""
+    return RetryPolicy(
+        max_attempts=pull.retries + 1,
+        max_delay=pull.retry_max_seconds,
+        max_server_wait=pull.rate_limit_max_wait_seconds,
+    )
+
+
 def build_sources(config: Config) -> Origins:
     pull, registries = config.pull, config.registries
     transport = Transport(
@@ -49,7 +58,7 @@ def build_sources(config: Config) -> Origins:
             read_timeout=pull.timeout_seconds,
         )
     )
-    retry = RetryPolicy(max_attempts=pull.retries + 1, max_delay=pull.retry_max_seconds)
+    retry = retry_policy(pull)
     token = read_token_file(config.hf.token_file) if config.hf.token_file else None
     sources: list[Source] = [
         OciLayoutSource(platform=node_platform(), manifest_max_bytes=pull.manifest_max_bytes),

@@ -7,6 +7,7 @@ specifics.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -32,8 +33,9 @@ from cacheagent.sources.base import BlobRef, ResolvedModel, Source
 from cacheagent.sources.http import HttpOptions, HttpSource
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.transport import Transport, TransportOptions
-from tests.certs import make_pki
+from tests.certs import Pki, make_pki
 from tests.fault_server import Fault, FaultServer
+from tests.proxy_server import ProxyServer
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=2.0, max_total_seconds=10.0)
 DATA = random.Random(7).randbytes(256 * 1024 + 17)
@@ -183,8 +185,9 @@ async def test_http_missing_file_is_not_found(origin: FaultServer, make_http: Ma
         await make_http(origin.host).resolve(http_ref(origin.url("files/nothing-here")))
 
 
-async def test_https_with_private_ca(tmp_path: Path, make_http: MakeHttp) -> None:
-    pki = make_pki(tmp_path / "pki")
+@contextlib.asynccontextmanager
+async def https_origin(pki: Pki) -> AsyncIterator[str]:
+    """Serve DATA at ``/w.bin`` over TLS with the test PKI's server certificate; yields the URL."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(pki.server_cert, pki.server_key)
     app = web.Application()
@@ -201,14 +204,56 @@ async def test_https_with_private_ca(tmp_path: Path, make_http: MakeHttp) -> Non
     site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context)
     await site.start()
     try:
-        ref = http_ref(f"https://127.0.0.1:{port}/w.bin")
+        yield f"https://127.0.0.1:{port}/w.bin"
+    finally:
+        await runner.cleanup()
+
+
+async def test_https_with_private_ca(tmp_path: Path, make_http: MakeHttp) -> None:
+    pki = make_pki(tmp_path / "pki")
+    async with https_origin(pki) as url:
+        ref = http_ref(url)
         with pytest.raises(SourceError, match=r"registries\.ca_file"):
             await make_http().resolve(ref)
         source = make_http(ca_file=pki.ca_cert)
         model = await source.resolve(ref)
         assert await read_all(source, model.layers[0].blob) == DATA
-    finally:
-        await runner.cleanup()
+
+
+async def test_proxy_from_the_environment(
+    tmp_path: Path, origin: FaultServer, make_http: MakeHttp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY/HTTPS_PROXY/NO_PROXY, as operators set them on nodes, through a real proxy
+    (tinyproxy: it adds a Via header to what it forwards and logs the CONNECTs it tunnels)."""
+    pki = make_pki(tmp_path / "pki")
+    with ProxyServer(tmp_path / "proxy") as proxy:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "example.invalid,.internal.test")
+        source = make_http(origin.host)
+        model = await resolved(source, origin)
+        assert await read_all(source, model.layers[0].blob, 0, 100) == DATA[:100]
+        vias = [r.headers.get("Via", "") for r in origin.requests]
+        assert len(vias) == 2 and all(proxy.via_name in via for via in vias)
+
+        async with https_origin(pki) as url:
+            secure = make_http(ca_file=pki.ca_cert)
+            model = await secure.resolve(http_ref(url))
+            assert await read_all(secure, model.layers[0].blob) == DATA
+            assert f"CONNECT 127.0.0.1:{url.split(':')[2].split('/')[0]}" in proxy.log_text()
+
+        # NO_PROXY lists the origin (host:port form): straight there, no Via.
+        monkeypatch.setenv("NO_PROXY", f"example.invalid,{origin.host}")
+        direct = make_http(origin.host)
+        await resolved(direct, origin)
+        assert "Via" not in origin.requests[-1].headers
+        # A proxy in the config wins over the environment.
+        configured = make_http(origin.host, proxies={origin.host: origin.url()})
+        await resolved(configured, origin)
+        assert origin.requests[-1].raw_path.startswith("http://")
+        assert "Via" not in origin.requests[-1].headers
 
 
 async def test_upstream_proxy_per_origin(origin: FaultServer, make_http: MakeHttp) -> None:
