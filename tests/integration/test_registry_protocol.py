@@ -82,7 +82,7 @@ async def read_all(
 async def test_tag_resolution_heads_and_gets_only_new_digests(make_source: MakeSource) -> None:
     first = modelpack_artifact({"model.bin": b"first"})
     second = modelpack_artifact({"model.bin": b"second"})
-    async with FaultServer() as registry:
+    async with FaultServer(compress=True) as registry:  # gzips for clients that admit it
         for artifact in (first, second):
             registry.add(f"v2/m/x/manifests/{artifact.digest}", artifact.manifest, OCI_MANIFEST)
         tag = "v2/m/x/manifests/v1"
@@ -101,6 +101,7 @@ async def test_tag_resolution_heads_and_gets_only_new_digests(make_source: MakeS
             assert (await source.resolve(ref)).manifest_digest == second.digest
         assert registry.count(f"v2/m/x/manifests/{second.digest}", "GET") == 1
         assert registry.count(tag, "GET") == 0
+    assert {r.headers.get("Accept-Encoding") for r in registry.requests} == {"identity"}
 
 
 async def test_tag_resolution_against_the_real_registry(
