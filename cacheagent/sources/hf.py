@@ -172,7 +172,7 @@ class HfSource(StreamingSource):
         self._small = _SmallFiles(self.options.small_cache_bytes)
         self._commits: OrderedDict[tuple[str, str], tuple[HfFile, ...]] = OrderedDict()
         self._locations: OrderedDict[str, _Location] = OrderedDict()
-        self._locating = asyncio.Lock()
+        self._locating: dict[str, asyncio.Lock] = {}  # one resolve per file at a time
         self.wall_clock = time.time
 
     def __repr__(self) -> str:
@@ -339,21 +339,35 @@ class HfSource(StreamingSource):
 
     async def _location(self, home: _Home, digest: str, *, stale: URL | None = None) -> URL:
         """Where to fetch ``home`` from: resolved once, again only when it is about to expire
-        or is ``stale`` (refused), unless another fetch already replaced it."""
-        async with self._locating:
-            cached = self._locations.get(digest)
-            if cached is not None and cached.url != stale and not self._expiring(cached):
-                return cached.url
-            found = await self._resolve_file(home)
-            self._locations[digest] = found
-            self._locations.move_to_end(digest)
-            while len(self._locations) > _MAX_LOCATIONS:
-                self._locations.popitem(last=False)
-            return found.url
+        or is ``stale`` (refused), unless another fetch already replaced it. Concurrent ranges
+        of one file wait for one resolve; other files never wait for it (a 429 may be long)."""
+        usable = self._usable(digest, stale)
+        if usable is not None:
+            return usable
+        lock = self._locating.setdefault(digest, asyncio.Lock())
+        try:
+            async with lock:
+                usable = self._usable(digest, stale)
+                if usable is not None:
+                    return usable
+                found = await self._resolve_file(home)
+                self._locations[digest] = found
+                self._locations.move_to_end(digest)
+                while len(self._locations) > _MAX_LOCATIONS:
+                    self._locations.popitem(last=False)
+                return found.url
+        finally:
+            if not lock.locked():
+                self._locating.pop(digest, None)
 
-    def _expiring(self, location: _Location) -> bool:
-        deadline = location.expires_at
-        return deadline is not None and deadline - self.wall_clock() < EXPIRY_MARGIN_SECONDS
+    def _usable(self, digest: str, stale: URL | None) -> URL | None:
+        cached = self._locations.get(digest)
+        if cached is None or cached.url == stale:
+            return None
+        deadline = cached.expires_at
+        if deadline is not None and deadline - self.wall_clock() < EXPIRY_MARGIN_SECONDS:
+            return None
+        return cached.url
 
     async def _resolve_file(self, home: _Home) -> _Location:
         """One resolver request (plus same-host redirects): where the file's bytes live."""
