@@ -96,6 +96,11 @@ def test_credential_helpers_in_docker_config() -> None:
     )
     assert config.cred_helpers == {"123.dkr.ecr.eu-west-1.amazonaws.com": "ecr-login"}
     assert config.creds_store == "desktop"
-    for bad in ({"credsStore": "../../bin/sh"}, {"credHelpers": {"r": "a b"}}, {"credHelpers": []}):
+    bad_configs: list[dict[str, object]] = [
+        {"credsStore": "../../bin/sh"},
+        {"credHelpers": {"r": "a b"}},
+        {"credHelpers": []},
+    ]
+    for bad in bad_configs:
         with pytest.raises(ConfigError, match="cred"):
             parse_docker_config_file(json.dumps(bad))
