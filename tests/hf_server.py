@@ -18,10 +18,11 @@ Answers, shaped like the real Hub:
 Like the Hub: with ``compress`` (the default) JSON answers and git files are gzipped for a
 client whose ``Accept-Encoding`` admits gzip; errors carry ``X-Error-Code``/``X-Error-Message``
 (``RepoNotFound`` as 401 without a token, ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``
-for a gated repo the token has not been granted); with ``resolve_quota`` set the resolver path
-allows that many requests per window and then answers 429 with the Hub's
-``RateLimit: "resolvers";r=0;t=<seconds>`` header until the window (``resolve_window_seconds``)
-ends. With ``token`` set, every request must carry ``Authorization: Bearer <token>``.
+for a gated repo the token has not been granted); ``throttle(times, seconds)`` makes the next
+``times`` resolver requests answer 429 with the Hub's ``RateLimit: "resolvers";r=0;t=<seconds>``
+and ``RateLimit-Policy`` headers (the Hub limits that path per five-minute window; a count, not a
+clock, keeps the tests deterministic). With ``token`` set, every request must carry
+``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import math
 import re
-import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -70,13 +69,11 @@ class HfServer:
     page_host: str | None = None  # host:port the next-page links point at (a mirror's origin)
     compress: bool = True
     url_lifetime: float = 3600.0
-    resolve_quota: int | None = None
-    resolve_window_seconds: float = 1.0
+    throttled: tuple[int, int] = (0, 0)  # (resolver requests still to refuse, t= seconds)
     repos: dict[str, HfRepo] = field(default_factory=dict)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     rate_limited: int = 0  # 429s answered
     port: int = 0
-    _window: tuple[float, int] = (0.0, 0)  # (start, resolves used)
     _runner: web.AppRunner | None = None
 
     @property
@@ -89,6 +86,9 @@ class HfServer:
 
     def add(self, repo: HfRepo) -> None:
         self.repos[repo.repo_id] = repo
+
+    def throttle(self, times: int, seconds: int) -> None:
+        self.throttled = (times, seconds)
 
     def paths(self, method: str | None = None) -> list[str]:
         """The path (and query) of every request, in order, optionally only one method's."""
@@ -157,25 +157,17 @@ class HfServer:
         return repo, commit
 
     def _rate_limit(self) -> web.Response | None:
-        if self.resolve_quota is None:
+        times, seconds = self.throttled
+        if times <= 0:
             return None
-        now = time.monotonic()
-        start, used = self._window
-        if now - start >= self.resolve_window_seconds:
-            start, used = now, 0
-        if used < self.resolve_quota:
-            self._window = (start, used + 1)
-            return None
-        self._window = (start, used)
+        self.throttled = (times - 1, seconds)
         self.rate_limited += 1
-        left = max(1, math.ceil(start + self.resolve_window_seconds - now))
-        window = math.ceil(self.resolve_window_seconds)
         return web.Response(
             status=429,
             text="We had to rate limit you.",
             headers={
-                "RateLimit": f'"resolvers";r=0;t={left}',
-                "RateLimit-Policy": f'"fixed window";"resolvers";q={self.resolve_quota};w={window}',
+                "RateLimit": f'"resolvers";r=0;t={seconds}',
+                "RateLimit-Policy": '"fixed window";"resolvers";q=3000;w=300',
             },
         )
 

@@ -214,16 +214,16 @@ class Transport:
 
 def environment_proxies() -> dict[str, str]:
     """``{scheme: proxy URL, "no": hosts}`` from the environment; a proxy URL aiohttp cannot use
-    is a ConfigError naming the variable."""
+    (``socks5://``...) is a ConfigError naming the variable, at start."""
     found = urllib.request.getproxies_environment()
     for scheme, value in found.items():
         if scheme == "no":
             continue
         proxy = URL(value if "://" in value else f"http://{value}")
-        if proxy.scheme != "http" or not proxy.host:
+        if proxy.scheme not in ("http", "https") or not proxy.host:
             raise ConfigError(
                 f"{scheme.upper()}_PROXY (environment)",
-                f"{redact_url(proxy)}: only http:// proxies are supported",
+                f"{redact_url(proxy)}: only http:// and https:// proxies are supported",
             )
         found[scheme] = str(proxy)
     return found

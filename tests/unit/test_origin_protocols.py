@@ -13,7 +13,7 @@ from cacheagent.errors import ConfigError, ModelNotFoundError, SourceError
 from cacheagent.sources.credentials import parse_docker_config_file
 from cacheagent.sources.hf_protocol import HfAccessError, hub_error, presigned_expiry
 from cacheagent.sources.registry_errors import describe_errors
-from cacheagent.sources.transport import no_proxy_matches
+from cacheagent.sources.transport import environment_proxies, no_proxy_matches
 
 SIGNED_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -104,3 +104,21 @@ def test_credential_helpers_in_docker_config() -> None:
     for bad in bad_configs:
         with pytest.raises(ConfigError, match="cred"):
             parse_docker_config_file(json.dumps(bad))
+
+
+def test_unusable_environment_proxy_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.internal:3128")  # no scheme: http:// as curl does
+    assert environment_proxies()["https"] == "http://proxy.internal:3128"
+    monkeypatch.setenv("ALL_PROXY", "socks5://user:secret@proxy.internal:1080")
+    with pytest.raises(ConfigError, match="ALL_PROXY") as info:
+        environment_proxies()
+    assert "secret" not in str(info.value)
