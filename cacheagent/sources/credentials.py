@@ -4,7 +4,8 @@ Docker credential helpers.
 ``config.json`` is what a Kubernetes ``dockerconfigjson`` Secret holds. The Secret is mounted,
 and the kubelet swaps the file when the Secret changes (ECR tokens last 12 hours, cloud access
 tokens one hour, so something rotates it): the file is checked at most once per
-``recheck_seconds`` (inode, size, mtime) and read again when it changed. A changed file that no
+``recheck_seconds`` (inode, size, mtime), and at once after a registry rejected our credentials,
+and read again when it changed. A changed file that no
 longer parses is logged and the credentials read before are kept.
 
 Lookup order for a registry host: explicit credentials; the helper ``credHelpers`` names for the
@@ -247,8 +248,10 @@ class CredentialStore:
             return creds
 
     def forget(self, host: str) -> None:
-        """Drop a helper's answer the registry rejected, so the next lookup asks again."""
+        """The registry rejected what we sent: drop a helper's answer and look at the config
+        file again on the next lookup, whenever it was last checked."""
         self._helped.pop(normalize_registry_host(host), None)
+        self._checked_at = float("-inf")
 
     def _helper_for(self, host: str) -> str | None:
         """The helper for ``host``: credHelpers first; credsStore when auths has nothing."""

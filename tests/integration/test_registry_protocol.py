@@ -289,16 +289,19 @@ async def test_docker_config_is_read_again_when_the_secret_changes(
     ref = parse_ref(await push_private(private_registry))
     host = private_registry.host
     path = kubelet_secret(tmp_path / "secret", 1, basic_config(host, "alice", "expired-token"))
-    store = CredentialStore(docker_config=path, recheck_seconds=0.0)
+    store = CredentialStore(docker_config=path)  # checks the file at most once a second...
     source = make_source(host, credentials=store)
     with pytest.raises(RegistryAuthError, match="rejected"):
         await source.resolve(ref)
     kubelet_secret(tmp_path / "secret", 2, basic_config(host, "alice", PASSWORD))
-    assert (await source.resolve(ref)).layers
+    assert (await source.resolve(ref)).layers  # ...and at once after a rejection
     assert store.reloads == 1
+
     # A rotation that leaves a broken file keeps the last good credentials.
+    watching = CredentialStore(docker_config=path, recheck_seconds=0.0)
     kubelet_secret(tmp_path / "secret", 3, {"auths": []})
-    assert (await source.resolve(ref)).layers
+    assert (await make_source(host, credentials=watching).resolve(ref)).layers
+    assert watching.reloads == 0
 
 
 def write_helper(bindir: Path, name: str, body: str) -> Path:
