@@ -62,7 +62,7 @@ _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 DEFAULT_STALL_SECONDS = 60.0
 #: Waits at least this long are logged and reported (shorter ones are ordinary backoff).
 REPORTED_WAIT_SECONDS = 1.0
-OnWait = Callable[[str, float, str], None]
+OnWait = Callable[[str, float, str], Callable[[], None]]  # (origin, seconds, why) -> "it ended"
 
 
 def stalled_error(seconds: float) -> TimeoutError:
@@ -82,7 +82,7 @@ class StreamSettings:
     chunk_size: int = 1 << 20
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     clock: Callable[[], float] = time.monotonic
-    on_wait: OnWait | None = None  # (origin, seconds, why); seconds 0 when the wait is over
+    on_wait: OnWait | None = None
 
     def budget(self, position: int = 0) -> RetryBudget:
         return RetryBudget(self.policy, self.rng, self.clock, position)
@@ -93,11 +93,11 @@ class StreamSettings:
             await self.sleep(seconds)
             return
         log.warning("origin %s: waiting %.0f s before retrying (%s)", origin, seconds, why)
-        self.on_wait(origin, seconds, why)
+        ended = self.on_wait(origin, seconds, why)
         try:
             await self.sleep(seconds)
         finally:
-            self.on_wait(origin, 0.0, "")
+            ended()
 
 
 class TransientError(Exception):
@@ -412,7 +412,7 @@ class StreamingSource(Source):
             chunk_size=chunk_bytes,
             on_wait=self._note_wait,
         )
-        self._waits: dict[str, tuple[float, str]] = {}  # origin -> (until, why)
+        self._waits: dict[object, tuple[str, float, str]] = {}  # one per wait: origin, until, why
         self.supports_ranges = True
         #: Origins seen answering 200 to a Range request (ranged fetches re-read from byte 0).
         self.ranges_ignored_by: set[str] = set()
@@ -435,17 +435,25 @@ class StreamingSource(Source):
             on_range_ignored=lambda: self._range_ignored(origin),
         )
 
-    def _note_wait(self, origin: str, seconds: float, why: str) -> None:
-        if seconds <= 0:
-            self._waits.pop(origin, None)
-        else:
-            self._waits[origin] = (self.settings.clock() + seconds, why)
+    def _note_wait(self, origin: str, seconds: float, why: str) -> Callable[[], None]:
+        key = object()
+        self._waits[key] = (origin, self.settings.clock() + seconds, why)
+
+        def ended() -> None:
+            self._waits.pop(key, None)
+
+        return ended
 
     def waiting(self) -> str:
+        """The longest wait per origin, while any lasts."""
         now = self.settings.clock()
+        longest: dict[str, tuple[float, str]] = {}
+        for origin, until, why in self._waits.values():
+            if until > longest.get(origin, (0.0, ""))[0]:
+                longest[origin] = (until, why)
         return "; ".join(
             f"{origin} asked us to wait: {max(until - now, 0.0):.0f} s left ({why})"
-            for origin, (until, why) in sorted(self._waits.items())
+            for origin, (until, why) in sorted(longest.items())
         )
 
     def _range_ignored(self, origin: str) -> None:
