@@ -173,7 +173,7 @@ class HfSource(StreamingSource):
         self._commits: OrderedDict[tuple[str, str], tuple[HfFile, ...]] = OrderedDict()
         self._locations: OrderedDict[str, _Location] = OrderedDict()
         self._locating: dict[str, asyncio.Lock] = {}  # one resolve per file at a time
-        self.wall_clock = time.time
+        self.wall_clock = time.time  # presigned URLs expire by the wall clock
 
     def __repr__(self) -> str:
         token = "set" if self.options.token else "none"

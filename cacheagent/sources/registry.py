@@ -244,13 +244,12 @@ class RegistrySource(StreamingSource):
                 return resp
             async with resp:
                 detail = await error_detail(resp)
-            if resp.status == 404:
-                raise ModelNotFoundError(
-                    f"blob {blob.digest} not found at {registry} (404): {detail}"
-                )
             if is_retryable(resp.status):
                 raise TransientError.from_status(resp.status, resp.headers, detail)
-            raise SourceError(f"{registry}: blob {blob.digest}: HTTP {resp.status}: {detail}")
+            said = f": {detail}" if detail else ""
+            if resp.status == 404:
+                raise ModelNotFoundError(f"blob {blob.digest} not found at {registry} (404){said}")
+            raise SourceError(f"{registry}: blob {blob.digest}: HTTP {resp.status}{said}")
 
         async with contextlib.aclosing(
             self._stream(open_response, blob, start, end, registry)
@@ -321,7 +320,8 @@ class RegistrySource(StreamingSource):
         if resp.status == 403:
             async with resp:
                 detail = await error_detail(resp)
-            raise RegistryAuthError(host, f"access to {repository} denied (403): {detail}")
+            said = f": {detail}" if detail else ""
+            raise RegistryAuthError(host, f"access to {repository} denied (403){said}")
         return resp
 
     async def _request(
