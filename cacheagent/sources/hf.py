@@ -379,11 +379,11 @@ class HfSource(StreamingSource):
                 resp = await self.transport.request(
                     "HEAD", url, headers=self._headers(url), follow_redirects=False
                 )
-                async with resp:
-                    location = resp.headers.get("Location")
-                    if resp.status not in _REDIRECTS or not location:
-                        self._check_status(resp, what)
-                        return _Location(url, None)
+                resp.close()  # not reused: a body sent after a HEAD would poison the connection
+                location = resp.headers.get("Location")
+                if resp.status not in _REDIRECTS or not location:
+                    self._check_status(resp, what)
+                    return _Location(url, None)
                 url = url.join(URL(location, encoded=True))
                 if not self._is_endpoint(url):
                     self.transport.check_url(url, what=f"{what}: download URL")

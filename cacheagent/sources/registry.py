@@ -161,7 +161,11 @@ class RegistrySource(StreamingSource):
 
     async def _digest_of_tag(self, ref: OciRef, tag: str) -> str:
         """The digest a tag points at, from a HEAD; the tag itself when the registry's HEAD does
-        not say or fails (then the manifest is fetched by tag, which reports any failure)."""
+        not say or fails (then the manifest is fetched by tag, which reports any failure).
+
+        The HEAD's connection is closed, not returned to the pool: a server that sends (or
+        drips) a body after a HEAD would otherwise feed those bytes to the next request on
+        that connection. One handshake per tag resolution is cheap."""
         what = f"manifest {ref.registry}/{ref.repository}:{tag}"
 
         async def attempt() -> str:
@@ -177,10 +181,10 @@ class RegistrySource(StreamingSource):
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("%s: HEAD failed (%s); fetching by tag", what, exc)
                 return tag  # the GET by tag that follows retries and reports properly
-            async with resp:
-                if is_retryable(resp.status):
-                    raise TransientError.from_status(resp.status, resp.headers)
-                announced = resp.headers.get("Docker-Content-Digest", "")
+            resp.close()  # see the docstring: a HEAD's connection is not reused
+            if is_retryable(resp.status):
+                raise TransientError.from_status(resp.status, resp.headers)
+            announced = resp.headers.get("Docker-Content-Digest", "")
             return announced if resp.status == 200 and is_digest(announced) else tag
 
         return await self._retrying(attempt, what=what, origin=ref.registry)
