@@ -64,6 +64,7 @@ class Hub:
         endpoint: str | None = None,
         retry: RetryPolicy = FAST,
         small_file_max_bytes: int = 1 << 20,
+        small_cache_bytes: int = 64 << 20,
         extra_hosts: tuple[str, ...] = (),
     ) -> HfSource:
         insecure = frozenset({self.server.host, self.cdn.host, *extra_hosts})
@@ -74,6 +75,7 @@ class Hub:
                 token=token,
                 retry=retry,
                 small_file_max_bytes=small_file_max_bytes,
+                small_cache_bytes=small_cache_bytes,
             ),
         )
 
@@ -206,6 +208,7 @@ async def test_presigned_urls_are_resolved_again_only_when_expiring_or_refused(
     assert len(hub.server.resolves()) - before == 2
     statuses = [r.headers.get("Range") for r in hub.cdn.seen(cdn_name(SAFETENSORS))]
     assert statuses == ["bytes=0-9", "bytes=10-19", "bytes=10-19", "bytes=20-29"]
+    assert all("Authorization" not in r.headers for r in hub.cdn.requests)
 
     # URLs that expire within the safety margin are resolved before each use, not used late.
     hub.server.url_lifetime = 30.0
@@ -267,6 +270,22 @@ async def test_hub_error_codes_are_passed_through(
     hub.server.token = None
     with pytest.raises(ModelNotFoundError, match="private repo looks the same"):
         await make_hf(token=None).resolve(HfRef("acme/absent", "main"))
+
+
+async def test_git_files_not_held_in_memory_come_from_the_endpoint(
+    hub: Hub, make_hf: Callable[..., HfSource]
+) -> None:
+    """A small (non-LFS) file the memory cache no longer holds: the resolver answers 200 itself,
+    so its ranges come from the endpoint, with the token, resolved once."""
+    source = make_hf(small_cache_bytes=0)
+    config = blobs((await source.resolve(HfRef("acme/tiny-model", "main"))).layers)["config.json"]
+    before = len(hub.server.resolves())
+    assert await read_all(source, config, 0, 5) == CONFIG_JSON[:5]
+    assert await read_all(source, config, 5) == CONFIG_JSON[5:]
+    resolved = hub.server.resolves()[before:]
+    assert len(resolved) == 3  # one HEAD, then two ranged GETs of the same URL
+    assert [m for m, p, _ in hub.server.requests[-3:]] == ["HEAD", "GET", "GET"]
+    assert all(h["Authorization"] == f"Bearer {TOKEN}" for _, _, h in hub.server.requests)
 
 
 async def test_hf_other_errors(hub: Hub, make_hf: Callable[..., HfSource]) -> None:
