@@ -23,7 +23,7 @@ hold a value a file could not.
 
 Defaults chosen where the brief is silent: ``agent.http_listen`` is ``0.0.0.0:9464`` (Prometheus
 scrapes the pod; that port serves only metrics and health), logs are ``text`` at ``info``,
-``csi.publish_wait_seconds`` is 60 s (well inside kubelet's two-minute CSI deadline),
+``csi.publish_wait_seconds`` is 110 s (inside kubelet's two-minute CSI deadline),
 ``pull.timeout_seconds`` (per request, without progress) is 60 s and backoff is capped at 30 s,
 ``prefetch.mlock_limit_bytes`` is 0 (no locking unless asked), and ``csi.socket`` unset means
 ``<kubelet_dir>/plugins/<driver_name>/csi.sock``.
@@ -364,7 +364,7 @@ class CsiConfig(_Section):
     socket: Path | None = None
     kubelet_dir: Path = Path("/var/lib/kubelet")
     node_id: str | None = None
-    publish_wait_seconds: Seconds = 60.0
+    publish_wait_seconds: Seconds = 110.0
 
     @property
     def socket_path(self) -> Path:

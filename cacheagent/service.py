@@ -270,7 +270,7 @@ class ModelService:
     def model_stats(self, digest: str) -> ModelStats:
         model = self.store.get_model(digest)
         if model is None:
-            return ModelStats(0, 0, healthy=False, message=f"model {digest} is not in the store")
+            return self._pending_stats(digest)
         root = self.store.model_path(digest)
         dirs = {str(Path(f.path).parent) for f in model.files} - {"."}
         for f in model.files:
@@ -283,3 +283,17 @@ class ModelService:
                     model.size, len(model.files), False, f"{f.path}: {size} bytes, want {f.size}"
                 )
         return ModelStats(model.size, len(model.files) + len(dirs) + 1, healthy=True)
+
+    def _pending_stats(self, digest: str) -> ModelStats:
+        """A model still downloading is healthy (lazy mode serves it); an unknown one is not."""
+        pending = self.store.get_pending(digest)
+        if pending is None:
+            return ModelStats(0, 0, healthy=False, message=f"model {digest} is not in the store")
+        missing = len(pending.missing)
+        return ModelStats(
+            pending.size,
+            len(pending.files),
+            healthy=True,
+            message=f"model {digest} is downloading ({missing} blob(s) to go)",
+            downloading=True,
+        )

@@ -61,6 +61,7 @@ class ModelStats:
     inodes: int
     healthy: bool
     message: str = ""
+    downloading: bool = False  # a pending model (lazy mode serves it while it downloads)
 
 
 class CsiBackend(Protocol):

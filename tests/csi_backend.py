@@ -48,6 +48,7 @@ class StoreBackend:
     failures: dict[str, Exception] = field(default_factory=dict)  # canonical ref -> error
     pulls: dict[str, _Pull] = field(default_factory=dict)
     pulls_started: int = 0
+    waiting: int = 0  # publishes inside ensure_model's wait right now
     prefetched: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     prefetch_delay: float = 0.0
     ready: bool = True
@@ -102,7 +103,11 @@ class StoreBackend:
         if pull.task is None:
             self.pulls_started += 1
             pull.task = asyncio.ensure_future(self._pull(key, pull))
-        done, _ = await asyncio.wait({pull.task}, timeout=wait_seconds)
+        self.waiting += 1
+        try:
+            done, _ = await asyncio.wait({pull.task}, timeout=wait_seconds)
+        finally:
+            self.waiting -= 1
         if done:
             return pull.task.result()
         return StillPulling(bytes_done=1 << 20, bytes_total=4 << 20)
@@ -134,6 +139,9 @@ class StoreBackend:
     def model_stats(self, digest: str) -> ModelStats:
         model = self.store.get_model(digest)
         if model is None:
+            pending = self.store.get_pending(digest)
+            if pending is not None:
+                return ModelStats(pending.size, len(pending.files), True, "downloading", True)
             return ModelStats(0, 0, healthy=False, message=f"model {digest} is not in the store")
         root = self.store.model_path(digest)
         missing = [f.path for f in model.files if not _has_size(root / f.path, f.size)]

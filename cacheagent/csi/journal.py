@@ -103,6 +103,10 @@ class PublishJournal:
         rows = self._select("WHERE target_path = ?", (target_path,))
         return rows[0] if rows else None
 
+    def for_volume(self, volume_id: str) -> list[Publish]:
+        """Every target ``volume_id`` is published at (a static PV shared by pods: several)."""
+        return self._select("WHERE volume_id = ?", (volume_id,))
+
     def all(self) -> list[Publish]:
         return self._select("ORDER BY created, target_path", ())
 
@@ -169,13 +173,14 @@ def plan_reconcile(
     rows: Iterable[Publish],
     mounts: Sequence[MountInfo],
     *,
-    kubelet_dir: str,
+    kubelet_dirs: Sequence[str],
     models_location: tuple[str, str] | None,
     now: float | None = None,
 ) -> ReconcilePlan:
     """Decide what to keep, drop and adopt; see the module docstring for the rules.
 
-    ``kubelet_dir`` is the resolved kubelet directory; ``models_location`` is the store's
+    ``kubelet_dirs`` are the real directories volumes are mounted under (the kubelet directory
+    and, where it is a symlink, its ``pods/``); ``models_location`` is the store's
     ``models/`` directory as (device, path inside its filesystem), from ``mounts.fs_location``.
     """
     mounted = {m.mount_point for m in mounts}
@@ -187,9 +192,9 @@ def plan_reconcile(
     for m in mounts:
         if m.mount_point in journaled or m.mount_point in adopt:
             continue
-        if not m.mount_point.startswith(kubelet_dir.rstrip("/") + "/"):
+        if not any(m.mount_point.startswith(d.rstrip("/") + "/") for d in kubelet_dirs):
             continue
-        digest = _model_digest_of_mount(m, models_location)
+        digest = model_digest_of_mount(m, models_location)
         if digest is not None:
             adopt[m.mount_point] = Publish(
                 volume_id="",
@@ -202,7 +207,7 @@ def plan_reconcile(
     return ReconcilePlan(keep=keep, drop=drop, adopt=tuple(adopt.values()))
 
 
-def _model_digest_of_mount(m: MountInfo, models_location: tuple[str, str] | None) -> str | None:
+def model_digest_of_mount(m: MountInfo, models_location: tuple[str, str] | None) -> str | None:
     if models_location is None:
         return None
     device, models_root = models_location

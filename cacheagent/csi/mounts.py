@@ -25,6 +25,7 @@ from cacheagent.store.crashpoints import crashpoint
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 UMOUNT_NOFOLLOW = 0x8
@@ -34,8 +35,6 @@ DIR_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 
 READ_ONLY_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV
 """What every published volume gets, whatever the pod asked for: ``ro,nosuid,nodev``."""
-
-_MAX_STACKED_UNMOUNTS = 16
 
 
 class MountError(CacheAgentError):
@@ -106,14 +105,17 @@ def _mount(source: bytes | None, target: bytes, flags: int, what: str) -> None:
         raise MountError("mount", what, ctypes.get_errno())
 
 
-def bind_mount_read_only(source_fd: int, parent_fd: int, name: str, target_path: str) -> None:
+def bind_mount_read_only(
+    source_fd: int, parent_fd: int, name: str, target_path: str, extra_flags: int = 0
+) -> None:
     """Bind-mount the directory ``source_fd`` onto ``name`` inside ``parent_fd``, read-only.
 
     A bind mount takes the source's flags; making it read-only needs a second, remount call on
     the new mount. The new mount is only reachable by looking the name up again (an fd opened
     before the mount keeps pointing at the covered directory), hence the parent fd. If the
     remount fails the bind mount is undone, so no writable mount is left behind.
-    ``target_path`` is the same directory as a path, for unmounting and for messages.
+    ``target_path`` is the same directory as a path, for unmounting and for messages;
+    ``extra_flags`` (MS_NOEXEC from a PV's mountOptions) are added to ``ro,nosuid,nodev``.
     """
     leaf = os.open(name, DIR_PATH_FLAGS, dir_fd=parent_fd)
     try:
@@ -122,27 +124,32 @@ def bind_mount_read_only(source_fd: int, parent_fd: int, name: str, target_path:
         os.close(leaf)
     crashpoint("publish.after_bind")
     try:
-        remount_read_only(parent_fd, name, target_path)
+        remount_read_only(parent_fd, name, target_path, extra_flags)
     except MountError:
-        _umount_once(target_path)
+        unmount_top(target_path)
         raise
 
 
-def remount_read_only(parent_fd: int, name: str, target_path: str) -> None:
+def remount_read_only(parent_fd: int, name: str, target_path: str, extra_flags: int = 0) -> None:
     """Make the mount on ``name`` inside ``parent_fd`` ``ro,nosuid,nodev``, in place.
 
     The second step of ``bind_mount_read_only``; the journal reconcile also calls it on a mount
     that a crash between the two steps left writable.
     """
+    flags = MS_REMOUNT | MS_BIND | READ_ONLY_FLAGS | extra_flags
     mounted = os.open(name, DIR_PATH_FLAGS, dir_fd=parent_fd)
     try:
-        _mount(None, _fd_path(mounted), MS_REMOUNT | MS_BIND | READ_ONLY_FLAGS, target_path)
+        _mount(None, _fd_path(mounted), flags, target_path)
     finally:
         os.close(mounted)  # before any unmount: an open handle on the mount makes it EBUSY
 
 
-def _umount_once(path: str) -> bool:
-    """Unmount the top mount at ``path``; False when nothing is mounted there."""
+def unmount_top(path: str) -> bool:
+    """Unmount the top mount at ``path`` (never lazily); False when nothing is mounted there.
+
+    A busy mount raises MountBusyError and stays, so the caller keeps its journal row and lease
+    and nothing is freed under a running process.
+    """
     if _libc.umount2(os.fsencode(path), UMOUNT_NOFOLLOW) == 0:
         return True
     err = ctypes.get_errno()
@@ -151,15 +158,3 @@ def _umount_once(path: str) -> bool:
     if err == errno.EBUSY:
         raise MountBusyError(path)
     raise MountError("unmount", path, err)
-
-
-def unmount_all(path: str) -> int:
-    """Unmount every mount stacked on ``path`` (absolute, already checked); returns how many.
-
-    Never lazy (no MNT_DETACH): a busy mount raises MountBusyError and stays, so the caller
-    keeps its journal row and lease and nothing is freed under a running process.
-    """
-    count = 0
-    while count < _MAX_STACKED_UNMOUNTS and _umount_once(path):
-        count += 1
-    return count

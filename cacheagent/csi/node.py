@@ -2,11 +2,16 @@
 
 Decisions where the CSI spec leaves room (each one is what kubelet and a pod author expect):
 
+- Every field is bounded first (limits.py, requests.py): INVALID_ARGUMENT names the field and
+  the limit, and request strings are echoed escaped and truncated.
 - The volume is always mounted ``ro,nosuid,nodev``, whatever ``readonly`` or the access mode says.
   Single-node writer modes are accepted (kubelet asks SINGLE_NODE_WRITER for inline ephemeral
   volumes even with ``readOnly: true``); MULTI_NODE_MULTI_WRITER (a ReadWriteMany PV) promises
   shared writes that a model volume never gives, so it is INVALID_ARGUMENT, like the block access
-  type. ``mount_flags``, ``fs_type`` and ``volume_mount_group`` are ignored.
+  type. PV ``mountOptions``: ``noexec`` is honoured, ``ro``/``nosuid``/``nodev`` are given anyway,
+  anything else is INVALID_ARGUMENT naming it. ``fs_type`` is ignored.
+- SELinux nodes (selinux.py): bind-mode model trees are labelled ``container_ro_file_t``, and
+  ``readonly=false`` is INVALID_ARGUMENT asking for ``readOnly: true``; elsewhere it is accepted.
 - Target outside the kubelet directory: INVALID_ARGUMENT. A symlink below it: PERMISSION_DENIED.
 - A model still downloading in bind mode: UNAVAILABLE within ``publish_wait_seconds`` (and
   always before the request's own deadline), with the progress in the message; the pull goes on
@@ -15,11 +20,14 @@ Decisions where the CSI spec leaves room (each one is what kubelet and a pod aut
   then returns OK and lets it finish in the background; a failed warm-up is logged, not fatal.
 - Unpublish of a busy mount (open files, a cwd inside): FAILED_PRECONDITION, the mount, its
   journal row and its lease stay, so nothing is freed under a running process; kubelet retries.
+  Unpublish takes down only our own mount (unpublish.py, ownership.py).
 - Idempotency: the same volume on the same target is OK without a second mount; another volume,
   another model or another mode on an occupied target is ALREADY_EXISTS.
 
-Requests for one volume, and for one target, are serialised (per-key asyncio locks). Every mount,
-unmount, directory and journal operation runs in a worker thread, never on the event loop.
+Requests for one target are serialised (per-target asyncio locks), but the wait for a download
+is made outside any lock: the pods of a static PV shared on a node publish one volume id at
+several targets, and their waits run side by side. Every mount, unmount, directory, label and
+journal operation runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,43 +46,32 @@ import grpc
 from cacheagent import logs
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
-from cacheagent.mountinfo import MountInfo, mounts_at, read_mountinfo
+from cacheagent.mountinfo import mounts_at, read_mountinfo
 from cacheagent.store.crashpoints import crashpoint
 from cacheagent.volumes import LEASE_KIND, CsiBackend, ReadyModel, StillPulling
 
+from . import requests
 from .attributes import VolumeAttributes, parse_volume_context
-from .journal import Publish, PublishJournal, ReconcilePlan, plan_reconcile
-from .mounts import (
-    DIR_PATH_FLAGS,
-    MountError,
-    bind_mount_read_only,
-    fs_location,
-    is_mountpoint,
-    remount_read_only,
-    unmount_all,
-)
+from .journal import Publish, PublishJournal, ReconcilePlan
+from .limits import shown
+from .mounts import DIR_PATH_FLAGS, bind_mount_read_only, is_mountpoint
+from .restart import forget, reconcile
 from .rpc import Context, KeyedLocks, RpcRunner
+from .selinux import LabelError, SELinux
+from .stats import volume_stats
 from .status import CsiFailure, invalid
-from .targets import (
-    KubeletDir,
-    Target,
-    check_target,
-    leaf_kind,
-    make_target_dir,
-    open_parent,
-    remove_target_dir,
-)
+from .targets import KubeletDir, Target, check_target, make_target_dir, open_parent
+from .unpublish import unpublish
 
 log = logging.getLogger(__name__)
 
-_Mode = pb.VolumeCapability.AccessMode.Mode
-_REFUSED_ACCESS_MODES = {
-    _Mode.MULTI_NODE_MULTI_WRITER: "MULTI_NODE_MULTI_WRITER (ReadWriteMany)",
-}
 _NODE_CAPABILITIES = (
     pb.NodeServiceCapability.RPC.GET_VOLUME_STATS,
     pb.NodeServiceCapability.RPC.VOLUME_CONDITION,
 )
+PUBLISH_WAIT_SECONDS = 110.0
+"""Inside kubelet's 2-minute CSI deadline, so a download that finishes is seen by this call,
+not after a retry's backoff gap."""
 
 
 @dataclass(frozen=True)
@@ -82,9 +79,15 @@ class NodeConfig:
     node_id: str
     kubelet: KubeletDir
     models_dir: Path | None = None  # the store's model trees: orphaned mounts are adopted from here
-    publish_wait_seconds: float = 20.0
+    publish_wait_seconds: float = PUBLISH_WAIT_SECONDS
     prefetch_wait_seconds: float = 90.0
     deadline_margin_seconds: float = 2.0
+    selinux: SELinux = field(default_factory=lambda: SELinux(enabled=False))
+
+    @property
+    def store_dir(self) -> Path:
+        """A directory on the store's filesystem (its free space is the volume's ``available``)."""
+        return self.models_dir if self.models_dir is not None else Path(self.kubelet.real)
 
 
 @dataclass(frozen=True)
@@ -105,32 +108,14 @@ class Budget:
         return max(0.0, min(seconds, self.deadline - time.monotonic() - self.margin))
 
 
-def _required(value: str, field: str) -> str:
-    if not value:
-        raise invalid(f"{field} is required")
-    return value
+@dataclass(frozen=True)
+class _Publishing:
+    """One checked NodePublishVolume request."""
 
-
-def check_capability(request: pb.NodePublishVolumeRequest) -> None:
-    if not request.HasField("volume_capability"):
-        raise invalid("volume_capability is required")
-    capability = request.volume_capability
-    access = capability.WhichOneof("access_type")
-    if access == "block":
-        raise invalid(
-            "block access type is not supported: a model volume is a read-only directory "
-            "(use a filesystem volume: volumeMode Filesystem)"
-        )
-    if access != "mount":
-        raise invalid("volume_capability.mount is required (the only supported access type)")
-    mode = capability.access_mode.mode
-    if mode == _Mode.UNKNOWN:
-        raise invalid("volume_capability.access_mode.mode is required")
-    if mode in _REFUSED_ACCESS_MODES:
-        raise invalid(
-            f"access mode {_REFUSED_ACCESS_MODES[mode]} is not supported: model volumes are "
-            "read-only (use ReadOnlyMany or an inline volume with readOnly: true)"
-        )
+    volume_id: str
+    target: Target
+    attrs: VolumeAttributes
+    extra_flags: int
 
 
 class NodeService(pb_grpc.NodeServicer):
@@ -148,52 +133,10 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def reconcile(self) -> ReconcilePlan:
         """Match the journal with the mounts that exist now; call once before serving."""
-        return await asyncio.to_thread(self._reconcile)
-
-    def _reconcile(self) -> ReconcilePlan:
-        mounts = read_mountinfo()
-        models = self._config.models_dir
-        location = None
-        if models is not None and models.is_dir():
-            location = fs_location(os.path.realpath(models), mounts)
-        plan = plan_reconcile(
-            self._journal.all(),
-            mounts,
-            kubelet_dir=self._config.kubelet.real,
-            models_location=location,
+        config = self._config
+        return await asyncio.to_thread(
+            reconcile, self._journal, self._backend, config.kubelet, config.models_dir
         )
-        for row in plan.keep:
-            self._make_read_only(row, mounts)
-            self._backend.add_lease(row.manifest_digest, row.holder, LEASE_KIND)
-        for row in plan.drop:
-            self._forget(row)
-        for row in plan.adopt:
-            self._journal.put(row)
-            self._backend.add_lease(row.manifest_digest, row.holder, LEASE_KIND)
-        log.info(
-            "CSI journal reconciled: %d mounts kept, %d stale rows dropped, %d mounts adopted",
-            len(plan.keep),
-            len(plan.drop),
-            len(plan.adopt),
-        )
-        return plan
-
-    def _make_read_only(self, row: Publish, mounts: Sequence[MountInfo]) -> None:
-        """A crash between a publish's bind mount and its read-only remount leaves the mount
-        writable, and an idempotent retry would accept it: finish the remount now."""
-        if all(m.read_only for m in mounts_at(row.target_path, mounts)):
-            return
-        log.warning(
-            "mount at %s is writable (a publish was cut short); remounting read-only",
-            row.target_path,
-        )
-        try:
-            target = check_target(row.target_path, self._config.kubelet)
-            with open_parent(target, self._config.kubelet) as parent:
-                if parent is not None:
-                    remount_read_only(parent, target.name, target.path)
-        except (CsiFailure, OSError, MountError) as exc:
-            log.error("could not make %s read-only: %s", row.target_path, exc)
 
     async def aclose(self) -> None:
         """Cancel background prefetches (the daemon is stopping)."""
@@ -251,77 +194,84 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodePublishVolumeRequest, context: Context
     ) -> pb.NodePublishVolumeResponse:
         async def answer() -> pb.NodePublishVolumeResponse:
-            volume_id = _required(request.volume_id, "volume_id")
-            target = check_target(
-                _required(request.target_path, "target_path"), self._config.kubelet
-            )
-            check_capability(request)
-            attrs = parse_volume_context(request.volume_context)
-            logs.model_ref.set(attrs.ref.canonical)
-            self._backend.check_mount_policy(attrs.pod.namespace or None, attrs.ref)
+            job = self._check_publish(request)
+            logs.model_ref.set(job.attrs.ref.canonical)
+            self._backend.check_mount_policy(job.attrs.pod.namespace or None, job.attrs.ref)
             budget = Budget.of(context, self._config.deadline_margin_seconds)
             # Shielded: a caller that gives up must not leave a half-made mount or a lock held
             # by a cancelled task; the work is bounded by the budget anyway.
-            work = asyncio.ensure_future(self._publish(volume_id, target, attrs, budget))
+            work = asyncio.ensure_future(self._publish(job, budget))
             work.add_done_callback(_consume_result)
             await asyncio.shield(work)
             return pb.NodePublishVolumeResponse()
 
         return await self._rpc.run("NodePublishVolume", context, answer)
 
-    async def _publish(
-        self, volume_id: str, target: Target, attrs: VolumeAttributes, budget: Budget
-    ) -> None:
-        model = await self._publish_serialised(volume_id, target, attrs, budget)
-        if model is not None and attrs.prefetch:
-            await self._prefetch(model.digest, attrs.gpus, budget)
+    def _check_publish(self, request: pb.NodePublishVolumeRequest) -> _Publishing:
+        fields = requests.check_publish(request)
+        target = check_target(fields.target_path, self._config.kubelet)
+        attrs = parse_volume_context(request.volume_context)
+        if self._config.selinux.enabled and not request.readonly:
+            raise invalid(
+                "this node runs SELinux, and a CSI volume that is not readOnly makes the "
+                "container runtime relabel it, which fails on a read-only model volume: set "
+                "readOnly: true on the pod's csi volume (or on its persistentVolumeClaim)"
+            )
+        return _Publishing(fields.volume_id, target, attrs, fields.extra_flags)
 
-    async def _publish_serialised(
-        self, volume_id: str, target: Target, attrs: VolumeAttributes, budget: Budget
-    ) -> ReadyModel | None:
-        """Mount unless already mounted; the model mounted, or None for an idempotent repeat."""
-        async with (
-            self._locks.hold(f"volume:{volume_id}"),
-            self._locks.hold(f"target:{target.path}"),
-        ):
-            if await self._already_published(volume_id, target, attrs):
+    async def _publish(self, job: _Publishing, budget: Budget) -> None:
+        model = await self._publish_once(job, budget)
+        if model is not None and job.attrs.prefetch:
+            await self._prefetch(model.digest, job.attrs.gpus, budget)
+
+    async def _publish_once(self, job: _Publishing, budget: Budget) -> ReadyModel | None:
+        """Mount unless already mounted; the model mounted, or None for an idempotent repeat.
+
+        The wait for the model holds no lock (pods sharing one volume id wait side by side);
+        the check-and-mount holds the target's lock, and checks again after the wait.
+        """
+        key = f"target:{job.target.path}"
+        async with self._locks.hold(key):
+            if await self._already_published(job):
                 return None
-            model = await self._resolve(attrs, budget)
-            logs.model_digest.set(model.digest)
+        model = await self._resolve(job.attrs, budget)
+        logs.model_digest.set(model.digest)
+        async with self._locks.hold(key):
+            if await self._already_published(job):
+                return None
             row = Publish(
-                volume_id=volume_id,
-                target_path=target.path,
+                volume_id=job.volume_id,
+                target_path=job.target.path,
                 manifest_digest=model.digest,
-                ref=attrs.ref.canonical,
-                mode=attrs.mode,
-                namespace=attrs.pod.namespace,
-                pod=attrs.pod.name,
+                ref=job.attrs.ref.canonical,
+                mode=job.attrs.mode,
+                namespace=job.attrs.pod.namespace,
+                pod=job.attrs.pod.name,
                 created=time.time(),
             )
-            await asyncio.to_thread(self._mount, row, model.path, target)
+            await asyncio.to_thread(self._mount, row, model.path, job)
             crashpoint("publish.after_mount")
-            log.info("published %s (%s) at %s", attrs.ref, model.digest, target.path)
+            log.info("published %s (%s) at %s", job.attrs.ref, model.digest, job.target.path)
             return model
 
-    async def _already_published(
-        self, volume_id: str, target: Target, attrs: VolumeAttributes
-    ) -> bool:
+    async def _already_published(self, job: _Publishing) -> bool:
+        target, attrs = job.target, job.attrs
         row = await asyncio.to_thread(self._journal.get, target.path)
         if row is None or row.adopted:
             return False  # an adopted mount is matched by digest once the model is resolved
-        if row.volume_id != volume_id:
+        if row.volume_id != job.volume_id:
             raise _occupied(target, row)
         if row.ref != attrs.ref.canonical or row.mode != attrs.mode:
             raise CsiFailure(
                 grpc.StatusCode.ALREADY_EXISTS,
-                f"volume {volume_id} is already published at {target.path} with model "
-                f"{row.ref} (mode {row.mode}); unpublish it before publishing {attrs.ref} "
+                f"volume {shown(job.volume_id)} is already published at {target.path} with "
+                f"model {row.ref} (mode {row.mode}); unpublish it before publishing {attrs.ref} "
                 f"(mode {attrs.mode}) there",
             )
         if await asyncio.to_thread(is_mountpoint, target.path):
             return True
         log.warning("journalled mount at %s is gone; mounting it again", target.path)
-        await asyncio.to_thread(self._forget, row)
+        await asyncio.to_thread(forget, self._journal, self._backend, row)
         return False
 
     async def _resolve(self, attrs: VolumeAttributes, budget: Budget) -> ReadyModel:
@@ -345,9 +295,10 @@ class NodeService(pb_grpc.NodeServicer):
             )
         return result
 
-    def _mount(self, row: Publish, source: Path, target: Target) -> None:
-        """Journal, lease, then mount (in a worker thread); undo the first two if mounting fails."""
-        with open_parent(target, self._config.kubelet) as parent:
+    def _mount(self, row: Publish, source: Path, job: _Publishing) -> None:
+        """Label, journal, lease, then mount (in a worker thread); undo if mounting fails."""
+        target = job.target
+        with open_parent(target) as parent:
             if parent is None:
                 raise CsiFailure(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -359,19 +310,32 @@ class NodeService(pb_grpc.NodeServicer):
             if mounts_at(target.path, read_mountinfo()):
                 self._claim_adopted(existing, row, target)
                 return
+            if row.mode == "bind":
+                self._label(source)
             if existing is not None:
-                self._forget(existing)
+                forget(self._journal, self._backend, existing)
             self._journal.put(row)
             crashpoint("publish.after_journal")
             self._backend.add_lease(row.manifest_digest, row.holder, LEASE_KIND)
             crashpoint("publish.after_lease")
             try:
-                self._bind(source, parent, target)
+                self._bind(source, parent, target, job.extra_flags)
             except BaseException:
-                self._forget(row)
+                forget(self._journal, self._backend, row)
                 raise
 
-    def _bind(self, source: Path, parent: int, target: Target) -> None:
+    def _label(self, source: Path) -> None:
+        try:
+            written = self._config.selinux.label_tree(source)
+        except LabelError as exc:
+            raise CsiFailure(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot label the model for containers on this SELinux node: {exc}",
+            ) from exc
+        if written:
+            log.info("labelled %d entries of %s %s", written, source, self._config.selinux.label)
+
+    def _bind(self, source: Path, parent: int, target: Target, extra_flags: int) -> None:
         try:
             source_fd = os.open(source, DIR_PATH_FLAGS)
         except FileNotFoundError as exc:
@@ -380,7 +344,7 @@ class NodeService(pb_grpc.NodeServicer):
                 f"model directory {source} disappeared while publishing (evicted?); retry",
             ) from exc
         try:
-            bind_mount_read_only(source_fd, parent, target.name, target.path)
+            bind_mount_read_only(source_fd, parent, target.name, target.path, extra_flags)
         finally:
             os.close(source_fd)
 
@@ -393,11 +357,6 @@ class NodeService(pb_grpc.NodeServicer):
         self._journal.put(row)
         self._backend.add_lease(row.manifest_digest, row.holder, LEASE_KIND)
         self._backend.release_lease(existing.holder)
-
-    def _forget(self, row: Publish) -> None:
-        self._backend.release_lease(row.holder)
-        crashpoint("journal.after_release")
-        self._journal.remove(row.target_path)
 
     async def _prefetch(self, digest: str, gpus: Sequence[str], budget: Budget) -> None:
         task = asyncio.ensure_future(self._backend.prefetch(digest, gpus))
@@ -419,38 +378,21 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeUnpublishVolumeRequest, context: Context
     ) -> pb.NodeUnpublishVolumeResponse:
         async def answer() -> pb.NodeUnpublishVolumeResponse:
-            volume_id = _required(request.volume_id, "volume_id")
-            target = check_target(
-                _required(request.target_path, "target_path"), self._config.kubelet
-            )
-            async with (
-                self._locks.hold(f"volume:{volume_id}"),
-                self._locks.hold(f"target:{target.path}"),
-            ):
-                await asyncio.to_thread(self._unpublish, volume_id, target)
+            volume_id = requests.volume_id(request.volume_id)
+            path = requests.path(request.target_path, "target_path")
+            target = check_target(path, self._config.kubelet)
+            async with self._locks.hold(f"target:{target.path}"):
+                await asyncio.to_thread(
+                    unpublish,
+                    self._journal,
+                    self._backend,
+                    self._config.models_dir,
+                    volume_id,
+                    target,
+                )
             return pb.NodeUnpublishVolumeResponse()
 
         return await self._rpc.run("NodeUnpublishVolume", context, answer)
-
-    def _unpublish(self, volume_id: str, target: Target) -> None:
-        row = self._journal.get(target.path)
-        if row is not None and not row.adopted and row.volume_id != volume_id:
-            log.warning(
-                "unpublish of volume %s at %s: the target holds volume %s; left alone",
-                volume_id,
-                target.path,
-                row.volume_id,
-            )
-            return
-        with open_parent(target, self._config.kubelet) as parent:
-            if parent is not None and leaf_kind(parent, target) == "dir":
-                count = unmount_all(target.path)  # MountBusyError: row and lease stay
-                crashpoint("unpublish.after_unmount")
-                remove_target_dir(parent, target)
-                crashpoint("unpublish.after_rmdir")
-                log.info("unpublished volume %s from %s (%d mounts)", volume_id, target.path, count)
-        if row is not None:
-            self._forget(row)
 
     # ------------------------------------------------------------------ stats
 
@@ -458,45 +400,39 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeGetVolumeStatsRequest, context: Context
     ) -> pb.NodeGetVolumeStatsResponse:
         async def answer() -> pb.NodeGetVolumeStatsResponse:
-            volume_id = _required(request.volume_id, "volume_id")
-            path = _required(request.volume_path, "volume_path")
-            target = check_target(path, self._config.kubelet, "volume_path")
+            volume_id = requests.volume_id(request.volume_id)
+            path = requests.required(request.volume_path, "volume_path")
+            # The volume id first: an unknown volume is NOT_FOUND whatever the path says
+            # (conformance suites send odd paths for unknown volumes).
+            if not await asyncio.to_thread(self._known_volume, volume_id):
+                raise CsiFailure(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"volume {shown(volume_id)} is not published on this node",
+                )
+            target = check_target(requests.path(path, "volume_path"), self._config.kubelet)
             row = await asyncio.to_thread(self._journal.get, target.path)
             if row is None or (row.volume_id != volume_id and not row.adopted):
                 raise CsiFailure(
                     grpc.StatusCode.NOT_FOUND,
-                    f"volume {volume_id} is not published at {path}",
+                    f"volume {shown(volume_id)} is not published at {shown(path)}",
                 )
             return await asyncio.to_thread(self._stats, row)
 
         return await self._rpc.run("NodeGetVolumeStats", context, answer)
 
+    def _known_volume(self, volume_id: str) -> bool:
+        """Journaled under this id, or possibly an adopted mount (whose id was lost)."""
+        return bool(self._journal.for_volume(volume_id) or self._journal.for_volume(""))
+
     def _stats(self, row: Publish) -> pb.NodeGetVolumeStatsResponse:
-        stats = self._backend.model_stats(row.manifest_digest)
-        problems = [] if stats.healthy else [stats.message or "model files are missing or damaged"]
-        if not is_mountpoint(row.target_path):
-            problems.append(f"the read-only mount at {row.target_path} is gone")
-        else:
-            try:
-                Path(row.target_path).stat()
-            except OSError as exc:  # a lazy volume whose FUSE server died: ENOTCONN
-                problems.append(f"the mount at {row.target_path} does not answer: {exc.strerror}")
-        usage = pb.VolumeUsage
-        return pb.NodeGetVolumeStatsResponse(
-            usage=[
-                usage(unit=usage.BYTES, total=stats.bytes, used=stats.bytes, available=0),
-                usage(unit=usage.INODES, total=stats.inodes, used=stats.inodes, available=0),
-            ],
-            volume_condition=pb.VolumeCondition(
-                abnormal=bool(problems),
-                message="; ".join(problems) or f"model {row.manifest_digest} is complete",
-            ),
-        )
+        model = self._backend.model_stats(row.manifest_digest)
+        return volume_stats(row, model, self._config.store_dir)
 
 
 def _occupied(target: Target, row: Publish | None) -> CsiFailure:
     holder = (
-        f"volume {row.volume_id or '(adopted)'} with model {row.ref or row.manifest_digest}"
+        f"volume {shown(row.volume_id) if row.volume_id else '(adopted)'} with model "
+        f"{row.ref or row.manifest_digest}"
         if row is not None
         else "a mount not made by this driver"
     )

@@ -25,6 +25,10 @@ Context: TypeAlias = "aio.ServicerContext[Any, Any]"
 OperationObserver = Callable[[str, str, float], None]
 """``on_operation(method, code, seconds)``: the composition root feeds it to Prometheus."""
 
+MAX_MESSAGE_CHARS = 2048
+"""An answer's message is cut here: it travels in a gRPC trailer, and a trailer over the
+client's header-list limit (8 KiB by default) turns the answer into RESOURCE_EXHAUSTED."""
+
 _QUIET_CODES = frozenset(
     {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE}
 )
@@ -46,6 +50,7 @@ class RpcRunner:
                 raise
             except Exception as exc:
                 status, message = status_for(exc)
+                message = _bounded(message)
                 self._log(method, status, message, exc)
                 # Observed before answering, so whoever sees the answer also sees the count.
                 self._observe(method, status.name, time.perf_counter() - start)
@@ -70,6 +75,12 @@ class RpcRunner:
             self._observer(method, code, seconds)
         except Exception:
             log.exception("CSI operation observer failed (ignored)")
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message)} characters, truncated)"
 
 
 class KeyedLocks:

@@ -20,8 +20,9 @@ from cacheagent.volumes import CsiBackend
 
 from .identity import IdentityService, check_driver_name
 from .journal import PublishJournal
-from .node import NodeConfig, NodeService
+from .node import PUBLISH_WAIT_SECONDS, NodeConfig, NodeService
 from .rpc import OperationObserver, RpcRunner
+from .selinux import SELinux
 from .targets import KubeletDir
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def _node_config(
     store_root: Path,
     publish_wait_seconds: float,
     prefetch_wait_seconds: float,
+    selinux: SELinux | None,
 ) -> NodeConfig:
     if not kubelet_dir.is_dir():
         raise ConfigError("csi.kubelet_dir", f"{kubelet_dir} is not a directory")
@@ -106,6 +108,7 @@ def _node_config(
         models_dir=Layout(store_root.resolve()).models_dir,
         publish_wait_seconds=publish_wait_seconds,
         prefetch_wait_seconds=prefetch_wait_seconds,
+        selinux=SELinux.detect() if selinux is None else selinux,
     )
 
 
@@ -117,16 +120,18 @@ async def start_csi_server(
     backend: CsiBackend,
     *,
     store_root: Path,
-    publish_wait_seconds: float = 20.0,
+    publish_wait_seconds: float = PUBLISH_WAIT_SECONDS,
     prefetch_wait_seconds: float = 90.0,
     on_operation: OperationObserver | None = None,
+    selinux: SELinux | None = None,
 ) -> CsiServer:
     """Reconcile the publish journal with the host's mounts, then serve on ``socket_path``.
 
     The journal lives in ``<store_root>/index.db``; the store's model trees (store.paths.Layout)
     are where adoptable orphan mounts come from. ``publish_wait_seconds`` bounds how long
     NodePublishVolume waits for a download before answering UNAVAILABLE (kubelet's own
-    deadline is 2 minutes); the request's own gRPC deadline caps it further.
+    deadline is 2 minutes); the request's own gRPC deadline caps it further. ``selinux``
+    None: detected on this node (tests pass one with the syscalls replaced).
     """
     check_driver_name(driver_name)
     config = await asyncio.to_thread(
@@ -136,6 +141,7 @@ async def start_csi_server(
         store_root,
         publish_wait_seconds,
         prefetch_wait_seconds,
+        selinux,
     )
     journal = await asyncio.to_thread(PublishJournal.open, store_root / "index.db")
     rpc = RpcRunner(on_operation)

@@ -12,6 +12,12 @@ let a caller of the socket mount over any host directory. Two layers:
    those descriptors (mounts.py). A symlink anywhere below the kubelet directory is refused with
    PERMISSION_DENIED: it was put there by someone, and we will not guess what they meant.
 
+One symlink is the operator's, not an attacker's: k0s, microk8s and k3s installs (and nodes
+whose pod data lives on another disk) make ``<kubelet dir>/pods`` a symlink. It is resolved once,
+when the agent starts, and targets below ``<kubelet dir>/pods`` (either spelling of the kubelet
+directory, or the resolved pods directory itself) are walked from its real path; a symlink
+planted later below it is still refused.
+
 The CO creates the target's parent directory; the driver creates the target itself (mode 0750,
 narrowed by the umask) and removes it again on unpublish.
 """
@@ -29,13 +35,13 @@ from pathlib import Path
 
 import grpc
 
+from .limits import check_path, shown
 from .mounts import DIR_PATH_FLAGS
 from .status import CsiFailure, invalid
 
 log = logging.getLogger(__name__)
 
 TARGET_DIR_MODE = 0o750
-MAX_PATH_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -44,21 +50,40 @@ class KubeletDir:
 
     configured: str
     real: str
+    pods_real: str | None = None  # the real path of ``<kubelet dir>/pods`` when it is a symlink
 
     @classmethod
     def resolve(cls, path: Path | str) -> KubeletDir:
         configured = os.path.normpath(os.fspath(path))
         if not Path(configured).is_absolute():
             raise ValueError(f"kubelet directory must be absolute: {configured!r}")
-        return cls(configured=configured, real=os.path.realpath(configured))
+        real = os.path.realpath(configured)
+        pods = Path(real, "pods")
+        pods_real = os.path.realpath(pods) if pods.is_symlink() else None
+        return cls(configured=configured, real=real, pods_real=pods_real)
+
+    @property
+    def roots(self) -> tuple[tuple[str, str], ...]:
+        """(prefix a target may start with, real directory to walk from), most specific first."""
+        plain = ((self.configured, self.real), (self.real, self.real))
+        if self.pods_real is None:
+            return plain
+        pods = tuple((f"{p.rstrip('/')}/pods", self.pods_real) for p, _ in plain)
+        return (*pods, (self.pods_real, self.pods_real), *plain)
+
+    @property
+    def mount_dirs(self) -> tuple[str, ...]:
+        """The real directories under which published volumes are mounted."""
+        return (self.real,) if self.pods_real is None else (self.real, self.pods_real)
 
 
 @dataclass(frozen=True)
 class Target:
-    """A checked target: ``path`` is absolute under the *resolved* kubelet dir."""
+    """A checked target: ``path`` is absolute under the *resolved* ``base``."""
 
     path: str
-    parts: tuple[str, ...]  # components below the kubelet directory; at least one
+    parts: tuple[str, ...]  # components below ``base``; at least one
+    base: str  # the real directory the walk starts from (kubelet dir or its pods/)
 
     @property
     def name(self) -> str:
@@ -67,19 +92,20 @@ class Target:
 
 def check_target(text: str, kubelet: KubeletDir, field: str = "target_path") -> Target:
     """Lexical checks only (no I/O); raise CsiFailure(INVALID_ARGUMENT) naming ``field``."""
-    if "\0" in text or len(text.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
-        raise invalid(f"{field} is not a usable path: {text[:200]!r}")
+    check_path(field, text)
     if not text.startswith("/"):
-        raise invalid(f"{field} must be an absolute path, got {text!r}")
+        raise invalid(f"{field} must be an absolute path, got {shown(text)}")
     parts = text.rstrip("/").split("/")[1:]
     if any(p in ("", ".", "..") for p in parts):
-        raise invalid(f"{field} must be a normalised path (no '.', '..' or '//'), got {text!r}")
-    for base in dict.fromkeys((kubelet.configured, kubelet.real)):
-        base_parts = [p for p in base.split("/") if p]
+        raise invalid(
+            f"{field} must be a normalised path (no '.', '..' or '//'), got {shown(text)}"
+        )
+    for prefix, base in dict.fromkeys(kubelet.roots):
+        base_parts = [p for p in prefix.split("/") if p]
         if len(parts) > len(base_parts) and parts[: len(base_parts)] == base_parts:
             below = tuple(parts[len(base_parts) :])
-            return Target(path="/".join((kubelet.real.rstrip("/"), *below)), parts=below)
-    raise invalid(f"{field} {text!r} is not under the kubelet directory {kubelet.configured}")
+            return Target(path="/".join((base.rstrip("/"), *below)), parts=below, base=base)
+    raise invalid(f"{field} {shown(text)} is not under the kubelet directory {kubelet.configured}")
 
 
 def _refuse_symlink(target: Target, depth: int) -> CsiFailure:
@@ -91,8 +117,8 @@ def _refuse_symlink(target: Target, depth: int) -> CsiFailure:
     )
 
 
-def _walk_to_parent(target: Target, kubelet: KubeletDir) -> int | None:
-    fd = os.open(kubelet.real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+def _walk_to_parent(target: Target) -> int | None:
+    fd = os.open(target.base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for depth, part in enumerate(target.parts[:-1]):
             try:
@@ -113,9 +139,9 @@ def _walk_to_parent(target: Target, kubelet: KubeletDir) -> int | None:
 
 
 @contextmanager
-def open_parent(target: Target, kubelet: KubeletDir) -> Iterator[int | None]:
+def open_parent(target: Target) -> Iterator[int | None]:
     """Yield an O_PATH descriptor of the target's parent, or None if the parent does not exist."""
-    fd = _walk_to_parent(target, kubelet)
+    fd = _walk_to_parent(target)
     try:
         yield fd
     finally:

@@ -13,17 +13,19 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cacheagent._proto.csi.v1 import csi_pb2 as pb
-from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
 from cacheagent.cli.client import AgentCallError, AgentClient
 from cacheagent.memory.pagecache import drop
 from cacheagent.mountinfo import find_mount
 from tests.agent_process import AgentProcess
-from tests.csi_env import force_unmount, mount_capability, mounts_under
+from tests.csi_env import force_unmount, mounts_under
 from tests.e2e.conftest import Origin
 from tests.fault_server import FaultServer
+from tests.kubelet import InlineVolume, Kubelet, Pod
 from tests.support import require_fuse, require_root
 from tests.threaded import serve_in_thread
+
+DRIVER = "model.cacheagent.io"  # the agent's default csi.driver_name
+BACKOFF_SCALE = 0.02  # kubelet's 0.5 s .. 122 s backoff, scaled down to 10 ms .. 2.4 s
 
 
 @pytest.fixture
@@ -39,33 +41,28 @@ def lazy_agent(tmp_path: Path, origin: Origin) -> Iterator[AgentProcess]:
         agent.cleanup()
 
 
-def node(agent: AgentProcess) -> pb_grpc.NodeStub:
-    return pb_grpc.NodeStub(grpc.insecure_channel(f"unix://{agent.csi_socket}"))
+def kubelet(agent: AgentProcess) -> Kubelet:
+    return Kubelet(agent.csi_socket, agent.kubelet_dir, DRIVER, backoff_scale=BACKOFF_SCALE)
 
 
-def target_for(agent: AgentProcess, pod: str) -> Path:
-    target = agent.kubelet_dir / "pods" / pod / "volumes" / "kubernetes.io~csi" / "model"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target
+def model_volume(ref: str, **attrs: str) -> InlineVolume:
+    return InlineVolume("model", {"model": ref, **attrs}, read_only=True)
 
 
-def publish(
-    agent: AgentProcess, volume: str, target: Path, ref: str, **attrs: str
-) -> pb.NodePublishVolumeResponse:
-    request = pb.NodePublishVolumeRequest(
-        volume_id=volume,
-        target_path=str(target),
-        volume_capability=mount_capability(),
-        readonly=True,
-        volume_context={"model": ref, "csi.storage.k8s.io/pod.namespace": "default", **attrs},
-    )
-    return node(agent).NodePublishVolume(request, timeout=60)
+def mount(agent: AgentProcess, pod: Pod, ref: str, **attrs: str) -> tuple[InlineVolume, Path]:
+    """Publish ``ref`` into ``pod`` as kubelet would; the volume and its target."""
+    volume = model_volume(ref, **attrs)
+    with kubelet(agent) as k:
+        outcome = k.set_up(pod, volume)
+        assert outcome.ok, outcome
+        return volume, k.target(pod, volume)
 
 
-def unpublish(agent: AgentProcess, volume: str, target: Path) -> None:
-    node(agent).NodeUnpublishVolume(
-        pb.NodeUnpublishVolumeRequest(volume_id=volume, target_path=str(target)), timeout=60
-    )
+def unmount(agent: AgentProcess, pod: Pod, volume: InlineVolume) -> None:
+    with kubelet(agent) as k:
+        outcome = k.tear_down(pod, volume)
+        assert outcome.ok, outcome
+        assert not k.target(pod, volume).parent.exists()
 
 
 def tree_digests(root: Path) -> dict[str, str]:
@@ -81,28 +78,26 @@ def test_publish_of_an_uncached_model_is_retryable_then_mounts(
 ) -> None:
     require_root()
     model = origin.models["alpha"]
-    target = target_for(agent, "pod-a")
-    for _ in range(60):
+    pod, volume = Pod("pod-a"), model_volume(model.ref)
+    with kubelet(agent) as k:
+        target = k.target(pod, volume)
+        outcomes = k.mount(pod, volume, attempts=12)
+        assert outcomes[-1].ok, outcomes
+        # Every failure was UNAVAILABLE: uncertain, so kubelet kept the directory and retried.
+        assert all(o.code == grpc.StatusCode.UNAVAILABLE for o in outcomes[:-1]), outcomes
         try:
-            publish(agent, "vol-a", target, model.ref)
-            break
-        except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
-    else:
-        raise AssertionError("publish still UNAVAILABLE after 60 tries")
-    try:
-        assert find_mount(target) is not None
-        assert {"ro", "nosuid", "nodev"} <= find_mount(target).options  # type: ignore[union-attr]
-        with AgentClient(agent.socket) as client:
-            info = client.stat(model.ref)
-        assert tree_digests(target) == tree_digests(Path(info.path))
-        with pytest.raises(OSError, match="Read-only"):
-            (target / "config.json").write_text("x")
-        publish(agent, "vol-a", target, model.ref)  # idempotent
-        assert len([m for m in mounts_under(agent.kubelet_dir) if m == str(target)]) == 1
-    finally:
-        unpublish(agent, "vol-a", target)
-    assert not target.exists()
+            mounted = find_mount(target)
+            assert mounted is not None and {"ro", "nosuid", "nodev"} <= mounted.options
+            with AgentClient(agent.socket) as client:
+                info = client.stat(model.ref)
+            assert tree_digests(target) == tree_digests(Path(info.path))
+            with pytest.raises(OSError, match="Read-only"):
+                (target / "config.json").write_text("x")
+            assert k.set_up(pod, volume).ok  # idempotent
+            assert len([m for m in mounts_under(agent.kubelet_dir) if m == str(target)]) == 1
+        finally:
+            assert k.tear_down(pod, volume).ok
+    assert not target.exists() and not target.parent.exists()
 
 
 def test_restart_keeps_leases_so_eviction_skips_published_models(
@@ -112,9 +107,10 @@ def test_restart_keeps_leases_so_eviction_skips_published_models(
     alpha, beta = origin.models["alpha"], origin.models["beta"]
     with AgentClient(agent.socket) as client:
         list(client.preheat([alpha.ref, beta.ref]))
-    targets = {name: target_for(agent, f"pod-{name}") for name in ("alpha", "beta")}
-    publish(agent, "vol-alpha", targets["alpha"], alpha.ref)
-    publish(agent, "vol-beta", targets["beta"], beta.ref)
+    pods = {name: Pod(f"pod-{name}") for name in ("alpha", "beta")}
+    mounted = {
+        name: mount(agent, pods[name], m.ref) for name, m in (("alpha", alpha), ("beta", beta))
+    }
 
     agent.stop()
     agent.start()
@@ -125,9 +121,9 @@ def test_restart_keeps_leases_so_eviction_skips_published_models(
         with pytest.raises(AgentCallError) as refused:
             client.evict(alpha.digest, force=True)
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    for name, target in targets.items():
+    for name, (volume, target) in mounted.items():
         assert find_mount(target) is not None
-        unpublish(agent, f"vol-{name}", target)
+        unmount(agent, pods[name], volume)
         assert find_mount(target) is None
     with AgentClient(agent.socket) as client:
         assert client.evict(alpha.digest).bytes_freed > 0
@@ -141,14 +137,14 @@ def test_sigkill_with_a_volume_published_is_reconciled_on_start(
     model = origin.models["gamma"]
     with AgentClient(agent.socket) as client:
         list(client.preheat([model.ref]))
-    target = target_for(agent, "pod-k")
-    publish(agent, "vol-k", target, model.ref)
+    pod = Pod("pod-k")
+    volume, target = mount(agent, pod, model.ref)
     agent.kill()
     agent.start()
     assert find_mount(target) is not None
     with AgentClient(agent.socket) as client:
         assert [lease.kind for lease in client.stat(model.digest).leases] == ["csi"]
-    unpublish(agent, "vol-k", target)
+    unmount(agent, pod, volume)
     with AgentClient(agent.socket) as client:
         assert not client.stat(model.digest).leases
 
@@ -162,13 +158,13 @@ def test_prefetch_attribute_warms_the_page_cache(agent: AgentProcess, origin: Or
     drop([path])
     with AgentClient(agent.socket) as client:
         cold = client.stat(model.ref)
-    target = target_for(agent, "pod-p")
-    publish(agent, "vol-p", target, model.ref, prefetch="true")
+    pod = Pod("pod-p")
+    volume, _ = mount(agent, pod, model.ref, prefetch="true")
     try:
         with AgentClient(agent.socket) as client:
             warm = client.stat(model.ref)
     finally:
-        unpublish(agent, "vol-p", target)
+        unmount(agent, pod, volume)
     assert cold.resident_bytes < cold.size_bytes // 4
     assert warm.resident_bytes > warm.size_bytes * 0.9
 
@@ -177,11 +173,14 @@ def test_lazy_publish_serves_the_model_while_it_downloads(
     lazy_agent: AgentProcess, origin: Origin
 ) -> None:
     model = origin.models["beta"]
-    target = target_for(lazy_agent, "pod-lazy")
-    publish(lazy_agent, "vol-lazy", target, model.ref, mode="lazy")
+    pod = Pod("pod-lazy")
+    volume, target = mount(lazy_agent, pod, model.ref, mode="lazy")
     try:
-        mount = find_mount(target)
-        assert mount is not None and "ro" in mount.options
+        found = find_mount(target)
+        assert found is not None and "ro" in found.options
+        with kubelet(lazy_agent) as k:  # downloading or done: either way not abnormal
+            condition = k.volume_stats(pod, volume).volume_condition
+        assert not condition.abnormal, condition.message
         shards = sorted(p for p in target.iterdir() if p.suffix == ".safetensors")
         assert shards, os.listdir(target)
         # The tail first: it must be fetched ahead of the background pull's order.
@@ -200,7 +199,7 @@ def test_lazy_publish_serves_the_model_while_it_downloads(
                 data = (target / entry.path).read_bytes()
                 assert "sha256:" + hashlib.sha256(data).hexdigest() == entry.blob
     finally:
-        unpublish(lazy_agent, "vol-lazy", target)
+        unmount(lazy_agent, pod, volume)
     assert find_mount(target) is None
 
 
@@ -225,9 +224,9 @@ def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> Non
         ref = f"{server.url('weights.safetensors')}#sha256={wrong}"
         agent = AgentProcess(tmp_path / "agent", insecure=(server.host,), fuse=True)
         agent.start()
-        target = target_for(agent, "pod-bad")
+        pod = Pod("pod-bad")
         try:
-            publish(agent, "vol-bad", target, ref, mode="lazy")
+            volume, target = mount(agent, pod, ref, mode="lazy")
             with (target / "weights.safetensors").open("rb") as f:
                 assert f.read(65536) == payload[:65536]  # served before verification
                 _wait_until_no_pulls(agent)
@@ -239,7 +238,7 @@ def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> Non
             with AgentClient(agent.socket) as client:
                 assert not client.list().models
             assert not list((agent.store_root / "blobs").rglob(wrong))
-            unpublish(agent, "vol-bad", target)
+            unmount(agent, pod, volume)
         finally:
             agent.stop()
             agent.cleanup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import hashlib
 import os
 import socket
 import sqlite3
@@ -24,8 +25,10 @@ from grpc import aio
 
 import cacheagent
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
+from cacheagent.config import CsiConfig
 from cacheagent.csi import start_csi_server
 from cacheagent.csi.mounts import MS_BIND
+from cacheagent.csi.selinux import SELinux
 from cacheagent.errors import (
     CacheFullError,
     ConfigError,
@@ -35,6 +38,7 @@ from cacheagent.errors import (
     RefError,
 )
 from cacheagent.mountinfo import mounts_at, read_mountinfo
+from cacheagent.store import ModelFile
 from tests.csi_backend import model_ref
 from tests.csi_env import DRIVER, NODE, CsiEnv, mount_capability, mounts_under, publish_request
 from tests.support import require_root
@@ -178,7 +182,6 @@ async def test_writer_modes_still_get_a_read_only_mount(env: CsiEnv) -> None:
         request = publish_request(f"vol-{mode}", target)
         request.readonly = False
         request.volume_capability.CopyFrom(mount_capability(mode))
-        request.volume_capability.mount.mount_flags.append("rw")
         await env.node.NodePublishVolume(request)
         [mount] = mounts_at(target, read_mountinfo())
         assert mount.read_only
@@ -511,6 +514,30 @@ async def test_still_pulling_is_unavailable_quickly_then_published(env: CsiEnv) 
     assert env.backend.pulls_started == 1
 
 
+async def test_pods_sharing_a_static_pv_wait_side_by_side(env: CsiEnv) -> None:
+    """One volume id (a static PV) published at several targets: the waits must not queue on
+    a per-volume lock, or the last pod's publish times out once per pod before it."""
+    release = env.backend.start_pull("m3", FILES_2)
+    await env.start(publish_wait_seconds=20.0)
+    targets = [env.target() for _ in range(4)]
+    publishes = [
+        asyncio.ensure_future(env.node.NodePublishVolume(publish_request("pv-shared", t, "m3")))
+        for t in targets
+    ]
+    deadline = time.monotonic() + 10.0
+    while env.backend.waiting < len(targets):
+        assert time.monotonic() < deadline, f"only {env.backend.waiting} waited at once"
+        await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.gather(*publishes)
+    assert sorted(mounts_under(env.kubelet)) == sorted(map(str, targets))
+    assert env.backend.pulls_started == 1
+
+
+def test_publish_wait_default_fits_kubelets_deadline() -> None:
+    assert 100.0 <= CsiConfig().publish_wait_seconds < 120.0
+
+
 async def test_wait_is_bounded_by_the_request_deadline(env: CsiEnv) -> None:
     env.backend.start_pull("m3", FILES_2)
     await env.start(publish_wait_seconds=60.0)
@@ -561,9 +588,15 @@ async def test_volume_stats_and_condition(env: CsiEnv) -> None:
     request = pb.NodeGetVolumeStatsRequest(volume_id="vol-1", volume_path=str(target))
     stats = await env.node.NodeGetVolumeStats(request)
     usage = {u.unit: u for u in stats.usage}
-    assert usage[pb.VolumeUsage.BYTES].total == sum(len(b) for b in FILES_1.values())
-    assert usage[pb.VolumeUsage.BYTES].used == usage[pb.VolumeUsage.BYTES].total
-    assert usage[pb.VolumeUsage.INODES].total == len(FILES_1) + 2  # files + root + weights/
+    space = os.statvfs(env.root / "store")
+    nbytes, inodes = usage[pb.VolumeUsage.BYTES], usage[pb.VolumeUsage.INODES]
+    assert nbytes.used == sum(len(b) for b in FILES_1.values())
+    assert inodes.used == len(FILES_1) + 2  # files + root + weights/
+    # available is the store's free space (never 0 on a disk with room: no FillingUp alert)
+    assert abs(nbytes.available - space.f_bavail * space.f_frsize) < 64 << 20
+    assert nbytes.available > 0 and inodes.available > 0
+    assert nbytes.total == nbytes.used + nbytes.available
+    assert inodes.total == inodes.used + inodes.available
     assert not stats.volume_condition.abnormal
 
     model_dir = env.store.model_path(digest_of(env, "m1"))
@@ -574,6 +607,34 @@ async def test_volume_stats_and_condition(env: CsiEnv) -> None:
 
     unknown = pb.NodeGetVolumeStatsRequest(volume_id="vol-9", volume_path=str(target))
     assert (await rpc_error(env.node.NodeGetVolumeStats(unknown))).code() == Code.NOT_FOUND
+
+
+async def test_a_lazy_model_still_downloading_is_not_abnormal(env: CsiEnv) -> None:
+    data = b"first shard"
+    manifest = b'{"pending": true}'
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    entry = ModelFile("weights.bin", "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    env.store.put_pending(digest, [entry], ref=None, source_kind="oci", manifest=manifest)
+    env.store.set_tag(model_ref("m9"), digest, 3600.0)
+    lazy_root = env.root / "fuse"
+    (lazy_root / digest.split(":")[1]).mkdir(parents=True)
+    env.backend.lazy_root = lazy_root
+    await env.start()
+    target = env.target()
+    await env.node.NodePublishVolume(publish_request("vol-z", target, "m9", mode="lazy"))
+    stats = await env.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id="vol-z", volume_path=str(target))
+    )
+    assert not stats.volume_condition.abnormal, stats.volume_condition.message
+    assert "downloading" in stats.volume_condition.message
+    assert {u.unit: u.used for u in stats.usage}[pb.VolumeUsage.BYTES] == len(data)
+    # A model that is neither complete nor downloading is abnormal.
+    env.store.release_lease(f"csi:vol-z:{target}")
+    env.store.remove_model(digest, force=True)
+    stats = await env.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id="vol-z", volume_path=str(target))
+    )
+    assert stats.volume_condition.abnormal
 
 
 async def test_volume_condition_reports_a_vanished_mount(env: CsiEnv) -> None:
@@ -753,3 +814,78 @@ def _bind(source: Path, target: Path) -> None:
 def _unmount(target: Path) -> None:
     if _libc.umount2(os.fsencode(target), 0) != 0:
         raise OSError(ctypes.get_errno(), f"umount {target}")
+
+
+# --------------------------------------------------------------------------- SELinux
+
+
+class FakeXattrs:
+    """The security.selinux xattr at the syscall boundary: SELinux cannot run on this machine."""
+
+    def __init__(self) -> None:
+        self.labels: dict[str, bytes] = {}
+        self.writes: list[tuple[str, str, bytes]] = []
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        if path not in self.labels:
+            raise OSError(errno.ENODATA, "No data available", path)
+        return self.labels[path]
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        self.writes.append((path, name, value))
+        self.labels[path] = value
+
+
+async def test_selinux_nodes_label_the_model_tree_for_containers(env: CsiEnv) -> None:
+    xattrs = FakeXattrs()
+    selinux = SELinux(enabled=True, getxattr=xattrs.getxattr, setxattr=xattrs.setxattr)
+    await env.start(selinux=selinux)
+    tree = env.store.model_path(digest_of(env, "m1"))
+    await env.node.NodePublishVolume(publish_request("vol-1", env.target()))
+    expected = {str(tree), str(tree / "weights"), *(str(tree / p) for p in FILES_1)}
+    assert {path for path, _, _ in xattrs.writes} == expected
+    assert {(name, value) for _, name, value in xattrs.writes} == {
+        ("security.selinux", b"system_u:object_r:container_ro_file_t:s0\0")
+    }
+    await env.node.NodePublishVolume(publish_request("vol-2", env.target()))
+    assert len(xattrs.writes) == len(expected)  # already labelled: nothing written again
+
+    lazy_root = env.root / "fuse"
+    (lazy_root / digest_of(env, "m2").split(":")[1]).mkdir(parents=True)
+    env.backend.lazy_root = lazy_root
+    await env.node.NodePublishVolume(publish_request("vol-l", env.target(), "m2", mode="lazy"))
+    assert len(xattrs.writes) == len(expected)  # FUSE files take the FUSE mount's label
+
+    request = publish_request("vol-3", env.target())
+    request.readonly = False
+    refused = await rpc_error(env.node.NodePublishVolume(request))
+    assert refused.code() == Code.INVALID_ARGUMENT
+    assert "readOnly: true" in (refused.details() or "")
+
+
+async def test_without_selinux_nothing_is_labelled_and_readonly_false_is_accepted(
+    env: CsiEnv,
+) -> None:
+    xattrs = FakeXattrs()
+    await env.start(
+        selinux=SELinux(enabled=False, getxattr=xattrs.getxattr, setxattr=xattrs.setxattr)
+    )
+    request = publish_request("vol-1", env.target())
+    request.readonly = False
+    await env.node.NodePublishVolume(request)
+    assert xattrs.writes == []
+    [mount] = mounts_at(request.target_path, read_mountinfo())
+    assert mount.read_only
+
+
+async def test_a_label_the_kernel_refuses_is_a_clear_failure(env: CsiEnv) -> None:
+    def refuse(path: str, name: str, value: bytes) -> None:
+        raise OSError(errno.EACCES, "Permission denied", path)
+
+    xattrs = FakeXattrs()
+    await env.start(selinux=SELinux(enabled=True, getxattr=xattrs.getxattr, setxattr=refuse))
+    failed = await rpc_error(env.node.NodePublishVolume(publish_request("v", env.target())))
+    assert failed.code() == Code.FAILED_PRECONDITION
+    assert "container_ro_file_t" in (failed.details() or "")
+    assert journal_rows(env) == [] and lease_holders(env) == set()
+    assert mounts_under(env.kubelet) == []

@@ -104,7 +104,7 @@ def test_reconcile_keeps_drops_and_adopts() -> None:
     plan = plan_reconcile(
         [row("v1", T1), row("v2", T2)],
         parse_mountinfo(MOUNTINFO),
-        kubelet_dir=KUBELET,
+        kubelet_dirs=(KUBELET,),
         models_location=("259:1", "/store/models/sha256"),
         now=5.0,
     )
@@ -114,5 +114,7 @@ def test_reconcile_keeps_drops_and_adopts() -> None:
 
 
 def test_reconcile_without_a_models_location_adopts_nothing() -> None:
-    plan = plan_reconcile([], parse_mountinfo(MOUNTINFO), kubelet_dir=KUBELET, models_location=None)
+    plan = plan_reconcile(
+        [], parse_mountinfo(MOUNTINFO), kubelet_dirs=(KUBELET,), models_location=None
+    )
     assert plan.adopt == () and plan.keep == () and plan.drop == ()
