@@ -16,4 +16,4 @@ RUN apt-get update \
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 ENTRYPOINT ["cacheagent"]
-CMD ["serve", "--config", "/etc/cacheagent/config.yaml"]
+CMD ["--config", "/etc/cacheagent/config.yaml", "serve"]

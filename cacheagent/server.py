@@ -1,7 +1,9 @@
 """The daemon: the one place where the agent's parts are built, started and stopped.
 
-Start order: store (lock + reconcile) → origins and pull engine → model service → FUSE mount →
-agent API socket → CSI socket → HTTP (/metrics, /healthz, /readyz). Shutdown runs the same list
+Start order: HTTP (/metrics, /healthz, /readyz) → store (lock + reconcile) → origins and pull
+engine → model service → FUSE mount → agent API socket → CSI socket. HTTP comes first so that
+/healthz answers during a long start-up reconcile (kubelet's probes must not kill it) while
+/readyz says what is still missing. Shutdown runs the same list
 backwards, each step bounded in time: readiness goes false first, the sockets stop taking calls,
 pulls in flight are cancelled at a consistent point (their partial files and ranges records stay
 for the next start to resume), the FUSE mount is unmounted, and the store is closed last.
@@ -26,6 +28,7 @@ from aiohttp import web
 
 from cacheagent import __version__
 from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
+from cacheagent._proto.csi.v1 import csi_pb2, csi_pb2_grpc
 from cacheagent.api import AgentService
 from cacheagent.config import Config
 from cacheagent.csi.server import CsiServer, resolve_node_id, start_csi_server
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 SOCKET_MODE = 0o660
 STOP_GRACE_SECONDS = 5.0
 SNAPSHOT_INTERVAL_SECONDS = 10.0
+CSI_PROBE_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Health:
     fuse: FuseMount | None = None
     fuse_required: bool = False
     stopping: bool = False
+    csi_socket: Path | None = None
 
     def check(self) -> list[str]:
         problems = []
@@ -74,6 +79,27 @@ class Health:
         if self.fuse_required and (self.fuse is None or not self.fuse.healthy()):
             problems.append("FUSE mount not serving")
         return problems
+
+    async def liveness(self) -> str | None:
+        """What /healthz reports: the process answers, and once the CSI socket serves, the
+        driver answers Probe through it (what the CSI livenessprobe sidecar would check)."""
+        if self.stopping or not self.csi or self.csi_socket is None:
+            return None
+        return await probe_csi(self.csi_socket)
+
+
+async def probe_csi(socket_path: Path) -> str | None:
+    """Call CSI Identity.Probe over ``socket_path``; None when the driver answers ready."""
+    async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+        try:
+            reply = await csi_pb2_grpc.IdentityStub(channel).Probe(
+                csi_pb2.ProbeRequest(), timeout=CSI_PROBE_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as err:
+            return f"CSI Probe on {socket_path} failed: {err.code().name}"
+    if reply.HasField("ready") and not reply.ready.value:
+        return "CSI Probe answered not ready"
+    return None
 
 
 async def start_agent_api(
@@ -152,6 +178,9 @@ def http_app(
         return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
     async def healthz(request: web.Request) -> web.Response:
+        problem = await health.liveness()
+        if problem is not None:
+            return web.Response(status=503, text=f"unhealthy: {problem}\n")
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
@@ -230,6 +259,7 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        await self._start_http()
         store = await asyncio.to_thread(Store.open_configured, cfg.store)
         self.store = store
         self._on_stop("store", lambda: asyncio.to_thread(store.close))
@@ -284,11 +314,11 @@ class Agent:
         )
         self.csi = csi
         self._on_stop("CSI", lambda: csi.stop(STOP_GRACE_SECONDS))
+        self.health.csi_socket = cfg.csi.socket_path
         self.health.csi = True
 
         snapshots = asyncio.create_task(self._refresh_snapshots(store, gpus))
         self._on_stop("metrics snapshots", lambda: _cancel(snapshots))
-        await self._start_http()
         log.info("cacheagent %s ready (store %s)", __version__, cfg.store.root)
 
     def _node_id(self) -> str:

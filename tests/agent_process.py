@@ -100,7 +100,8 @@ class AgentProcess:
             timeout=timeout,
         )
 
-    def start(self) -> AgentProcess:
+    def start(self, *, wait: bool = True) -> AgentProcess:
+        """Start ``serve``; with ``wait`` (default) return once /readyz answers 200."""
         self.work.mkdir(parents=True, exist_ok=True)
         self.kubelet_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config()))
@@ -119,6 +120,8 @@ class AgentProcess:
             env={**os.environ, **self.env},
         )
         log.close()
+        if not wait:
+            return self
         try:
             self.wait_ready()
         except BaseException:

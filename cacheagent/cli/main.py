@@ -92,7 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsck", action="store_true", help="check every blob file and tree")
     p.add_argument("--rehash", action="store_true", help="with --fsck: re-hash every blob")
     _json_flag(p)
+    for command in sub.choices.values():
+        _config_flags_after_command(command)
     return parser
+
+
+def _config_flags_after_command(p: argparse.ArgumentParser) -> None:
+    """``cacheagent serve --config F`` works as well as ``cacheagent --config F serve``.
+
+    Manifests and Dockerfiles put options after the command; separate destinations keep the
+    values given before the command (a subcommand's namespace would overwrite them).
+    """
+    p.add_argument("-c", "--config", dest="config_after", type=Path, default=argparse.SUPPRESS)
+    p.add_argument(
+        "--set", dest="set_after", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS
+    )
+
+
+def _merge_config_flags(args: argparse.Namespace) -> None:
+    after = getattr(args, "config_after", None)
+    if after is not None:
+        if args.config is not None and args.config != after:
+            raise ConfigError("--config", f"given twice ({args.config} and {after}); give it once")
+        args.config = after
+    args.set = [*args.set, *getattr(args, "set_after", [])]
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
@@ -106,6 +129,7 @@ def _offline_flag(p: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace) -> Config:
+    _merge_config_flags(args)
     overrides: dict[str, object] = {}
     for item in args.set:
         key, sep, value = item.partition("=")

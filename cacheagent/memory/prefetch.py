@@ -11,7 +11,10 @@ Decisions (measured by ``bench/prefetch.py``):
   time of ``cat files > /dev/null``, reads in 0.70x with 2 readers but 1.2-1.4x with one, so
   fadvise is the default and 2 readers (fadvise is within noise at 1, 2 or 4).
 - Budget: pages already resident cost nothing; the pages still missing must fit in
-  ``memory_share`` of psutil's available memory. A model that does not fit is warmed from its
+  ``memory_share`` of the available memory: psutil's figure for the host, or less where the
+  agent's own memory cgroup has room for less page cache (``memory.cgroup``: page cache is
+  charged to the cgroup that faults it in, so under a container limit the kernel would evict
+  the model being warmed). A model that does not fit is warmed from its
   first file on, up to the budget, and the result says it is partial. (fadvise reads exactly
   the budget; with plain reads the kernel's own readahead may run on past it by up to one
   readahead window per reader thread.) While warming, available memory is re-read every
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -45,24 +47,19 @@ from pathlib import Path
 
 import psutil
 
-from cacheagent.errors import CacheAgentError
+from cacheagent.memory.cgroup import memory_room
 from cacheagent.memory.cpuset import format_cpulist
+from cacheagent.memory.lock import MemoryLocker, MemoryLockError
 from cacheagent.memory.pagecache import (
-    PAGE_SIZE,
-    LockedRegion,
     Residency,
     drop,
     drop_all_caches,
     expand_files,
-    lock_file,
-    locked_bytes_of_process,
-    page_floor,
-    pages,
     readahead_window,
     residency,
     resident_bytes_per_step,
-    unlock,
 )
+from cacheagent.memory.warmplan import WarmPlan, WarmStep, plan_warm
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -90,7 +87,6 @@ DEFAULT_WORKERS = 2
 # allows for (bytes/s) when bounding the whole wait.
 SETTLE_SECONDS = 1.0
 SLOWEST_DISK_BYTES_PER_SECOND = 20 * MIB
-_CAP_IPC_LOCK = 14
 
 ProgressCallback = Callable[[int, int], None]
 GpuCpuResolver = Callable[[Sequence[str]], Collection[int] | None]
@@ -102,36 +98,6 @@ class WarmMethod(StrEnum):
 
 
 DEFAULT_METHOD = WarmMethod.FADVISE
-
-
-class MemoryLockError(CacheAgentError):
-    """A model cannot be locked in memory; ``problem`` names the limit that refused it."""
-
-    def __init__(self, model_id: str, problem: str) -> None:
-        self.model_id = model_id
-        self.problem = problem
-        super().__init__(f"cannot lock model {model_id!r} in memory: {problem}")
-
-
-@dataclass(frozen=True)
-class WarmStep:
-    """Bytes ``[offset, offset + length)`` of file ``file``; ``missing`` were not resident."""
-
-    file: int
-    offset: int
-    length: int
-    missing: int
-
-
-@dataclass(frozen=True)
-class WarmPlan:
-    steps: tuple[WarmStep, ...]
-    bytes_missing: int
-    bytes_planned: int
-
-    @property
-    def limited(self) -> bool:
-        return self.bytes_planned < self.bytes_missing
 
 
 @dataclass(frozen=True)
@@ -152,40 +118,12 @@ class WarmResult:
     locality: str | None
 
 
-def plan_warm(
-    sizes: Sequence[int], resident: Sequence[Sequence[int]], step: int, budget: int
-) -> WarmPlan:
-    """Choose the steps to warm: every step with missing pages, in file order, within budget.
-
-    ``resident[f][i]`` is the resident byte count of step ``i`` of file ``f``. The step that
-    would cross the budget is shortened to the budget (page aligned) and the plan ends there.
-    """
-    steps: list[WarmStep] = []
-    missing_total = planned = 0
-    exhausted = False
-    for index, (size, per_step) in enumerate(zip(sizes, resident, strict=True)):
-        for i, resident_bytes in enumerate(per_step):
-            offset = i * step
-            length = min(step, size - offset)
-            missing = length - resident_bytes
-            if missing <= 0:
-                continue
-            missing_total += missing
-            if exhausted:
-                continue
-            if planned + missing > budget:
-                exhausted = True
-                length = page_floor(budget - planned)
-                missing = min(missing, length)
-                if length <= 0:
-                    continue
-            steps.append(WarmStep(index, offset, length, missing))
-            planned += missing
-    return WarmPlan(tuple(steps), missing_total, planned)
-
-
-def _psutil_available() -> int:
-    return int(psutil.virtual_memory().available)
+def agent_available_memory() -> int:
+    """Memory a warm may fill: the host's available memory, capped by the page-cache room of
+    the agent's own cgroup."""
+    host = int(psutil.virtual_memory().available)
+    room = memory_room()
+    return host if room is None else min(host, room)
 
 
 @dataclass(frozen=True)
@@ -340,7 +278,7 @@ class Prefetcher:
         memory_share: float = 0.5,
         method: WarmMethod = DEFAULT_METHOD,
         workers: int = DEFAULT_WORKERS,
-        available_memory: Callable[[], int] = _psutil_available,
+        available_memory: Callable[[], int] = agent_available_memory,
         gpu_cpus: GpuCpuResolver | None = None,
         memory_check_bytes: int = MEMORY_CHECK_BYTES,
     ) -> None:
@@ -489,7 +427,8 @@ def _reason(run: _Run, plan: WarmPlan, budget: int, available: int, after: _Surv
     if plan.limited:
         return (
             f"memory budget: {plan.bytes_missing} bytes were not resident but the budget is "
-            f"{budget} bytes (memory_share of {available} bytes available)"
+            f"{budget} bytes (memory_share of {available} bytes available to the agent: "
+            "host available memory, capped by its memory cgroup's room for page cache)"
         )
     if after.resident_total < after.total:
         return "some pages were evicted again while warming (memory pressure)"
@@ -529,127 +468,3 @@ def _await_resident(
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
     return [step for steps in pending.values() for step in steps]
-
-
-@dataclass
-class _LockedModel:
-    regions: list[LockedRegion]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(pages(region.length) * PAGE_SIZE for region in self.regions)
-
-
-def _has_ipc_lock() -> bool:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> _CAP_IPC_LOCK & 1)
-    return False
-
-
-def _rlimit_memlock() -> int | None:
-    """The soft RLIMIT_MEMLOCK that applies to us, or None when it does not bind."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if soft == resource.RLIM_INFINITY or _has_ipc_lock():
-        return None
-    return int(soft)
-
-
-class MemoryLocker:
-    """Keeps models' pages locked in RAM (mlock), up to ``limit_bytes`` in total.
-
-    ``limit_bytes`` None means only RLIMIT_MEMLOCK applies (ignored with CAP_IPC_LOCK); 0
-    disables locking. Keys are model ids (manifest digests): evict, unpin and a config change
-    call :meth:`release`. Locking reads what is not resident, so it blocks; the reservation is
-    taken first, so a concurrent lock cannot overshoot the limit and a release never waits.
-    """
-
-    def __init__(self, limit_bytes: int | None = None) -> None:
-        if limit_bytes is not None and limit_bytes < 0:
-            raise ValueError(f"limit_bytes {limit_bytes} is negative")
-        self.limit_bytes = limit_bytes
-        self._mutex = threading.Lock()
-        self._models: dict[str, _LockedModel] = {}
-        self._pending: dict[str, int] = {}
-        self._released_while_pending: set[str] = set()
-
-    @property
-    def locked_bytes(self) -> int:
-        with self._mutex:
-            return sum(model.nbytes for model in self._models.values())
-
-    def locked(self) -> dict[str, int]:
-        """Locked bytes per model id."""
-        with self._mutex:
-            return {model_id: model.nbytes for model_id, model in self._models.items()}
-
-    def lock(self, model_id: str, paths: Iterable[Path]) -> int:
-        """Lock the model's files; returns its locked bytes (already locked: no-op)."""
-        files = expand_files(paths)
-        needed = sum(pages(path.stat().st_size) * PAGE_SIZE for path in files)
-        with self._mutex:
-            if model_id in self._models:
-                return self._models[model_id].nbytes
-            if model_id in self._pending:
-                raise MemoryLockError(model_id, "it is already being locked")
-            self._check_limits(model_id, needed)
-            self._pending[model_id] = needed
-        regions: list[LockedRegion] = []
-        try:
-            for path in files:
-                region = lock_file(path)
-                if region is not None:
-                    regions.append(region)
-        except OSError as exc:
-            unlock(regions)
-            raise MemoryLockError(model_id, f"{exc.filename}: {exc.strerror}") from exc
-        finally:
-            with self._mutex:
-                del self._pending[model_id]
-                released = model_id in self._released_while_pending
-                self._released_while_pending.discard(model_id)
-        if released:
-            unlock(regions)
-            return 0
-        with self._mutex:
-            self._models[model_id] = _LockedModel(regions)
-        return sum(pages(region.length) * PAGE_SIZE for region in regions)
-
-    async def lock_async(self, model_id: str, paths: Iterable[Path]) -> int:
-        return await asyncio.to_thread(self.lock, model_id, list(paths))
-
-    def release(self, model_id: str) -> int:
-        """Unlock the model's pages (they stay cached, now reclaimable); returns bytes freed."""
-        with self._mutex:
-            model = self._models.pop(model_id, None)
-            if model is None and model_id in self._pending:
-                self._released_while_pending.add(model_id)
-        if model is None:
-            return 0
-        unlock(model.regions)
-        return model.nbytes
-
-    def release_all(self) -> int:
-        with self._mutex:
-            ids = list(self._models)
-        return sum(self.release(model_id) for model_id in ids)
-
-    def _check_limits(self, model_id: str, needed: int) -> None:
-        ours = sum(model.nbytes for model in self._models.values()) + sum(self._pending.values())
-        if self.limit_bytes is not None and ours + needed > self.limit_bytes:
-            raise MemoryLockError(
-                model_id,
-                f"needs {needed} bytes but prefetch.mlock_limit_bytes = {self.limit_bytes} "
-                f"and {ours} bytes are already locked",
-            )
-        rlimit = _rlimit_memlock()
-        if rlimit is None:
-            return
-        process = max(locked_bytes_of_process(), ours)
-        if process + needed > rlimit:
-            raise MemoryLockError(
-                model_id,
-                f"needs {needed} bytes but RLIMIT_MEMLOCK is {rlimit} bytes and this process "
-                f"already locks {process} bytes (raise the limit or grant CAP_IPC_LOCK)",
-            )

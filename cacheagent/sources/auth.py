@@ -121,10 +121,14 @@ class RegistryAuth:
         challenges = parse_www_authenticate(www_authenticate or "")
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         creds = await self._credentials.lookup(host)
-        if bearer is not None:
-            return await self._bearer(host, scope, bearer, sent, creds)
-        if any(c.scheme == "basic" for c in challenges):
-            return self._basic(host, sent, creds)
+        try:
+            if bearer is not None:
+                return await self._bearer(host, scope, bearer, sent, creds)
+            if any(c.scheme == "basic" for c in challenges):
+                return self._basic(host, sent, creds)
+        except RegistryAuthError:
+            self._credentials.forget(host)  # what we hold did not do: look again next time
+            raise
         raise RegistryAuthError(host, f"401 with no usable challenge ({_schemes(challenges)})")
 
     def rejected(self, host: str, scope: str, sent: str, detail: str = "") -> RegistryAuthError:

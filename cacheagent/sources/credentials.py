@@ -165,8 +165,17 @@ def load_docker_config(path: Path) -> dict[str, Credentials]:
 
 
 def _read_docker_config(path: Path) -> DockerConfig:
+    """The config at ``path``; a missing file is no credentials (the optional Secret of the
+    DaemonSet may not exist, or not yet: it is picked up when it appears), any other read or
+    parse problem is an error."""
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        log.warning(
+            "registries.docker_config: %s does not exist; pulling without registry credentials",
+            path,
+        )
+        return DockerConfig()
     except OSError as exc:
         raise ConfigError(
             "registries.docker_config", f"cannot read {path}: {exc.strerror}"

@@ -15,6 +15,7 @@ import yaml
 from cacheagent.config import load_config
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
+from tests import pod_spec
 from tests.support import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,3 +119,64 @@ def _exported_metric_names() -> set[str]:
         if family.type == "histogram":
             names.update(f"{family.name}_{s}" for s in ("bucket", "sum", "count"))
     return names
+
+
+def _render_with(tmp_path: Path, *components: str) -> list[dict[str, Any]]:
+    overlay = pod_spec.write_overlay(
+        tmp_path / "overlay", DEPLOY, [DEPLOY / "components" / c for c in components]
+    )
+    docs = pod_spec.render(require_binary("kubectl"), overlay)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    return docs
+
+
+def test_nvml_comes_from_the_nvidia_runtime_not_host_library_dirs(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    pod = pod_spec.pod_spec(rendered)
+    agent = pod_spec.container(pod, "agent")
+    env = pod_spec.environment(agent, {"spec.nodeName": "n"})
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert "LD_LIBRARY_PATH" not in env
+    host_dirs = [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v]
+    assert not [
+        p for p in host_dirs if "/lib" in p and "kubelet" not in p and "cacheagent" not in p
+    ]
+    assert "runtimeClassName" not in pod
+    with_class = pod_spec.pod_spec(_render_with(tmp_path, "nvidia-runtime-class"))
+    assert with_class["runtimeClassName"] == "nvidia"
+
+
+def test_schedules_on_every_node_and_the_quota_admits_its_priority(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    (ds,) = _by_kind(rendered, "DaemonSet")
+    pod = pod_spec.pod_spec(rendered)
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert "nodeSelector" not in pod
+    priority = pod["priorityClassName"]
+    quotas = [
+        q
+        for q in _by_kind(rendered, "ResourceQuota")
+        if q["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    ]
+    covering = [
+        q
+        for q in quotas
+        for e in q["spec"]["scopeSelector"]["matchExpressions"]
+        if e["scopeName"] == "PriorityClass" and e["operator"] == "In" and priority in e["values"]
+    ]
+    assert covering and int(covering[0]["spec"]["hard"]["pods"]) >= 1000
+    gpu_only = pod_spec.pod_spec(_render_with(tmp_path, "gpu-nodes"))
+    assert gpu_only["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert gpu_only["tolerations"] == [{"operator": "Exists"}]
+
+
+def test_the_agent_has_no_memory_limit_to_evict_warmed_models(
+    rendered: list[dict[str, Any]],
+) -> None:
+    agent = pod_spec.container(pod_spec.pod_spec(rendered), "agent")
+    assert "memory" not in agent["resources"].get("limits", {})
+    assert "memory" in agent["resources"]["requests"]

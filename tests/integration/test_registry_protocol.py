@@ -297,6 +297,16 @@ async def test_docker_config_is_read_again_when_the_secret_changes(
     assert (await source.resolve(ref)).layers  # ...and at once after a rejection
     assert store.reloads == 1
 
+    # The optional Secret created after the agent started: picked up on the first rejection.
+    later = tmp_path / "later" / "config.json"
+    waiting_for_it = CredentialStore(docker_config=later)
+    source = make_source(host, credentials=waiting_for_it)
+    with pytest.raises(RegistryAuthError, match="no credentials configured"):
+        await source.resolve(ref)
+    later.parent.mkdir()
+    later.write_text(json.dumps(basic_config(host, "alice", PASSWORD)))
+    assert (await source.resolve(ref)).layers
+
     # A rotation that leaves a broken file keeps the last good credentials.
     watching = CredentialStore(docker_config=path, recheck_seconds=0.0)
     kubelet_secret(tmp_path / "secret", 3, {"auths": []})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,20 @@ def test_unparseable_config_is_a_config_error() -> None:
         parse_docker_config(json.dumps({"auths": []}))
 
 
-def test_missing_config_file_names_the_setting(tmp_path: Path) -> None:
+def test_missing_config_file_is_a_warning_and_no_credentials(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The DaemonSet mounts an optional Secret: when it does not exist the file is absent.
+    with caplog.at_level(logging.WARNING):
+        assert load_docker_config(tmp_path / "nope.json") == {}
+    assert "registries.docker_config" in caplog.text
+    assert "nope.json" in caplog.text
+
+
+def test_unreadable_config_file_names_the_setting(tmp_path: Path) -> None:
+    (tmp_path / "dir.json").mkdir()
     with pytest.raises(ConfigError, match=r"registries\.docker_config"):
-        load_docker_config(tmp_path / "nope.json")
+        load_docker_config(tmp_path / "dir.json")
 
 
 def test_credential_store_lookup_order(tmp_path: Path) -> None:
