@@ -125,6 +125,7 @@ async def test_http_resolve_and_fetch(origin: FaultServer, make_http: MakeHttp) 
     assert gets(origin) == [None, "bytes=1000-69999"]
     assert origin.served["files/model.bin"] == len(DATA) + 69_000
     assert source.supports_ranges
+    assert {r.headers.get("Accept-Encoding") for r in origin.requests} == {"identity"}
 
 
 async def test_ranged_fetches_reuse_one_connection(

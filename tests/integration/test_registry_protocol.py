@@ -171,6 +171,7 @@ async def test_bearer_challenge_with_several_scopes(make_source: MakeSource) -> 
     query = parse_qs(urlsplit(asked.raw_path).query)
     assert query["scope"] == ["repository:m/x:pull", "repository:m/base:pull"]
     assert query["service"] == ["reg.test"]
+    assert asked.headers.get("Accept-Encoding") == "identity"  # the token service too
 
 
 # -- errors[] ---------------------------------------------------------------------------------
