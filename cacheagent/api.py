@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -70,6 +71,12 @@ def model_info(
     )
 
 
+def _refs_for_log(refs: Sequence[str], shown: int = 3) -> str:
+    """The first few references, for the request's log context (not hundreds of them)."""
+    text = ",".join(refs[:shown])
+    return text if len(refs) <= shown else f"{text},... ({len(refs)} refs)"
+
+
 def preheat_event(update: PreheatUpdate) -> pb.PreheatEvent:
     event = pb.PreheatEvent(
         ref=update.ref, phase=_PHASES.get(update.phase, pb.PreheatEvent.PHASE_UNSPECIFIED)
@@ -99,20 +106,48 @@ def preheat_event(update: PreheatUpdate) -> pb.PreheatEvent:
     return event
 
 
+@dataclass(frozen=True)
+class ApiLimits:
+    """Bounds on what API callers can make the agent do at once.
+
+    The agent's worker threads are shared with the CSI driver, so API work is metered: at most
+    ``work_slots`` unary calls touch the store at a time (others wait their turn), a Preheat
+    names at most ``preheat_max_refs`` references (INVALID_ARGUMENT beyond), at most
+    ``preheat_max_concurrent`` Preheats run at once (RESOURCE_EXHAUSTED beyond, nothing is
+    queued), and all of them together pull at most ``preheat_parallel_refs`` references at a
+    time.
+    """
+
+    preheat_max_refs: int = 256
+    preheat_max_concurrent: int = 4
+    preheat_parallel_refs: int = 2
+    work_slots: int = 4
+
+
 class AgentService(pb_grpc.AgentServicer):
     def __init__(
-        self, service: ModelService, *, gpus: GpuInventory | None = None, node_id: str = ""
+        self,
+        service: ModelService,
+        *,
+        gpus: GpuInventory | None = None,
+        node_id: str = "",
+        limits: ApiLimits | None = None,
     ) -> None:
         self.service = service
         self.gpus = gpus
         self.node_id = node_id
+        self.limits = limits or ApiLimits()
         self.started = time.monotonic()
+        self._work = asyncio.Semaphore(self.limits.work_slots)
+        self._preheats = 0
+        self._preheat_slots = asyncio.Semaphore(self.limits.preheat_parallel_refs)
 
     async def _call(self, method: str, context: Context, work: Callable[[], Awaitable[T]]) -> T:
         code = grpc.StatusCode.OK
         with request_context():
             try:
-                return await work()
+                async with self._work:
+                    return await work()
             except Exception as err:
                 code = grpc_code(err, _API_CODES)
                 if code is grpc.StatusCode.INTERNAL:
@@ -129,19 +164,41 @@ class AgentService(pb_grpc.AgentServicer):
     async def Preheat(  # noqa: N802 - gRPC method names
         self, request: pb.PreheatRequest, context: Context
     ) -> AsyncIterator[pb.PreheatEvent]:
-        if not request.refs:
-            self._count("Preheat", grpc.StatusCode.INVALID_ARGUMENT)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "preheat needs at least one ref")
+        refused = self._refuse_preheat(len(request.refs))
+        if refused is not None:
+            self._count("Preheat", refused[0])
+            await context.abort(*refused)
         # Per-model failures travel in the stream (FAILED events); the call itself succeeds.
-        with request_context(ref=",".join(request.refs)):
-            async for update in self.service.preheat(
-                list(request.refs),
-                warm_memory=request.warm_memory,
-                gpus=list(request.gpus),
-                lock_memory=request.lock_memory,
-            ):
-                yield preheat_event(update)
+        self._preheats += 1
+        try:
+            with request_context(ref=_refs_for_log(request.refs)):
+                async for update in self.service.preheat(
+                    list(request.refs),
+                    warm_memory=request.warm_memory,
+                    gpus=list(request.gpus),
+                    lock_memory=request.lock_memory,
+                    slots=self._preheat_slots,
+                ):
+                    yield preheat_event(update)
+        finally:
+            self._preheats -= 1
         self._count("Preheat", grpc.StatusCode.OK)
+
+    def _refuse_preheat(self, refs: int) -> tuple[grpc.StatusCode, str] | None:
+        limits = self.limits
+        if refs == 0:
+            return grpc.StatusCode.INVALID_ARGUMENT, "preheat needs at least one ref"
+        if refs > limits.preheat_max_refs:
+            return grpc.StatusCode.INVALID_ARGUMENT, (
+                f"preheat names {refs} references; at most {limits.preheat_max_refs} per call "
+                "(agent.preheat_max_refs): split the list into several calls"
+            )
+        if self._preheats >= limits.preheat_max_concurrent:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"{self._preheats} preheats are running already, the most this agent allows "
+                "(agent.preheat_max_concurrent); retry when one has finished"
+            )
+        return None
 
     async def Stat(  # noqa: N802
         self, request: pb.StatRequest, context: Context

@@ -31,13 +31,15 @@ scrapes the pod; that port serves only metrics and health), logs are ``text`` at
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import os
 import re
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, cast, get_args, get_origin
 from typing import get_type_hints as _get_type_hints
 
@@ -346,6 +348,10 @@ class AgentConfig(_Section):
     tls_client_ca: Path | None = None
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
+    # Bounds on the agent API, so that API load cannot starve the CSI driver (README).
+    preheat_max_refs: Annotated[int, Range(1, 10_000)] = 256
+    preheat_max_concurrent: Annotated[int, Range(1, 1024)] = 4
+    api_max_concurrent_calls: Annotated[int, Range(1, 10_000)] = 64
 
     def _check(self) -> None:
         if self.tcp_listen is not None and (self.tls_cert is None or self.tls_key is None):
@@ -391,13 +397,53 @@ class PrefetchConfig(_Section):
     mlock_limit_bytes: ByteSize = 0
 
 
+def parse_host_pattern(value: object) -> str:
+    """A host glob for the policy: ``name``, ``*.example.com`` or ``name:port`` (no scheme)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9*?.\-\[\]:]+", value):
+        raise ValueError(
+            f"expected a host name or glob like models.example.com, *.example.com or "
+            f"host:8443 (no scheme, no path), got {value!r}"
+        )
+    return value.lower()
+
+
+def parse_network(value: object) -> str:
+    """An IP network in CIDR form (``127.0.0.0/8``, ``::1/128``) or a single address."""
+    try:
+        return str(ipaddress.ip_network(str(value), strict=False))
+    except ValueError:
+        raise ValueError(
+            f"expected an IP network like 127.0.0.0/8 or an address like ::1, got {value!r}"
+        ) from None
+
+
+def _parse_pod_layout_root(value: object) -> PurePosixPath:
+    path = _to_path(value)
+    if any(part in (".", "..") for part in path.parts) or path == Path("/"):
+        raise ValueError(f"expected an absolute directory below / without '..', got {value!r}")
+    return PurePosixPath(os.path.normpath(path))
+
+
+HostPattern = Annotated[str, Parser(parse_host_pattern)]
+Network = Annotated[str, Parser(parse_network)]
+PodLayoutRoot = Annotated[PurePosixPath, Parser(_parse_pod_layout_root)]
+RefKindName = Literal["oci", "oci-layout", "hf", "http"]
+
+
 @dataclass(frozen=True)
 class PolicyConfig(_Section):
-    """Glob rules over canonical refs; semantics in ``cacheagent.policy``."""
+    """Glob rules over canonical refs and the pod trust boundary; semantics in
+    ``cacheagent.policy`` (README "What a pod may name")."""
 
     section: ClassVar[str] = "policy"
     allowed_sources: tuple[str, ...] = ()
     namespaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    pod_hf: bool = False
+    pod_layout_roots: tuple[PodLayoutRoot, ...] = ()
+    pod_http_hosts: tuple[HostPattern, ...] = ()
+    lazy_sources: tuple[RefKindName, ...] = ("oci",)
+    http_redirect_hosts: tuple[HostPattern, ...] = ()
+    http_allowed_networks: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)

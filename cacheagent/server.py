@@ -17,25 +17,31 @@ import dataclasses
 import logging
 import os
 import signal
-import stat
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from aiohttp import web
 
 from cacheagent import __version__
 from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as pb_grpc
 from cacheagent._proto.csi.v1 import csi_pb2, csi_pb2_grpc
-from cacheagent.api import AgentService
+from cacheagent.api import AgentService, ApiLimits
 from cacheagent.config import Config
 from cacheagent.csi.server import CsiServer, resolve_node_id, start_csi_server
 from cacheagent.errors import ConfigError
 from cacheagent.fuse.mount import FuseMount, MountOptions
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.store_provider import StoreProvider
+from cacheagent.http_listener import (
+    Coalesced,
+    Handler,
+    HttpListener,
+    Response,
+    ThreadedListener,
+)
 from cacheagent.logs import setup_logging
 from cacheagent.memory.gpu import GpuInfo, GpuInventory
 from cacheagent.memory.pagecache import residency
@@ -43,6 +49,7 @@ from cacheagent.memory.prefetch import MemoryLocker, Prefetcher
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
 from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.service import ModelService
+from cacheagent.sockets import prepare_socket
 from cacheagent.sources.factory import Origins, build_sources
 from cacheagent.store import Store
 
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 SOCKET_MODE = 0o660
 STOP_GRACE_SECONDS = 5.0
 SNAPSHOT_INTERVAL_SECONDS = 10.0
+WORKER_THREADS = 32
 CSI_PROBE_TIMEOUT_SECONDS = 3.0
 
 
@@ -82,31 +90,44 @@ class Health:
 
     async def liveness(self) -> str | None:
         """What /healthz reports: the process answers, and once the CSI socket serves, the
-        driver answers Probe through it (what the CSI livenessprobe sidecar would check)."""
+        driver answers Probe through it (what the CSI livenessprobe sidecar would check).
+
+        The probe is a blocking call in a thread of the caller's loop: the HTTP port runs on
+        a loop of its own (``http_listener.ThreadedListener``), where the agent's grpc.aio
+        objects must not be used."""
         if self.stopping or not self.csi or self.csi_socket is None:
             return None
-        return await probe_csi(self.csi_socket)
+        return await asyncio.to_thread(probe_csi, self.csi_socket)
 
 
-async def probe_csi(socket_path: Path) -> str | None:
+def probe_csi(socket_path: Path) -> str | None:
     """Call CSI Identity.Probe over ``socket_path``; None when the driver answers ready."""
-    async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
         try:
-            reply = await csi_pb2_grpc.IdentityStub(channel).Probe(
+            reply = csi_pb2_grpc.IdentityStub(channel).Probe(
                 csi_pb2.ProbeRequest(), timeout=CSI_PROBE_TIMEOUT_SECONDS
             )
-        except grpc.aio.AioRpcError as err:
-            return f"CSI Probe on {socket_path} failed: {err.code().name}"
+        except grpc.RpcError as err:
+            code = getattr(err, "code", None)  # the sync API's errors are also grpc.Call
+            what = code().name if callable(code) else type(err).__name__
+            return f"CSI Probe on {socket_path} failed: {what}"
     if reply.HasField("ready") and not reply.ready.value:
         return "CSI Probe answered not ready"
     return None
 
 
 async def start_agent_api(
-    socket_path: Path, servicer: AgentService, tls: TcpTls | None = None
+    socket_path: Path,
+    servicer: AgentService,
+    tls: TcpTls | None = None,
+    *,
+    max_calls: int | None = None,
 ) -> grpc.aio.Server:
-    await asyncio.to_thread(_prepare_socket, socket_path)
-    server = grpc.aio.server()
+    """Serve the agent API; calls beyond ``max_calls`` in flight get RESOURCE_EXHAUSTED."""
+    # Another agent (another store, so its own store lock) may be serving this path: gRPC
+    # would unlink its socket and take the path over. Probe first, as the CSI socket does.
+    await asyncio.to_thread(prepare_socket, socket_path, "agent.socket")
+    server = grpc.aio.server(maximum_concurrent_rpcs=max_calls)
     pb_grpc.add_AgentServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix://{socket_path}")
     if tls is not None:
@@ -159,41 +180,53 @@ class TcpTls:
         )
 
 
-def _prepare_socket(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()  # left by a crashed agent; the store lock says we are the only one
-        else:
-            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SCRAPE_MIN_INTERVAL_SECONDS = 0.1
 
 
-def http_app(
-    metrics: Metrics, health: Health, refresh: Callable[[], None] | None = None
-) -> web.Application:
-    async def metrics_handler(request: web.Request) -> web.Response:
+def http_routes(
+    metrics: Metrics,
+    health: Health,
+    refresh: Callable[[], None] | None = None,
+    *,
+    scrape_min_interval: float = SCRAPE_MIN_INTERVAL_SECONDS,
+) -> tuple[dict[str, Handler], Coalesced]:
+    """The HTTP port's paths; the ``Coalesced`` scrape must be closed with the listener.
+
+    A scrape refreshes the store's figures and renders the exposition in the scrape's own
+    thread, at most once per ``scrape_min_interval`` however many scrapers ask, and never
+    from before the request (see ``cacheagent.http_listener``), so a /metrics flood cannot
+    occupy the worker threads the CSI driver and the agent API use.
+    """
+
+    def render() -> bytes:
         if refresh is not None:
-            await asyncio.to_thread(refresh)
-        body = await asyncio.to_thread(metrics.exposition)
-        return web.Response(body=body, content_type="text/plain", charset="utf-8")
+            refresh()
+        return metrics.exposition()
 
-    async def healthz(request: web.Request) -> web.Response:
+    scrape = Coalesced(render, min_interval=scrape_min_interval)
+
+    async def metrics_handler() -> Response:
+        return Response(200, await scrape.get(), METRICS_CONTENT_TYPE)
+
+    async def healthz() -> Response:
         problem = await health.liveness()
         if problem is not None:
-            return web.Response(status=503, text=f"unhealthy: {problem}\n")
-        return web.Response(text="ok\n")
+            return Response(503, f"unhealthy: {problem}\n".encode())
+        return Response(200, b"ok\n")
 
-    async def readyz(request: web.Request) -> web.Response:
+    async def readyz() -> Response:
         problems = health.check()
         if problems:
-            return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n")
-        return web.Response(text="ready\n")
+            return Response(503, ("not ready: " + "; ".join(problems) + "\n").encode())
+        return Response(200, b"ready\n")
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
+    routes: dict[str, Handler] = {
+        "/metrics": metrics_handler,
+        "/healthz": healthz,
+        "/readyz": readyz,
+    }
+    return routes, scrape
 
 
 def store_figures(store: Store) -> StoreFigures:
@@ -263,6 +296,10 @@ class Agent:
         store = await asyncio.to_thread(Store.open_configured, cfg.store)
         self.store = store
         self._on_stop("store", lambda: asyncio.to_thread(store.close))
+        # Before anything else that is shared by path (the FUSE mountpoint, the sockets): an
+        # agent already serving these sockets keeps them, and this one stops here.
+        await asyncio.to_thread(prepare_socket, cfg.agent.socket, "agent.socket")
+        await asyncio.to_thread(prepare_socket, cfg.csi.socket_path, "csi.socket")
         self.metrics.removals = lambda: (store.removed_models, store.removed_bytes)
         self.health.store = True
 
@@ -294,10 +331,15 @@ class Agent:
         await self._start_fuse(service)
 
         node_id = self._node_id()
+        limits = ApiLimits(
+            preheat_max_refs=cfg.agent.preheat_max_refs,
+            preheat_max_concurrent=cfg.agent.preheat_max_concurrent,
+        )
         api = await start_agent_api(
             cfg.agent.socket,
-            AgentService(service, gpus=gpus, node_id=node_id),
+            AgentService(service, gpus=gpus, node_id=node_id, limits=limits),
             TcpTls.from_config(cfg),
+            max_calls=cfg.agent.api_max_concurrent_calls,
         )
         self._on_stop("agent API", lambda: api.stop(STOP_GRACE_SECONDS))
         self.health.api = True
@@ -355,13 +397,11 @@ class Agent:
     async def _start_http(self) -> None:
         host, _, port_text = self.config.agent.http_listen.rpartition(":")
         host, port = host.strip("[]") or "0.0.0.0", int(port_text)
-        runner = web.AppRunner(
-            http_app(self.metrics, self.health, self._refresh_store_figures), access_log=None
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._on_stop("HTTP", runner.cleanup)
+        routes, scrape = http_routes(self.metrics, self.health, self._refresh_store_figures)
+        listener = ThreadedListener(HttpListener(routes))  # off the loop CSI runs on
+        await listener.start(host, port)
+        self._on_stop("metrics scrapes", lambda: asyncio.to_thread(scrape.close))
+        self._on_stop("HTTP", listener.stop)
         log.info("metrics and health on http://%s:%d", host, port)
 
     async def _refresh_snapshots(self, store: Store, gpus: GpuInventory) -> None:
@@ -406,6 +446,12 @@ async def serve(config: Config) -> int:
     setup_logging(fmt=config.agent.log_format, level=config.agent.log_level)
     agent = Agent(config)
     loop = asyncio.get_running_loop()
+    # asyncio.to_thread's pool, shared by the CSI driver, the pull engine and the agent API:
+    # Python's default (CPUs + 4) is 6 threads on a small node, which a few slow API calls
+    # would fill; the API meters its own share (api.ApiLimits), the rest stays free for CSI.
+    loop.set_default_executor(
+        ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="agent")
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -23,7 +23,7 @@ from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundErr
 from cacheagent.memory.pagecache import Residency, residency
 from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmResult
 from cacheagent.metrics import Metrics
-from cacheagent.policy import check_mount, check_source
+from cacheagent.policy import check_lazy, check_mount, check_pod_ref, check_source
 from cacheagent.pull.engine import PullEngine, log_background_failure
 from cacheagent.pull.progress import PullProgress
 from cacheagent.refs import ModelRef, parse_ref
@@ -121,9 +121,13 @@ class ModelService:
         warm_memory: bool = False,
         gpus: Sequence[str] = (),
         lock_memory: bool = False,
+        slots: asyncio.Semaphore | None = None,
     ) -> AsyncIterator[PreheatUpdate]:
-        """Pull every reference concurrently, yielding progress and one final update each."""
+        """Pull the references concurrently (each holding one of ``slots``, if given, which
+        callers share to bound preheat work agent-wide), yielding progress and one final
+        update each."""
         queue: asyncio.Queue[PreheatUpdate | None] = asyncio.Queue()
+        slots = slots or asyncio.Semaphore(max(len(refs), 1))
 
         def forward(text: str) -> PullProgressSink:
             # A finished snapshot is not the outcome: the final update below carries that (and
@@ -150,9 +154,13 @@ class ModelService:
                     log.exception("preheat of %s failed unexpectedly", text)
                 queue.put_nowait(PreheatUpdate(text, error=err, phase="failed"))
 
+        async def bounded(text: str) -> None:
+            async with slots:
+                await one(text)
+
         async def run_all() -> None:
             try:
-                await asyncio.gather(*(one(text) for text in refs))
+                await asyncio.gather(*(bounded(text) for text in refs))
             finally:
                 queue.put_nowait(None)
 
@@ -225,6 +233,8 @@ class ModelService:
         return True
 
     def check_mount_policy(self, namespace: str | None, ref: ModelRef) -> None:
+        """The pod trust boundary (``policy.pod_*``), then the rules every pull obeys."""
+        check_pod_ref(self.policy, ref)
         check_source(self.policy, ref)
         check_mount(self.policy, namespace, ref)
 
@@ -249,6 +259,7 @@ class ModelService:
         return ReadyModel(model.digest, self.store.model_path(model.digest))
 
     async def lazy_model_dir(self, ref: ModelRef) -> ReadyModel:
+        check_lazy(self.policy, ref)  # before any I/O: lazy serves unverified bytes
         if self.fuse_root is None:
             raise LazyModeUnavailableError(
                 "mode: lazy needs the agent's FUSE mount, which is not serving on this node"

@@ -193,7 +193,12 @@ def main() -> int:
     with RegistryServer(WORK / "registry") as registry:
         layout_ref, registry_ref, lazy_ref = build_models(registry)
         step("Starting the agent (cacheagent serve)")
-        agent = AgentProcess(WORK / "agent", insecure=(registry.host,), fuse=True)
+        # Pods may name registry models only, unless policy allows more: the demo publishes
+        # its OCI layout to a pod, so it lists the layout's directory as a pod layout root.
+        policy = {"pod_layout_roots": [str(WORK)]}
+        agent = AgentProcess(
+            WORK / "agent", insecure=(registry.host,), fuse=True, extra={"policy": policy}
+        )
         with agent:
             print(
                 f"store {agent.store_root}, API {agent.socket}, CSI {agent.csi_socket}, "

@@ -29,6 +29,8 @@ from tests.registry_server import free_port
 
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
+# The test origins listen on loopback, which an agent refuses for URL origins unless told.
+LOOPBACK_HTTP: Mapping[str, Any] = {"http_allowed_networks": ["127.0.0.0/8", "::1"]}
 
 
 @dataclass

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from grpc import aio
 
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
 from cacheagent.errors import ConfigError
+from cacheagent.sockets import prepare_socket
 from cacheagent.store.paths import Layout
 from cacheagent.volumes import CsiBackend
 
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
 SOCKET_DIR_MODE = 0o750
-MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
 
 @dataclass
@@ -63,29 +61,8 @@ def resolve_node_id(node_id: str | None) -> str:
 
 
 def _prepare_socket(path: Path) -> None:
-    """Create the socket's directory; replace a stale socket, refuse a live one or a non-socket."""
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ConfigError("csi.socket", f"{path} is longer than {MAX_SOCKET_PATH} bytes")
-    path.parent.mkdir(mode=SOCKET_DIR_MODE, parents=True, exist_ok=True)
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(
-            "csi.socket", f"{path} exists and is not a socket; refusing to replace it"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(os.fspath(path))
-    except OSError:
-        log.info("removing stale CSI socket %s", path)
-        path.unlink()
-        return
-    finally:
-        probe.close()
-    raise ConfigError("csi.socket", f"{path} is in use by another process (is an agent running?)")
+    """Replace a stale socket, refuse a live one or a non-socket (``cacheagent.sockets``)."""
+    prepare_socket(path, "csi.socket", dir_mode=SOCKET_DIR_MODE)
 
 
 def _node_config(

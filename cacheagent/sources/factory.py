@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from cacheagent.config import Config, PullConfig
 from cacheagent.sources.base import Source
 from cacheagent.sources.credentials import CredentialStore
+from cacheagent.sources.guard import OriginGuard
 from cacheagent.sources.hf import HfOptions, HfSource, read_token_file
 from cacheagent.sources.http import HttpOptions, HttpSource
 from cacheagent.sources.layout import OciLayoutSource
 from cacheagent.sources.registry import RegistryOptions, RegistrySource
 from cacheagent.sources.retry import RetryPolicy
-from cacheagent.sources.transport import Transport, TransportOptions
+from cacheagent.sources.transport import Transport, TransportOptions, environment_proxies
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le"}
 
@@ -48,16 +49,20 @@ def retry_policy(pull: PullConfig) -> RetryPolicy:
 
 def build_sources(config: Config) -> Origins:
     pull, registries = config.pull, config.registries
-    transport = Transport(
-        TransportOptions(
-            ca_file=registries.ca_file,
-            insecure=frozenset(registries.insecure),
-            proxies=dict(registries.proxy),
-            max_connections=pull.max_connections_total,
-            max_connections_per_host=pull.max_connections_per_origin,
-            read_timeout=pull.timeout_seconds,
-        )
+    options = TransportOptions(
+        ca_file=registries.ca_file,
+        insecure=frozenset(registries.insecure),
+        proxies=dict(registries.proxy),
+        max_connections=pull.max_connections_total,
+        max_connections_per_host=pull.max_connections_per_origin,
+        read_timeout=pull.timeout_seconds,
     )
+    transport = Transport(options)
+    # URL origins get their own transport, held to the policy's redirect and address rules.
+    # Proxies the operator set (config or the agent's environment) are trusted alike.
+    env_proxies = [url for key, url in environment_proxies().items() if key != "no"]
+    guard = OriginGuard.with_proxies(config.policy, [*registries.proxy.values(), *env_proxies])
+    http_transport = Transport(guard.transport_options(options))
     retry = retry_policy(pull)
     token = read_token_file(config.hf.token_file) if config.hf.token_file else None
     sources: list[Source] = [
@@ -72,7 +77,7 @@ def build_sources(config: Config) -> Origins:
                 retry=retry,
             ),
         ),
-        HttpSource(transport, options=HttpOptions(retry=retry)),
+        HttpSource(http_transport, options=HttpOptions(retry=retry), owns_transport=True),
         HfSource(
             transport, options=HfOptions(endpoint=config.hf.endpoint, token=token, retry=retry)
         ),

@@ -377,9 +377,12 @@ class HfSource(StreamingSource):
             url = self._file_url(home.repo_id, home.commit, home.path)
             for _ in range(self.transport.options.max_redirects + 1):
                 resp = await self.transport.request(
-                    "HEAD", url, headers=self._headers(url), follow_redirects=False
+                    "HEAD",
+                    url,
+                    headers={**self._headers(url), "Connection": "close"},
+                    follow_redirects=False,
                 )
-                resp.close()  # not reused: a body sent after a HEAD would poison the connection
+                resp.close()  # not pooled: bytes sent after a HEAD would poison the connection
                 location = resp.headers.get("Location")
                 if resp.status not in _REDIRECTS or not location:
                     self._check_status(resp, what)

@@ -13,6 +13,8 @@ declares no size either way the reference is refused: the store must know a blob
 downloading it (room on disk, and a server that streams forever is cut off at that size).
 
 ``http://`` is allowed only for hosts listed as insecure (``TransportOptions.insecure``).
+In the agent this source has a transport of its own whose hooks (``sources.guard``) keep
+redirects on allowed hosts and refuse loopback and link-local addresses unless configured.
 """
 
 from __future__ import annotations
@@ -74,11 +76,14 @@ class HttpSource(StreamingSource):
         *,
         options: HttpOptions | None = None,
         rng: random.Random | None = None,
+        owns_transport: bool = False,
     ) -> None:
         self.options = options or HttpOptions()
         super().__init__(
             transport, retry=self.options.retry, chunk_bytes=self.options.chunk_bytes, rng=rng
         )
+        # The agent gives this source a transport of its own (policy hooks, sources.guard).
+        self._owns_transport = self._owns_transport or owns_transport
         self._homes: BlobHomes[URL] = BlobHomes()
 
     async def resolve(self, ref: ModelRef) -> ResolvedModel:

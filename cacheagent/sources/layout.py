@@ -10,6 +10,11 @@ streams them.
 
 ``fetch`` needs to know which directory holds a blob, so it serves only blobs of models this
 source has resolved (the pull engine always resolves first).
+
+Nothing is opened through a symlink, and nothing outside the layout directory is opened
+(``sources.beneath``): a layout may sit in a directory a pod writes, and its files could be
+symlinks to another pod's secrets. A blob of the wrong size is refused without saying what size
+the opened file had.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from cacheagent.digest import hex_of, is_digest, sha256_digest
 from cacheagent.errors import (
     DigestMismatchError,
     ModelNotFoundError,
-    SizeMismatchError,
     SourceError,
+    UnsafePathError,
 )
 from cacheagent.refs import LayoutRef, ModelRef
 from cacheagent.sources.base import BlobRef, ResolvedModel, Source
+from cacheagent.sources.beneath import open_beneath, open_dir
 from cacheagent.sources.manifest import (
     ANNOTATION_REF_NAME,
     Descriptor,
@@ -50,7 +56,11 @@ _MAX_KNOWN_BLOBS = 1 << 17
 
 def blob_path(layout_dir: Path, digest: str) -> Path:
     """Where a layout keeps a blob; the digest is validated first, so it cannot escape."""
-    return layout_dir / "blobs" / "sha256" / hex_of(digest)
+    return layout_dir / _blob_relpath(digest)
+
+
+def _blob_relpath(digest: str) -> str:
+    return f"blobs/sha256/{hex_of(digest)}"
 
 
 class OciLayoutSource(Source):
@@ -84,15 +94,15 @@ class OciLayoutSource(Source):
         stop = blob.size if end is None else end
         if not 0 <= start <= stop <= blob.size:
             raise ValueError(f"range [{start}, {end}) outside blob {blob.digest} of {blob.size}")
-        path = self._locate(blob)
-        fd = await asyncio.to_thread(_open_checked, path, blob)
+        layout = self._locate(blob)
+        fd = await asyncio.to_thread(_open_checked, layout, blob)
         try:
             offset = start
             while offset < stop:
                 want = min(self.chunk_bytes, stop - offset)
                 chunk = await asyncio.to_thread(os.pread, fd, want, offset)
                 if not chunk:
-                    raise SizeMismatchError(blob.digest, blob.size, offset)
+                    raise _wrong_size(blob.digest, blob.size, layout)
                 offset += len(chunk)
                 yield chunk
         finally:
@@ -102,14 +112,18 @@ class OciLayoutSource(Source):
 
     def _resolve(self, ref: LayoutRef) -> ResolvedModel:
         layout = Path(ref.path)
-        index = _read_index(layout, self.manifest_max_bytes)
+        with _LayoutDir(layout) as dir_fd:
+            return self._resolve_in(ref, layout, dir_fd)
+
+    def _resolve_in(self, ref: LayoutRef, layout: Path, dir_fd: int) -> ResolvedModel:
+        index = _read_index(layout, dir_fd, self.manifest_max_bytes)
         if ref.digest is not None:
             digest, size, media_type = ref.digest, None, None
         else:
             tagged = _find_tag(index, ref.tag or "latest", layout)
             digest, size, media_type = tagged.digest, tagged.size, tagged.media_type
         for _ in range(_MAX_INDEX_DEPTH):
-            data = self._read_verified(layout, digest, size)
+            data = self._read_verified(layout, dir_fd, digest, size)
             doc = parse_manifest(data, max_bytes=self.manifest_max_bytes, media_type=media_type)
             if not isinstance(doc, ParsedIndex):
                 return ResolvedModel(
@@ -123,10 +137,12 @@ class OciLayoutSource(Source):
             digest, size, media_type = chosen.digest, chosen.size, chosen.media_type
         raise SourceError(f"{layout}: image indexes nested deeper than {_MAX_INDEX_DEPTH}")
 
-    def _read_verified(self, layout: Path, digest: str, size: int | None) -> bytes:
+    def _read_verified(self, layout: Path, dir_fd: int, digest: str, size: int | None) -> bytes:
         """Read a manifest or index blob, bounded, and check it against its descriptor."""
         data = _read_bounded(
-            blob_path(layout, digest),
+            layout,
+            dir_fd,
+            _blob_relpath(digest),
             self.manifest_max_bytes,
             missing=f"manifest {digest} not found in OCI layout {layout}",
         )
@@ -134,7 +150,7 @@ class OciLayoutSource(Source):
         if actual != digest:
             raise DigestMismatchError(digest, actual, what=f"manifest in {layout}")
         if size is not None and size != len(data):
-            raise SizeMismatchError(digest, size, len(data))
+            raise _wrong_size(digest, size, layout)
         return data
 
     # -- blob locations --------------------------------------------------------------------------
@@ -147,6 +163,7 @@ class OciLayoutSource(Source):
             self._blob_dirs.popitem(last=False)
 
     def _locate(self, blob: BlobRef) -> Path:
+        """The layout directory holding ``blob``."""
         if not is_digest(blob.digest):
             raise SourceError(f"not a sha256 digest: {blob.digest!r}")
         layout = self._blob_dirs.get(blob.digest)
@@ -154,15 +171,51 @@ class OciLayoutSource(Source):
             raise ModelNotFoundError(
                 f"blob {blob.digest} belongs to no model this oci-layout source has resolved"
             )
-        return blob_path(layout, blob.digest)
+        return layout
 
 
-def _read_index(layout: Path, max_bytes: int) -> ParsedIndex:
+class _LayoutDir:
+    """The layout directory opened through no symlink; closed when the block ends."""
+
+    def __init__(self, layout: Path) -> None:
+        self.layout = layout
+        self.fd = -1
+
+    def __enter__(self) -> int:
+        try:
+            self.fd = open_dir(os.fspath(self.layout))
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise ModelNotFoundError(f"no OCI image layout at {self.layout}") from exc
+        except UnsafePathError as exc:
+            raise SourceError(
+                f"OCI layout {self.layout}: its path goes through a symlink, which cacheagent "
+                "does not follow; name the real directory"
+            ) from exc
+        except OSError as exc:
+            raise SourceError(f"cannot open OCI layout {self.layout}: {exc.strerror}") from exc
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def _wrong_size(digest: str, expected: int, layout: Path) -> SourceError:
+    """The file's real size is not said: it may not be a file the reference's author may see."""
+    return SourceError(
+        f"blob {digest} in OCI layout {layout} does not have the {expected} bytes its "
+        "descriptor declares"
+    )
+
+
+def _read_index(layout: Path, dir_fd: int, max_bytes: int) -> ParsedIndex:
     marker = layout / LAYOUT_FILE
     missing = f"no OCI image layout at {layout} (no {LAYOUT_FILE} file)"
-    _check_layout_version(_read_bounded(marker, 4096, missing=missing), marker)
+    raw = _read_bounded(layout, dir_fd, LAYOUT_FILE, 4096, missing=missing)
+    _check_layout_version(raw, marker)
     index_path = layout / INDEX_FILE
-    data = _read_bounded(index_path, max_bytes, missing=f"OCI layout {layout} has no {INDEX_FILE}")
+    data = _read_bounded(
+        layout, dir_fd, INDEX_FILE, max_bytes, missing=f"OCI layout {layout} has no {INDEX_FILE}"
+    )
     try:
         doc = parse_manifest(data, max_bytes=max_bytes)
     except SourceError as exc:
@@ -172,18 +225,33 @@ def _read_index(layout: Path, max_bytes: int) -> ParsedIndex:
     return doc
 
 
-def _read_bounded(path: Path, limit: int, *, missing: str) -> bytes:
-    """Read a small metadata file whole, refusing one over ``limit`` bytes."""
+def _read_bounded(layout: Path, dir_fd: int, relpath: str, limit: int, *, missing: str) -> bytes:
+    """Read a small metadata file of the layout whole, refusing one over ``limit`` bytes."""
+    fd = _open_in_layout(layout, dir_fd, relpath, missing=missing)
     try:
-        with open(path, "rb") as f:
+        with open(fd, "rb", closefd=False) as f:
             data = f.read(limit + 1)
+    except OSError as exc:
+        raise SourceError(f"cannot read {layout / relpath}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise SourceError(f"{layout / relpath} is over the {limit}-byte limit")
+    return data
+
+
+def _open_in_layout(layout: Path, dir_fd: int, relpath: str, *, missing: str) -> int:
+    try:
+        return open_beneath(dir_fd, relpath)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise ModelNotFoundError(missing) from exc
+    except UnsafePathError as exc:
+        raise SourceError(
+            f"OCI layout {layout}: {relpath} is not a regular file inside the layout "
+            f"({exc.problem}); refused"
+        ) from exc
     except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(data) > limit:
-        raise SourceError(f"{path} is over the {limit}-byte limit")
-    return data
+        raise SourceError(f"cannot open {layout / relpath}: {exc.strerror}") from exc
 
 
 def _check_layout_version(raw: bytes, marker: Path) -> None:
@@ -213,13 +281,15 @@ def _find_tag(index: ParsedIndex, tag: str, layout: Path) -> Descriptor:
     return tagged[0]
 
 
-def _open_checked(path: Path, blob: BlobRef) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise ModelNotFoundError(f"blob {blob.digest} missing from OCI layout ({path})") from exc
-    size = os.fstat(fd).st_size
-    if size != blob.size:
+def _open_checked(layout: Path, blob: BlobRef) -> int:
+    with _LayoutDir(layout) as dir_fd:
+        fd = _open_in_layout(
+            layout,
+            dir_fd,
+            _blob_relpath(blob.digest),
+            missing=f"blob {blob.digest} missing from OCI layout {layout}",
+        )
+    if os.fstat(fd).st_size != blob.size:
         os.close(fd)
-        raise SizeMismatchError(blob.digest, blob.size, size)
+        raise _wrong_size(blob.digest, blob.size, layout)
     return fd

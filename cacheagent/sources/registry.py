@@ -163,9 +163,10 @@ class RegistrySource(StreamingSource):
         """The digest a tag points at, from a HEAD; the tag itself when the registry's HEAD does
         not say or fails (then the manifest is fetched by tag, which reports any failure).
 
-        The HEAD's connection is closed, not returned to the pool: a server that sends (or
-        drips) a body after a HEAD would otherwise feed those bytes to the next request on
-        that connection. One handshake per tag resolution is cheap."""
+        The HEAD says ``Connection: close`` and its connection is not pooled: a server that
+        sends (or drips) a body after a HEAD would otherwise feed those bytes to the next
+        request on that connection (aiohttp pools a HEAD's connection as soon as the headers
+        are in). One handshake per tag resolution is cheap."""
         what = f"manifest {ref.registry}/{ref.repository}:{tag}"
 
         async def attempt() -> str:
@@ -174,14 +175,14 @@ class RegistrySource(StreamingSource):
                     ref.registry,
                     ref.repository,
                     f"manifests/{tag}",
-                    {"Accept": _ACCEPT},
+                    {"Accept": _ACCEPT, "Connection": "close"},
                     acceptable=(200,),
                     method="HEAD",
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("%s: HEAD failed (%s); fetching by tag", what, exc)
                 return tag  # the GET by tag that follows retries and reports properly
-            resp.close()  # see the docstring: a HEAD's connection is not reused
+            resp.close()
             if is_retryable(resp.status):
                 raise TransientError.from_status(resp.status, resp.headers)
             announced = resp.headers.get("Docker-Content-Digest", "")

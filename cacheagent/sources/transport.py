@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import ssl
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from cacheagent import __version__
@@ -60,6 +61,10 @@ class TransportOptions:
     read_buffer_bytes: int = 1 << 20
     user_agent: str = f"cacheagent/{__version__}"
     proxy_from_environment: bool = True
+    # Policy hooks (sources.guard): the connector's resolver, and a check of each hop's URL
+    # (first URL, this hop) before it is requested; None means no extra rule.
+    resolver: Callable[[], AbstractResolver] | None = None
+    check_hop: Callable[[URL, URL], None] | None = None
 
 
 def host_port(url: URL) -> str:
@@ -145,6 +150,7 @@ class Transport:
                 limit_per_host=opts.max_connections_per_host,
                 ssl=self._ssl,
                 ttl_dns_cache=300,
+                resolver=opts.resolver() if opts.resolver is not None else None,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -173,9 +179,12 @@ class Transport:
         become SourceError with a hint; other transport errors propagate for the retry logic.
         """
         hop_headers = dict(headers or {})
+        first_url = url
         first_origin = (url.scheme, host_port(url))
         for _ in range(self.options.max_redirects + 1):
             self.check_url(url)
+            if self.options.check_hop is not None:
+                self.options.check_hop(first_url, url)
             resp = await self._send(method, url, hop_headers, data)
             location = resp.headers.get("Location")
             if not follow_redirects or resp.status not in _REDIRECTS or not location:

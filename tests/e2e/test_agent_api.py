@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb
 from cacheagent.cli.client import AgentCallError, AgentClient
 from cacheagent.memory.pagecache import drop
-from tests.agent_process import AgentProcess
+from tests.agent_process import LOOPBACK_HTTP, AgentProcess
 from tests.e2e.conftest import Origin
 from tests.fault_server import Fault, FaultServer
 from tests.support import require_binary
@@ -85,7 +85,8 @@ def test_two_clients_preheating_at_once_share_one_pull(tmp_path: Path) -> None:
     with serve_in_thread(FaultServer()) as server:
         server.add("weights.bin", payload)
         ref = f"{server.url('weights.bin')}#sha256={digest}"
-        with AgentProcess(tmp_path / "agent", insecure=(server.host,)) as agent:
+        loopback = {"policy": LOOPBACK_HTTP}
+        with AgentProcess(tmp_path / "agent", insecure=(server.host,), extra=loopback) as agent:
             results: list[list[pb.PreheatEvent]] = []
 
             def preheat() -> None:
@@ -198,7 +199,8 @@ def test_sigterm_mid_pull_then_restart_resumes(tmp_path: Path) -> None:
         ref = f"{server.url('big.bin')}#sha256={digest}"
         # Every ranged GET stalls after sending half its bytes, so the pull is mid-way for sure.
         server.inject("big.bin", Fault("stall", times=64, cut_at=0.5))
-        agent = AgentProcess(tmp_path / "agent", insecure=(server.host,))
+        loopback = {"policy": LOOPBACK_HTTP}
+        agent = AgentProcess(tmp_path / "agent", insecure=(server.host,), extra=loopback)
         agent.start()
         try:
             progress = _preheat_until(agent, ref, min_bytes=len(payload) // 8)

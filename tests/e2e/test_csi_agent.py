@@ -16,7 +16,7 @@ import pytest
 from cacheagent.cli.client import AgentCallError, AgentClient
 from cacheagent.memory.pagecache import drop
 from cacheagent.mountinfo import find_mount
-from tests.agent_process import AgentProcess
+from tests.agent_process import LOOPBACK_HTTP, AgentProcess
 from tests.csi_env import force_unmount, mounts_under
 from tests.e2e.conftest import Origin
 from tests.fault_server import FaultServer
@@ -222,7 +222,11 @@ def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> Non
     with serve_in_thread(FaultServer()) as server:
         server.add("weights.safetensors", payload)
         ref = f"{server.url('weights.safetensors')}#sha256={wrong}"
-        agent = AgentProcess(tmp_path / "agent", insecure=(server.host,), fuse=True)
+        # A pod naming a loopback URL in lazy mode: each needs an explicit policy opt-in.
+        policy = {**LOOPBACK_HTTP, "pod_http_hosts": ["127.0.0.1"], "lazy_sources": ["http"]}
+        agent = AgentProcess(
+            tmp_path / "agent", insecure=(server.host,), fuse=True, extra={"policy": policy}
+        )
         agent.start()
         pod = Pod("pod-bad")
         try:

@@ -120,7 +120,11 @@ class Rig:
     servers: list[ThreadedServer[Any]] = field(default_factory=list)
 
     def agent(self, name: str = "agent", **options: Any) -> AgentProcess:
-        agent = AgentProcess(self.root / name, **options)
+        """An agent whose pods may publish the suite's layouts, all written under the temp dir
+        (an explicit ``policy.pod_layout_roots`` opt-in; a test's own policy keys win)."""
+        extra = dict(options.pop("extra", {}))
+        extra["policy"] = {"pod_layout_roots": [tempfile.gettempdir()], **extra.get("policy", {})}
+        agent = AgentProcess(self.root / name, extra=extra, **options)
         self.agents.append(agent)
         return agent
 

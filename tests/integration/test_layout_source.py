@@ -14,7 +14,6 @@ from cacheagent.digest import sha256_digest
 from cacheagent.errors import (
     DigestMismatchError,
     ModelNotFoundError,
-    SizeMismatchError,
     SourceError,
 )
 from cacheagent.refs import LayoutRef, parse_ref
@@ -230,8 +229,9 @@ async def test_manifest_size_must_match_descriptor(tmp_path: Path) -> None:
     digest = write_synthetic_layout(layout, 1 << 16, tag="v1")
     size = blob_path(layout, digest).stat().st_size
     set_tag(layout, "v1", {"mediaType": OCI_MANIFEST, "digest": digest, "size": size + 1})
-    with pytest.raises(SizeMismatchError):
+    with pytest.raises(SourceError, match=f"does not have the {size + 1} bytes") as caught:
         await OciLayoutSource().resolve(ref(layout))
+    assert str(size) not in str(caught.value).replace(str(size + 1), "")
 
 
 async def test_oversized_manifest_refused(tmp_path: Path) -> None:
@@ -288,8 +288,11 @@ async def test_fetch_missing_or_wrong_size_blob(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match=first.blob.digest):
         await fetch_all(source, first)
     append(blob_path(layout, second.blob.digest), b"extra")
-    with pytest.raises(SizeMismatchError, match=second.blob.digest):
+    with pytest.raises(SourceError, match=second.blob.digest) as caught:
         await fetch_all(source, second)
+    # The size of what was opened is not told (it may be a file the ref's author cannot read).
+    actual = blob_path(layout, second.blob.digest).stat().st_size
+    assert str(actual) not in str(caught.value)
 
 
 async def test_other_ref_kinds_refused() -> None:

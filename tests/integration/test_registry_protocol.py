@@ -102,6 +102,13 @@ async def test_tag_resolution_heads_and_gets_only_new_digests(make_source: MakeS
         assert registry.count(f"v2/m/x/manifests/{second.digest}", "GET") == 1
         assert registry.count(tag, "GET") == 0
     assert {r.headers.get("Accept-Encoding") for r in registry.requests} == {"identity"}
+    # A HEAD's connection is never reused: bytes a server sends after a HEAD (a dripped or
+    # chunked body) would otherwise be read as the next response on it.
+    carried_a_head: set[str] = set()
+    for request in registry.requests:
+        assert request.peer not in carried_a_head, "a connection was reused after a HEAD"
+        if request.method == "HEAD":
+            carried_a_head.add(request.peer)
 
 
 async def test_tag_resolution_against_the_real_registry(

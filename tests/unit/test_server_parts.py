@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from cacheagent.http_listener import Coalesced, Handler, HttpListener, parse_request_line
 from cacheagent.logs import JsonFormatter, TextFormatter, request_context, setup_logging
 from cacheagent.memory.gpu import GpuInventory
 from cacheagent.metrics import Metrics
-from cacheagent.server import Health, http_app, take_snapshot
+from cacheagent.server import Health, http_routes, take_snapshot
 from cacheagent.store import Store
 from tests.fake_pynvml import two_gpus_on_two_nodes
-from tests.loopback import start_loopback
 from tests.unit.store_helpers import add_model
 
 
@@ -32,21 +34,22 @@ class FakeMount:
         return self.alive
 
 
-Serve = Callable[[web.Application], Awaitable[str]]
+Serve = Callable[[Mapping[str, Handler]], Awaitable[str]]
 
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
-    runners: list[web.AppRunner] = []
+    listeners: list[HttpListener] = []
 
-    async def start(app: web.Application) -> str:
-        runner, port = await start_loopback(app)
-        runners.append(runner)
-        return f"http://127.0.0.1:{port}"
+    async def start(routes: Mapping[str, Handler]) -> str:
+        listener = HttpListener(routes)
+        await listener.start("127.0.0.1", 0)
+        listeners.append(listener)
+        return f"http://127.0.0.1:{listener.port}"
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for listener in listeners:
+        await listener.stop()
 
 
 async def get(url: str) -> tuple[int, str]:
@@ -56,7 +59,9 @@ async def get(url: str) -> tuple[int, str]:
 
 async def test_readyz_reports_each_missing_part(serve: Serve) -> None:
     health = Health()
-    base = await serve(http_app(Metrics(), health))
+    routes, scrape = http_routes(Metrics(), health)
+    base = await serve(routes)
+    scrape.close()
     status, text = await get(f"{base}/readyz")
     assert status == 503
     assert "store not open" in text and "CSI socket not serving" in text
@@ -116,3 +121,54 @@ def test_json_logs_carry_request_context_and_mask_secrets() -> None:
     assert entry["model_ref"] == "reg.example/m:v1"
     assert "abc.def.ghi123" not in entry["msg"] and "Bearer ***" in entry["msg"]
     assert isinstance(logging.getLogger().handlers[0].formatter, TextFormatter)
+
+
+async def test_concurrent_scrapes_share_one_fresh_render() -> None:
+    renders: list[float] = []
+    started, gate = threading.Event(), threading.Event()
+
+    def render() -> bytes:
+        started.set()
+        gate.wait(10)
+        renders.append(time.monotonic())
+        return f"render {len(renders)}".encode()
+
+    scrape = Coalesced(render, min_interval=0.0)
+    try:
+        first = asyncio.ensure_future(scrape.get())
+        assert await asyncio.to_thread(started.wait, 10)  # render 1 runs, held at the gate
+        # These arrive while render 1 runs: they must not get it (it predates them).
+        waiting = [asyncio.ensure_future(scrape.get()) for _ in range(50)]
+        await asyncio.sleep(0)
+        gate.set()
+        assert await first == b"render 1"
+        assert await asyncio.gather(*waiting) == [b"render 2"] * 50
+        assert await scrape.get() == b"render 3"  # nobody waiting: a new, fresh render
+        assert len(renders) == 3
+    finally:
+        scrape.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n", ("GET", "/metrics", None)),
+        (b"HEAD /healthz HTTP/1.0\r\n\r\n", ("HEAD", "/healthz", None)),
+    ],
+)
+def test_request_line_parsed(head: bytes, expected: tuple[str, str, None]) -> None:
+    assert parse_request_line(head) == expected
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HELLO\r\n\r\n",
+        b"GET metrics HTTP/1.1\r\n\r\n",
+        b"get / HTTP/1.1\r\n\r\n",
+        b"GET / SPDY\r\n",
+    ],
+)
+def test_malformed_request_lines_named(head: bytes) -> None:
+    problem = parse_request_line(head)[2]
+    assert problem is not None and "malformed" in problem
