@@ -114,7 +114,8 @@ class HttpSource(StreamingSource):
         what = f"file {redact_url(url)}"
 
         async def attempt() -> int:
-            resp = await self.transport.request("HEAD", url)
+            # Connection: close: bytes a server sends after a HEAD must not reach the next request.
+            resp = await self.transport.request("HEAD", url, headers={"Connection": "close"})
             async with resp:
                 if resp.status == 404 or is_retryable(resp.status):
                     raise_for_status(resp.status, resp.headers, what=what, origin=origin)
