@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from cacheagent.cli.client import AgentClient  # noqa: E402
 from cacheagent.digest import sha256_digest  # noqa: E402
-from cacheagent.sources.layout_writer import write_synthetic_layout  # noqa: E402
 from cacheagent.store import ModelFile, Store  # noqa: E402
 from tests.agent_process import AgentProcess  # noqa: E402
+from tests.oci.layout_writer import write_synthetic_layout  # noqa: E402
 
 
 def build_store(root: Path, count: int) -> None:

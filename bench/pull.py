@@ -47,11 +47,11 @@ from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry  # noq
 from cacheagent.refs import ModelRef  # noqa: E402
 from cacheagent.sources.base import BlobRef, ResolvedModel, Source  # noqa: E402
 from cacheagent.sources.layout import blob_path  # noqa: E402
-from cacheagent.sources.layout_writer import synthetic_model, write_layout  # noqa: E402
 from cacheagent.sources.manifest import ANNOTATION_REF_NAME, OCI_MANIFEST  # noqa: E402
 from cacheagent.sources.registry import RegistrySource  # noqa: E402
 from cacheagent.sources.transport import Transport, TransportOptions  # noqa: E402
 from cacheagent.store import Store  # noqa: E402
+from tests.oci.layout_writer import synthetic_model, write_layout  # noqa: E402
 from tests.registry_server import RegistryServer  # noqa: E402
 
 MiB = 1 << 20

@@ -46,6 +46,18 @@ _PHASES: dict[str, pb.PreheatEvent.Phase.ValueType] = {
 }
 
 
+def pulling_info(snap: PullProgress) -> pb.ModelInfo:
+    """A model still being pulled, as ``ls`` and ``stat`` show it."""
+    return pb.ModelInfo(
+        manifest_digest=snap.manifest_digest,
+        ref=snap.ref,
+        size_bytes=snap.total_bytes,
+        state="pulling",
+        done_bytes=snap.done_bytes,
+        bytes_per_second=snap.rate,
+    )
+
+
 def model_info(
     model: Model,
     *,
@@ -207,6 +219,9 @@ class AgentService(pb_grpc.AgentServicer):
 
     async def _stat(self, text: str) -> pb.ModelInfo:
         service = self.service
+        pulling = service.find_pull(text)
+        if pulling is not None:
+            return pulling_info(pulling)
         model = await service.find(text)
         leases = await asyncio.to_thread(service.store.leases, model.digest)
         resident = await service.residency(model)
@@ -226,6 +241,10 @@ class AgentService(pb_grpc.AgentServicer):
             for model in models:
                 resident = await self.service.residency(model)
                 infos.append(model_info(model, resident=resident.bytes_resident))
+            ready = {m.digest for m in models}
+            infos += [
+                pulling_info(p) for p in self.service.pulls() if p.manifest_digest not in ready
+            ]
             return pb.ListResponse(models=infos)
 
         return await self._call("List", context, work)

@@ -285,6 +285,7 @@ class StoreConfig(_Section):
     high_watermark: Ratio = 0.95
     low_watermark: Annotated[float, Range(0.0, 1.0, open_low=True, open_high=True)] = 0.85
     tag_ttl_seconds: Seconds = 300.0
+    scrub_bytes_per_second: ByteSize = 16 * MiB
 
     def _check(self) -> None:
         if self.low_watermark >= self.high_watermark:

@@ -76,11 +76,13 @@ class UnsafePathError(CacheAgentError, ValueError):
 class CacheFullError(StoreError):
     """The cache cannot make room even after evicting everything it may evict."""
 
-    def __init__(self, needed: int, available: int) -> None:
+    def __init__(self, needed: int, available: int, *, detail: str | None = None) -> None:
         self.needed = needed
         self.available = available
         super().__init__(
-            f"cache full: need {needed} bytes, at most {available} bytes can be freed "
+            f"cache full: {detail}"
+            if detail
+            else f"cache full: need {needed} bytes, at most {available} bytes can be freed "
             "(the rest is pinned, in use or being pulled)"
         )
 

@@ -225,6 +225,14 @@ class Metrics:
         self.pulls_in_flight = Gauge(
             "cacheagent_pulls_in_flight", "Model pulls in progress.", registry=reg
         )
+        self.scrubbed_bytes = Counter(
+            "cacheagent_scrub_bytes", "Blob bytes re-hashed by the background scrub.", registry=reg
+        )
+        self.scrub_failures = Counter(
+            "cacheagent_scrub_failures",
+            "Blobs the scrub found corrupt (quarantined and fetched again).",
+            registry=reg,
+        )
         self.api_requests = Counter(
             "cacheagent_api_requests", "Agent API calls.", ["method", "code"], registry=reg
         )

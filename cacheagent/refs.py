@@ -42,7 +42,6 @@ identifier, and a silently repaired one would name something the user did not wr
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +49,12 @@ from typing import ClassVar, Literal, TypeAlias
 from urllib.parse import urlsplit
 
 from cacheagent.errors import RefError
+from cacheagent.refgrammar import (
+    digest_part,
+    first_not_in,
+    host_port_part,
+    sha256_hex_part,
+)
 
 RefKind = Literal["oci", "oci-layout", "hf", "http"]
 
@@ -62,13 +67,11 @@ MAX_HF_NAME_LENGTH = 96
 MAX_PATH_BYTES = 4096
 MAX_PATH_COMPONENT_BYTES = 255
 
-_HEX = frozenset("0123456789abcdef")
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _TAG_CHARS = _ALNUM | frozenset("._-")
 _HF_CHARS = _ALNUM | frozenset("._-")
 _REVISION_CHARS = _ALNUM | frozenset("._-/")
 _REPO_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-_HOST_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -230,7 +233,7 @@ def _parse_oci(ref: str, _scheme: str, rest: str) -> OciRef:
     name_tag, at, digest_text = rest.partition("@")
     if "@" in digest_text:
         raise RefError(ref, "digest", "more than one '@'")
-    digest = _check_digest(ref, digest_text) if at else None
+    digest = digest_part(ref, digest_text) if at else None
     name, tag = _split_tag(name_tag)
     if tag is not None:
         _check_tag(ref, tag)
@@ -250,7 +253,7 @@ def _split_tag(name_tag: str) -> tuple[str, str | None]:
 def _split_registry(ref: str, name: str) -> tuple[str, str]:
     first, slash, remainder = name.partition("/")
     if slash and ("." in first or ":" in first or first.lower() == "localhost"):
-        registry = _check_host_port(ref, first, "registry", default_port=None)
+        registry = host_port_part(ref, first, "registry", default_port=None)
         path = remainder
     else:
         registry, path = DEFAULT_REGISTRY, name
@@ -298,92 +301,11 @@ def _check_tag(ref: str, tag: str) -> None:
         raise RefError(ref, "tag", f"tag is {len(tag)} characters, at most {MAX_TAG_LENGTH}")
     if tag[0] not in _ALNUM and tag[0] != "_":
         raise RefError(ref, "tag", f"tag {tag!r} must start with a letter, digit or '_'")
-    bad = _first_not_in(tag, _TAG_CHARS)
+    bad = first_not_in(tag, _TAG_CHARS)
     if bad is not None:
         raise RefError(
             ref, "tag", f"tag {tag!r} contains {bad!r}; allowed: letters, digits, '_', '.', '-'"
         )
-
-
-def _check_digest(ref: str, text: str) -> str:
-    if not text:
-        raise RefError(ref, "digest", "empty digest after '@'")
-    algorithm, colon, hex_part = text.partition(":")
-    if not colon:
-        raise RefError(ref, "digest", f"digest {text!r} must look like sha256:<64 hex>")
-    if algorithm != "sha256":
-        raise RefError(ref, "digest", f"unsupported digest algorithm {algorithm!r} (only sha256)")
-    return "sha256:" + _check_sha256_hex(ref, "digest", hex_part)
-
-
-def _check_sha256_hex(ref: str, part: str, hex_part: str) -> str:
-    bad = _first_not_in(hex_part, _HEX)
-    if bad is not None:
-        kind = "lowercase hex" if bad in "ABCDEF" else "hex"
-        raise RefError(ref, part, f"sha256 digest must be {kind}, found {bad!r}")
-    if len(hex_part) != 64:
-        raise RefError(ref, part, f"sha256 digest must be 64 hex characters, got {len(hex_part)}")
-    return hex_part
-
-
-def _check_host_port(ref: str, text: str, part: str, default_port: int | None) -> str:
-    """Normalise ``host[:port]`` (``[v6]:port`` too); drops ``default_port`` when given."""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise RefError(ref, part, f"unclosed '[' in {text!r}")
-        host = _check_ipv6(ref, part, text[1:end])
-        tail = text[end + 1 :]
-        if tail and not tail.startswith(":"):
-            raise RefError(ref, part, f"unexpected {tail!r} after IPv6 address")
-        port_text = tail[1:] if tail else None
-    else:
-        host_text, colon, port_text_raw = text.partition(":")
-        host = _check_hostname(ref, part, host_text)
-        port_text = port_text_raw if colon else None
-    if port_text is None:
-        return host
-    port = _check_port(ref, port_text)
-    return host if port == default_port else f"{host}:{port}"
-
-
-def _check_ipv6(ref: str, part: str, text: str) -> str:
-    try:
-        return f"[{ipaddress.IPv6Address(text).compressed}]"
-    except ValueError:
-        raise RefError(ref, part, f"{text!r} is not an IPv6 address") from None
-
-
-def _check_hostname(ref: str, part: str, text: str) -> str:
-    if not text:
-        raise RefError(ref, part, "empty host name")
-    host = text.lower()
-    for label in host.split("."):
-        if not label:
-            raise RefError(ref, part, f"empty label in host name {text!r}")
-        if not _HOST_LABEL_RE.fullmatch(label):
-            raise RefError(
-                ref,
-                part,
-                f"host label {label!r} must be 1-63 letters, digits or '-', "
-                "not starting or ending with '-'",
-            )
-    return host
-
-
-def _check_port(ref: str, text: str) -> int:
-    if not text:
-        raise RefError(ref, "port", "empty port after ':'")
-    if not (text.isascii() and text.isdigit()):
-        raise RefError(ref, "port", f"port {text!r} must be a number")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise RefError(ref, "port", f"port {port} out of range 1-65535")
-    return port
-
-
-def _first_not_in(text: str, allowed: frozenset[str]) -> str | None:
-    return next((char for char in text if char not in allowed), None)
 
 
 # --- OCI layout -------------------------------------------------------------------------------
@@ -395,7 +317,7 @@ def _parse_layout(ref: str, _scheme: str, rest: str) -> LayoutRef:
     body, digest = rest, None
     head, at, tail = rest.rpartition("@")
     if at and "/" not in tail:
-        body, digest = head, _check_digest(ref, tail)
+        body, digest = head, digest_part(ref, tail)
     path, tag = _split_tag(body)
     if tag is not None:
         _check_tag(ref, tag)
@@ -450,7 +372,7 @@ def _check_hf_name(ref: str, name: str) -> None:
         raise RefError(
             ref, "repository", f"{name!r} is {len(name)} characters, at most {MAX_HF_NAME_LENGTH}"
         )
-    bad = _first_not_in(name, _HF_CHARS)
+    bad = first_not_in(name, _HF_CHARS)
     if bad is not None:
         raise RefError(
             ref, "repository", f"{name!r} contains {bad!r}; allowed: letters, digits, '-_.'"
@@ -468,7 +390,7 @@ def _check_revision(ref: str, revision: str) -> None:
         raise RefError(ref, "revision", "empty revision after '@'")
     if len(revision) > 255:
         raise RefError(ref, "revision", f"revision is {len(revision)} characters, at most 255")
-    bad = _first_not_in(revision, _REVISION_CHARS)
+    bad = first_not_in(revision, _REVISION_CHARS)
     if bad is not None:
         raise RefError(
             ref,
@@ -497,14 +419,14 @@ def _parse_http(ref: str, scheme: str, rest: str) -> HttpRef:
         raise RefError(
             ref, "fragment", f"fragment must be exactly sha256=<64 lowercase hex>, got {fragment!r}"
         )
-    digest = "sha256:" + _check_sha256_hex(ref, "fragment", hex_part)
+    digest = "sha256:" + sha256_hex_part(ref, "fragment", hex_part)
     try:
         parts = urlsplit(f"{scheme}://{body}")
     except ValueError as exc:
         raise RefError(ref, "host", f"malformed host ({exc})") from None
     if "@" in parts.netloc:
         raise RefError(ref, "host", "credentials in the URL are not allowed (they would be logged)")
-    host = _check_host_port(ref, parts.netloc, "host", default_port=_DEFAULT_PORTS[scheme])
+    host = host_port_part(ref, parts.netloc, "host", default_port=_DEFAULT_PORTS[scheme])
     if not parts.path or parts.path.endswith("/"):
         raise RefError(ref, "path", "URL path must end in a file name")
     query = f"?{parts.query}" if parts.query else ""

@@ -73,6 +73,7 @@ class Health:
     fuse_required: bool = False
     stopping: bool = False
     csi_socket: Path | None = None
+    store_problem: Callable[[], str | None] = lambda: None
 
     def check(self) -> list[str]:
         problems = []
@@ -80,6 +81,8 @@ class Health:
             problems.append("shutting down")
         if not self.store:
             problems.append("store not open")
+        elif (store_problem := self.store_problem()) is not None:
+            problems.append(store_problem)
         if not self.api:
             problems.append("agent API socket not serving")
         if not self.csi:
@@ -359,6 +362,11 @@ class Agent:
         self.health.csi_socket = cfg.csi.socket_path
         self.health.csi = True
 
+        watch = asyncio.create_task(service.watch_store())
+        self._on_stop("store watch", lambda: _cancel(watch))
+        scrub = asyncio.create_task(service.scrub(cfg.store.scrub_bytes_per_second))
+        self._on_stop("scrub", lambda: _cancel(scrub))
+        self.health.store_problem = lambda: service.store_problem
         snapshots = asyncio.create_task(self._refresh_snapshots(store, gpus))
         self._on_stop("metrics snapshots", lambda: _cancel(snapshots))
         log.info("cacheagent %s ready (store %s)", __version__, cfg.store.root)
@@ -379,7 +387,7 @@ class Agent:
             return
         loop = asyncio.get_running_loop()
         stats = FuseStats()
-        provider = StoreProvider(service.store, service.engine, loop, stats=stats)
+        provider = StoreProvider(service, loop, stats=stats)
         mount = FuseMount(
             cfg.mountpoint,
             provider,

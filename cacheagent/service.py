@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cacheagent.config import PolicyConfig
-from cacheagent.errors import CacheAgentError, ModelInUseError, ModelNotFoundError
+from cacheagent.errors import CacheAgentError, ModelNotFoundError, SourceError, StoreError
 from cacheagent.memory.pagecache import Residency, residency
 from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmResult
 from cacheagent.metrics import Metrics
@@ -27,13 +27,16 @@ from cacheagent.policy import check_lazy, check_mount, check_pod_ref, check_sour
 from cacheagent.pull.engine import PullEngine, log_background_failure
 from cacheagent.pull.progress import PullProgress
 from cacheagent.refs import ModelRef, parse_ref
-from cacheagent.store import Model, Store
+from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.lookup import find_model
+from cacheagent.store.removal import Removal
 from cacheagent.volumes import LazyModeUnavailableError, ModelStats, ReadyModel, StillPulling
 
 log = logging.getLogger(__name__)
 
 PullProgressSink = Callable[[PullProgress], None]
+
+STORE_CHECK_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,13 @@ class PreheatUpdate:
 
 @dataclass
 class _Hit:
-    """Whether a pull fetched anything: a hit is a pull that never left the 'done' state."""
+    """Whether a pull fetched anything: a hit is a pull that never downloaded (re-resolving a
+    tag whose cached answer expired, to find the model already stored, is still a hit)."""
 
     fetched: bool = False
 
     def observe(self, snap: PullProgress) -> None:
-        if snap.state not in ("done", "failed"):
+        if snap.state in ("downloading", "committing"):
             self.fetched = True
 
 
@@ -69,8 +73,30 @@ class ModelService:
     prefetcher: Prefetcher | None = None
     locker: MemoryLocker | None = None
     fuse_root: Path | None = None
-    # Called with a digest after an eviction (the FUSE view drops its cached tree).
+    # Called with a digest after any removal (the FUSE view drops its cached tree).
     on_evicted: Callable[[str], None] = lambda digest: None
+
+    # Why the store cannot write (index or lock file gone, disk full), refreshed by
+    # ``watch_store``; None while it can.
+    store_problem: str | None = field(default=None, init=False)
+    _refetches: set[asyncio.Future[tuple[Model, bool]]] = field(default_factory=set, init=False)
+
+    def __post_init__(self) -> None:
+        # Every removal (rm, capacity eviction, a failed pull's record, a repair) comes
+        # through the store's one removal path; this is the agent's one observer of it.
+        self.store.add_removal_observer(self._removed)
+        if self.metrics is not None:
+            # Pulls, not callers: a hundred callers joining one pull are one pull in flight.
+            engine = self.engine
+            self.metrics.pulls_in_flight.set_function(lambda: len(engine.in_flight))
+
+    def _removed(self, removal: Removal) -> None:
+        """Drop what the agent holds of a removed model: its locked pages (a locked mmap
+        would keep the deleted inodes, so neither RAM nor disk would be freed) and the FUSE
+        view's cached tree. Runs in the thread that removed it."""
+        if self.locker is not None:
+            self.locker.release(removal.digest)
+        self.on_evicted(removal.digest)
 
     # -- references and pulls ------------------------------------------------------------------
 
@@ -92,16 +118,11 @@ class ModelService:
                 progress(snap)
 
         started = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.pulls_in_flight.inc()
         try:
             model = await self.engine.pull(ref, progress=observe)
         except CacheAgentError:
             self._observe_pull(ref, started, "error")
             raise
-        finally:
-            if self.metrics is not None:
-                self.metrics.pulls_in_flight.dec()
         self._observe_pull(ref, started, "ok", hit=not hit.fetched)
         return model, not hit.fetched
 
@@ -190,16 +211,30 @@ class ModelService:
         paths = [root / f.path for f in model.files]
         return await asyncio.to_thread(residency, paths)
 
+    def pulls(self) -> list[PullProgress]:
+        """The model pulls in flight (``ls`` shows them), newest snapshot of each."""
+        return list(self.engine.in_flight.values())
+
+    def find_pull(self, text: str) -> PullProgress | None:
+        """The pull in flight that ``text`` names: its manifest digest, a digest prefix of at
+        least 12 hex digits, or the reference it was asked for."""
+        bare = text.removeprefix("sha256:")
+        for snap in self.pulls():
+            digest = snap.manifest_digest
+            if text in (digest, snap.ref) or (
+                len(bare) >= 12 and digest.removeprefix("sha256:").startswith(bare)
+            ):
+                return snap
+        return None
+
     async def evict(self, text: str, *, force: bool = False) -> tuple[str, int]:
+        """Remove a model (``force`` overrides a pin, never a lease); a pull in flight named
+        by ``text`` is cancelled instead (its pending record goes with it)."""
+        pulling = self.find_pull(text)
+        if pulling is not None and await self.engine.cancel(pulling.manifest_digest):
+            return pulling.manifest_digest, 0
         model = await self.find(text)
-        leases = await asyncio.to_thread(self.store.leases, model.digest)
-        if leases:
-            holders = ", ".join(sorted({lease.kind for lease in leases}))
-            raise ModelInUseError(f"model {model.digest} is in use ({holders}); not evicted")
         freed = await asyncio.to_thread(self.store.remove_model, model.digest, force=force)
-        if self.locker is not None:
-            await asyncio.to_thread(self.locker.release, model.digest)
-        self.on_evicted(model.digest)
         return model.digest, freed
 
     async def set_pinned(self, text: str, pinned: bool) -> Model:
@@ -228,9 +263,21 @@ class ModelService:
     # -- CSI backend ---------------------------------------------------------------------------
 
     def store_ready(self) -> bool:
-        """Always: a service exists only over a store that is open and reconciled, and the
-        daemon stops the CSI server before it closes the store."""
-        return True
+        """A service exists only over a store that is open and reconciled (and the daemon
+        stops the CSI server before it closes the store); it stays ready with its disk full
+        (cached models still publish), not once its index or lock file was lost."""
+        problem = self.store_problem
+        return problem is None or problem.startswith("the disk of")
+
+    async def watch_store(self, interval: float = STORE_CHECK_SECONDS) -> None:
+        """Check every ``interval`` seconds whether the store can still write (store.health):
+        the answer feeds /readyz and the CSI Probe; a full disk frees the index reserve."""
+        while True:
+            try:
+                self.store_problem = await asyncio.to_thread(self.store.problem)
+            except OSError as err:
+                self.store_problem = f"cannot check the store: {err}"
+            await asyncio.sleep(interval)
 
     def check_mount_policy(self, namespace: str | None, ref: ModelRef) -> None:
         """The pod trust boundary (``policy.pod_*``), then the rules every pull obeys."""
@@ -246,16 +293,28 @@ class ModelService:
         def keep(snap: PullProgress) -> None:
             latest[:] = [snap]
 
-        pull = asyncio.ensure_future(self.pull(ref, keep))
-        try:
-            model, _ = await asyncio.wait_for(asyncio.shield(pull), timeout=max(wait_seconds, 0))
-        except TimeoutError:
-            # The pull goes on; the engine dedupes the next call onto the same work.
-            pull.add_done_callback(log_background_failure)
-            if not latest:
-                return StillPulling()
-            snap = latest[0]
-            return StillPulling(snap.done_bytes, snap.total_bytes, snap.rate or None)
+        deadline = asyncio.get_running_loop().time() + max(wait_seconds, 0)
+        for attempt in range(2):
+            pull = asyncio.ensure_future(self.pull(ref, keep))
+            try:
+                left = max(deadline - asyncio.get_running_loop().time(), 0)
+                model, _ = await asyncio.wait_for(asyncio.shield(pull), timeout=left)
+            except TimeoutError:
+                # The pull goes on; the engine dedupes the next call onto the same work.
+                pull.add_done_callback(log_background_failure)
+                if not latest:
+                    return StillPulling()
+                snap = latest[0]
+                return StillPulling(snap.done_bytes, snap.total_bytes, snap.rate or None)
+            broken = await asyncio.to_thread(self.store.check_sizes, model.digest)
+            if broken is None or attempt:
+                break
+            # A truncated or grown blob is never published: repair (in place if a pod uses
+            # the model) and fetch it again.
+            log.warning("model %s is damaged (%s); repairing it before publishing", ref, broken)
+            await asyncio.to_thread(self.store.fsck)
+        if broken is not None:
+            raise StoreError(f"model {model.digest} is damaged and could not be repaired: {broken}")
         return ReadyModel(model.digest, self.store.model_path(model.digest))
 
     async def lazy_model_dir(self, ref: ModelRef) -> ReadyModel:
@@ -264,8 +323,13 @@ class ModelService:
             raise LazyModeUnavailableError(
                 "mode: lazy needs the agent's FUSE mount, which is not serving on this node"
             )
-        digest = await self.engine.start_background(ref)
+        digest = await self.engine.start_background(ref, run=self._pull_model)
         return ReadyModel(digest, self.fuse_root / digest)
+
+    async def _pull_model(self, ref: ModelRef) -> Model:
+        """A pull counted like any other (hit or miss, duration), for the lazy mode."""
+        model, _ = await self.pull(ref)
+        return model
 
     def add_lease(self, digest: str, holder: str, kind: str) -> None:
         self.store.add_lease(digest, holder, kind)
@@ -277,6 +341,78 @@ class ModelService:
     async def prefetch(self, digest: str, gpus: Sequence[str]) -> None:
         if self.prefetcher is not None:
             await self.warm(digest, gpus)
+
+    # -- scrub ---------------------------------------------------------------------------------
+
+    async def scrub(self, bytes_per_second: int, *, step_seconds: float = 1.0) -> None:
+        """Re-hash the store's blobs forever at about ``bytes_per_second`` (0: never); blobs
+        that fail are quarantined and the models using them fetched again."""
+        if bytes_per_second <= 0:
+            return
+        budget = max(int(bytes_per_second * step_seconds), 1)
+        while True:
+            started = time.monotonic()
+            await self.scrub_once(budget)
+            spent = time.monotonic() - started
+            await asyncio.sleep(max(step_seconds - spent, 0.0))
+
+    async def scrub_once(self, budget_bytes: int) -> list[str]:
+        """One scrub step; returns the digests of the models it sent to be fetched again."""
+        result, _ = await asyncio.to_thread(self.store.scrub, budget_bytes)
+        if self.metrics is not None:
+            self.metrics.scrubbed_bytes.inc(result.hashed_bytes)
+            self.metrics.scrub_failures.inc(len(result.failed))
+        if not result.failed:
+            return []
+        pending = [
+            p
+            for digest in await asyncio.to_thread(self.store.model_digests)
+            if (p := await asyncio.to_thread(self.store.get_pending, digest)) is not None
+            and p.ref is not None
+            and set(p.missing) & set(result.failed)
+        ]
+        for model in pending:
+            assert model.ref is not None
+            task = asyncio.ensure_future(self.pull(parse_ref(model.ref)))
+            task.add_done_callback(log_background_failure)
+            self._refetches.add(task)
+            task.add_done_callback(self._refetches.discard)
+        return [model.digest for model in pending]
+
+    # -- FUSE backend (volumes.LazyBackend) ----------------------------------------------------
+
+    def model_digests(self) -> Sequence[str]:
+        return self.store.model_digests()
+
+    def model_files(self, digest: str) -> tuple[Sequence[ModelFile], float]:
+        model = self.store.get_model(digest)
+        if model is not None:
+            return model.files, model.created
+        pending = self.store.get_pending(digest)
+        if pending is not None:
+            return pending.files, pending.created
+        raise ModelNotFoundError(f"model {digest} is not in the store")
+
+    def touch(self, digest: str) -> None:
+        self.store.touch(digest)
+
+    def committed_blob(self, blob: str) -> Path | None:
+        return self.store.blob_path(blob) if self.store.has_blob(blob) else None
+
+    def blob_path(self, blob: str) -> Path:
+        return self.store.blob_path(blob)
+
+    async def ensure_range(self, blob: str, start: int, end: int) -> Path:
+        return await self.engine.ensure_range(blob, start, end)
+
+    async def wait_model(self, digest: str) -> None:
+        async for _ in self.engine.watch(digest):
+            pass
+        if await asyncio.to_thread(self.store.get_model, digest) is None:
+            failure = self.engine.last_failure(digest)
+            if isinstance(failure, CacheAgentError):
+                raise failure
+            raise SourceError(f"model {digest} did not finish downloading: {failure}")
 
     def model_stats(self, digest: str) -> ModelStats:
         model = self.store.get_model(digest)

@@ -118,3 +118,54 @@ class CsiBackend(Protocol):
     def model_stats(self, digest: str) -> ModelStats:
         """Bytes, inodes and health (files present, sizes right) of the model's file tree."""
         ...
+
+
+class TreeFile(Protocol):
+    """One file of a model as its manifest declares it (``cacheagent.store.ModelFile``)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def blob(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mode(self) -> int: ...
+
+
+class LazyBackend(Protocol):
+    """The agent as the FUSE view (the lazy mode's read path) sees it; ``ModelService``
+    implements it, so the FUSE layer, like the CSI driver, goes through the model service.
+
+    Sync methods are thread-safe (FUSE calls them from libfuse's threads); async ones run on
+    the agent's event loop (the provider bridges with ``run_coroutine_threadsafe``)."""
+
+    def model_digests(self) -> Sequence[str]:
+        """Every model in the store, ready or still downloading."""
+        ...
+
+    def model_files(self, digest: str) -> tuple[Sequence[TreeFile], float]:
+        """A model's files (ready or pending) and when it was created; ModelNotFoundError."""
+        ...
+
+    def add_lease(self, digest: str, holder: str, kind: str) -> None: ...
+
+    def release_lease(self, holder: str) -> None: ...
+
+    def touch(self, digest: str) -> None: ...
+
+    def committed_blob(self, blob: str) -> Path | None:
+        """The blob's file if it is committed (verified), else None."""
+        ...
+
+    def blob_path(self, blob: str) -> Path:
+        """Where the blob's file is once committed (a partial file is renamed there)."""
+        ...
+
+    async def ensure_range(self, blob: str, start: int, end: int) -> Path:
+        """Return once bytes ``[start, end)`` of a raw blob can be read; the file to read."""
+        ...
+
+    async def wait_model(self, digest: str) -> None:
+        """Return once the model's pull has finished and it is ready; raise why not."""
+        ...

@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from cacheagent._proto.csi.v1 import csi_pb2, csi_pb2_grpc  # noqa: E402
 from cacheagent.cli.render import human_bytes  # noqa: E402
-from cacheagent.sources.layout_writer import write_synthetic_layout  # noqa: E402
-from cacheagent.sources.push import push_layout  # noqa: E402
 from tests.agent_process import AgentProcess  # noqa: E402
+from tests.oci.layout_writer import write_synthetic_layout  # noqa: E402
+from tests.oci.push import push_layout  # noqa: E402
 from tests.registry_server import RegistryServer  # noqa: E402
 
 WORK = ROOT / "demo-work"

@@ -51,6 +51,7 @@ class StoreBackend:
     waiting: int = 0  # publishes inside ensure_model's wait right now
     prefetched: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     prefetch_delay: float = 0.0
+    lazy_delay: float = 0.0  # how long lazy_model_dir takes (an origin slow to resolve)
     ready: bool = True
 
     # ---------------------------------------------------------------- test controls
@@ -112,6 +113,13 @@ class StoreBackend:
             return pull.task.result()
         return StillPulling(bytes_done=1 << 20, bytes_total=4 << 20)
 
+    async def aclose(self) -> None:
+        """Cancel the simulated downloads a test left unfinished (no task outlives a test)."""
+        tasks = [p.task for p in self.pulls.values() if p.task is not None and not p.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _pull(self, key: str, pull: _Pull) -> ReadyModel:
         await pull.release.wait()
         name = key.rsplit("/", 1)[1].split(":", 1)[0]
@@ -121,6 +129,7 @@ class StoreBackend:
     async def lazy_model_dir(self, ref: ModelRef) -> ReadyModel:
         if self.lazy_root is None:
             raise LazyModeUnavailableError("lazy mode needs the FUSE mount, which is not serving")
+        await asyncio.sleep(self.lazy_delay)
         digest = await asyncio.to_thread(self.store.resolve_tag, ref.canonical)
         if digest is None:
             raise LookupError(f"test backend knows no model {ref}")

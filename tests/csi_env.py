@@ -140,6 +140,7 @@ class CsiEnv:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.stop()
+        await self.backend.aclose()
         for _ in range(8):
             left = mounts_under(self.root)
             if not left:

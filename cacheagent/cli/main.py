@@ -196,6 +196,10 @@ def _model_rows(models: Sequence[dict[str, Any]]) -> str:
 
 def _resident(m: dict[str, Any]) -> str:
     size = int(m.get("size_bytes", 0))
+    if m.get("state") == "pulling":  # still downloading: how far, how fast
+        done, rate = int(m.get("done_bytes", 0)), float(m.get("bytes_per_second", 0))
+        share = f"{100 * done / size:.0f}%" if size else human_bytes(done)
+        return f"pulling {share}, {human_bytes(rate)}/s"
     resident = int(m.get("resident_bytes", 0))
     return "-" if not size else f"{100 * resident / size:.0f}%"
 

@@ -1,8 +1,9 @@
 """The publish journal: which volume is mounted where, so a restarted agent knows what is in use.
 
 One table, ``publishes``, in the store's SQLite index (``<store root>/index.db``, WAL). The store
-owns every other table there; this module owns this one and opens its own connection (SQLite
-serialises the writers; ``busy_timeout`` absorbs the rare overlap).
+creates and migrates it with its own tables (``cacheagent.store.schema``), so the journal only
+opens an index the store has opened first; this module reads and writes the table over its own
+connection (SQLite serialises the writers; ``busy_timeout`` absorbs the rare overlap).
 
 Write-ahead rule: a row is written *before* its mount is made and deleted *after* its mount is
 gone. A crash therefore leaves at worst a row without a mount, never a mount without a row.
@@ -33,24 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cacheagent.errors import CacheAgentError
 from cacheagent.mountinfo import MountInfo
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS publishes (
-    target_path     TEXT PRIMARY KEY,
-    volume_id       TEXT NOT NULL,
-    manifest_digest TEXT NOT NULL,
-    ref             TEXT NOT NULL,
-    mode            TEXT NOT NULL,
-    namespace       TEXT NOT NULL DEFAULT '',
-    pod             TEXT NOT NULL DEFAULT '',
-    created         REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS publishes_volume ON publishes (volume_id);
-CREATE INDEX IF NOT EXISTS publishes_digest ON publishes (manifest_digest);
-"""
 _COLUMNS = "volume_id, target_path, manifest_digest, ref, mode, namespace, pod, created"
 _MODEL_DIR_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
+
+
+class JournalError(CacheAgentError):
+    """The publish journal cannot be used (its table is missing: the store was not opened)."""
 
 
 def lease_holder(volume_id: str, target_path: str) -> str:
@@ -92,7 +84,15 @@ class PublishJournal:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(_SCHEMA)
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'publishes'"
+        ).fetchone()
+        if found is None:
+            conn.close()
+            raise JournalError(
+                f"{db_path} has no publishes table: open the store there first "
+                "(its schema migrations create the journal's table)"
+            )
         return cls(conn)
 
     def close(self) -> None:

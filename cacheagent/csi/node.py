@@ -275,9 +275,18 @@ class NodeService(pb_grpc.NodeServicer):
         return False
 
     async def _resolve(self, attrs: VolumeAttributes, budget: Budget) -> ReadyModel:
-        if attrs.mode == "lazy":
-            return await self._backend.lazy_model_dir(attrs.ref)
         wait = budget.cap(self._config.publish_wait_seconds)
+        if attrs.mode == "lazy":
+            # Bounded like bind mode: resolving the reference may hang on its origin, and
+            # this runs under the volume lock; the pull goes on and kubelet retries.
+            try:
+                return await asyncio.wait_for(self._backend.lazy_model_dir(attrs.ref), wait)
+            except TimeoutError:
+                raise CsiFailure(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"model {attrs.ref} is still being resolved for lazy mode after "
+                    f"{wait:.0f}s; the volume will be published once it is (kubelet retries)",
+                ) from None
         try:
             # The backend is asked to return by `wait`; the hard bound guards against a backend
             # that does not (an origin that hangs while resolving a tag, say).

@@ -1,6 +1,8 @@
-"""The FUSE content provider over the real store and pull engine (the lazy mode's read path).
+"""The FUSE content provider over the model service (the lazy mode's read path).
 
-FUSE callbacks run in libfuse's threads; the store is thread-safe and is called directly, while
+It sees the agent through ``cacheagent.volumes.LazyBackend`` (``ModelService``), never the
+store or the pull engine themselves. FUSE callbacks run in libfuse's threads; the backend's
+sync methods are thread-safe and are called directly, while
 anything that waits for the network is handed to the agent's event loop with
 ``run_coroutine_threadsafe`` and awaited with a bound, so a dead origin turns into EIO, never a
 hung reader.
@@ -31,12 +33,10 @@ from cacheagent.errors import (
     CacheAgentError,
     ModelNotFoundError,
     OriginUnavailableError,
-    SourceError,
 )
 from cacheagent.fuse.provider import FuseFile, ModelListing
 from cacheagent.fuse.stats import FuseStats
-from cacheagent.pull.engine import PullEngine
-from cacheagent.store import ModelFile, Store
+from cacheagent.volumes import LazyBackend, TreeFile
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ READ_TIMEOUT_SECONDS = 120.0
 @dataclass
 class _Open:
     digest: str
-    file: ModelFile
+    file: TreeFile
     holder: str
     fd: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -56,15 +56,13 @@ class _Open:
 class StoreProvider:
     def __init__(
         self,
-        store: Store,
-        engine: PullEngine,
+        backend: LazyBackend,
         loop: asyncio.AbstractEventLoop,
         *,
         stats: FuseStats | None = None,
         read_timeout: float = READ_TIMEOUT_SECONDS,
     ) -> None:
-        self.store = store
-        self.engine = engine
+        self.backend = backend
         self.loop = loop
         self.stats = stats
         self.read_timeout = read_timeout
@@ -75,16 +73,10 @@ class StoreProvider:
     # -- tree ----------------------------------------------------------------------------------
 
     def models(self) -> Sequence[str]:
-        return self.store.model_digests()
+        return self.backend.model_digests()
 
-    def _files(self, digest: str) -> tuple[Sequence[ModelFile], float]:
-        model = self.store.get_model(digest)
-        if model is not None:
-            return model.files, model.created
-        pending = self.store.get_pending(digest)
-        if pending is not None:
-            return pending.files, pending.created
-        raise ModelNotFoundError(f"model {digest} is not in the store")
+    def _files(self, digest: str) -> tuple[Sequence[TreeFile], float]:
+        return self.backend.model_files(digest)
 
     def listing(self, digest: str) -> ModelListing:
         files, created = self._files(digest)
@@ -101,7 +93,7 @@ class StoreProvider:
             raise FileNotFoundError(path)
         handle = next(self._ids)
         holder = f"fuse:{os.getpid()}:{handle}"
-        self.store.add_lease(digest, holder, LEASE_KIND)
+        self.backend.add_lease(digest, holder, LEASE_KIND)
         with self._lock:
             self._handles[handle] = _Open(digest, match, holder)
         return handle
@@ -113,8 +105,8 @@ class StoreProvider:
             return
         if opened.fd is not None:
             os.close(opened.fd)
-        self.store.release_lease(opened.holder)
-        self.store.touch(opened.digest)
+        self.backend.release_lease(opened.holder)
+        self.backend.touch(opened.digest)
 
     def read(self, handle: int, offset: int, size: int) -> bytes:
         with self._lock:
@@ -131,34 +123,27 @@ class StoreProvider:
 
     def _committed_fd(self, opened: _Open) -> int | None:
         with opened.lock:
-            if opened.fd is None and self.store.has_blob(opened.file.blob):
-                opened.fd = os.open(self.store.blob_path(opened.file.blob), os.O_RDONLY)
+            if opened.fd is None:
+                path = self.backend.committed_blob(opened.file.blob)
+                if path is not None:
+                    opened.fd = os.open(path, os.O_RDONLY)
             return opened.fd
 
     def _lazy_read(self, opened: _Open, offset: int, size: int) -> bytes:
         blob = opened.file.blob
         try:
-            path = self._wait(self.engine.ensure_range(blob, offset, offset + size))
+            path = self._wait(self.backend.ensure_range(blob, offset, offset + size))
         except ModelNotFoundError:
             # Not a raw blob being downloaded: a tar member, whose layer must unpack first.
-            self._wait(self._model_done(opened.digest))
+            self._wait(self.backend.wait_model(opened.digest))
             fd = self._committed_fd(opened)
             if fd is None:
                 raise
             return _pread_exact(fd, size, offset)
-        data = _read_path(path, blob, self.store, size, offset)
+        data = _read_path(path, self.backend.blob_path(blob), size, offset)
         if self.stats is not None:
             self.stats.record_lazy_fetch(len(data))
         return data
-
-    async def _model_done(self, digest: str) -> None:
-        async for _ in self.engine.watch(digest):
-            pass
-        if await asyncio.to_thread(self.store.get_model, digest) is None:
-            failure = self.engine.last_failure(digest)
-            if isinstance(failure, CacheAgentError):
-                raise failure
-            raise SourceError(f"model {digest} did not finish downloading: {failure}")
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -171,16 +156,16 @@ class StoreProvider:
             ) from None
 
 
-def _read_path(path: Path, blob: str, store: Store, size: int, offset: int) -> bytes:
+def _read_path(path: Path, committed: Path, size: int, offset: int) -> bytes:
     """Read from the partial file, or from the blob if the commit renamed it meanwhile."""
-    for candidate in (path, store.blob_path(blob)):
+    for candidate in (path, committed):
         with contextlib.suppress(FileNotFoundError):
             fd = os.open(candidate, os.O_RDONLY)
             try:
                 return _pread_exact(fd, size, offset)
             finally:
                 os.close(fd)
-    raise CacheAgentError(f"blob {blob} vanished while being read (verification failed?)")
+    raise CacheAgentError(f"{committed.name} vanished while being read (verification failed?)")
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:

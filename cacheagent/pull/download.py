@@ -32,29 +32,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
-import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Literal, ParamSpec, TypeVar
 
 import aiohttp
 
+from cacheagent.aio import Signal, ThreadWork, all_or_nothing, closing_stream, see_through
 from cacheagent.errors import (
-    DISK_FULL_ERRNOS,
     DigestMismatchError,
-    DiskFullError,
     OriginUnavailableError,
     SizeMismatchError,
     SourceError,
-    StoreError,
 )
-from cacheagent.pull.ranges import RangeSet, dump_sidecar, load_sidecar, split
+from cacheagent.pull.partial_file import PartialFile
+from cacheagent.pull.ranges import RangeSet, split
 from cacheagent.sources.base import BlobRef, Source
 from cacheagent.sources.retry import MIN_PROGRESS_BYTES, RetryBudget, RetryPolicy
 from cacheagent.sources.streaming import stalled_error
@@ -63,10 +59,8 @@ from cacheagent.store.crashpoints import crashpoint
 log = logging.getLogger(__name__)
 
 HashMode = Literal["running", "final"]
-SIDECAR_SUFFIX = ".ranges"
 
 _HASH_STEP = 8 << 20
-_HASH_BUFFER_BYTES = 1 << 20
 _IDLE_SLACK = 1 / 16  # how late (a share of the idle timeout) a stall may be noticed
 _MAX_IOVECS = 512  # well under IOV_MAX (1024), however small the chunks a source yields
 _P = ParamSpec("_P")
@@ -116,29 +110,6 @@ class Limits:
             yield
 
 
-class Signal:
-    """Wakes every waiter each time something changed; waiters re-check their own condition."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    @property
-    def next(self) -> asyncio.Event:
-        """The event the next ``fire`` sets (take it before checking, so no change is missed)."""
-        return self._event
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        while True:
-            event = self._event
-            if predicate():
-                return
-            await event.wait()
-
-
 @dataclass
 class _Batch:
     """Chunks received for ``[start, end)`` and not written yet (bounded by ``batch_bytes``)."""
@@ -181,10 +152,6 @@ class _Cursor:
     pos: int
 
 
-def sidecar_path(partial: Path) -> Path:
-    return partial.with_name(partial.name + SIDECAR_SUFFIX)
-
-
 class BlobDownload:
     """Fills ``partial`` with ``blob``'s bytes and verifies them; the caller commits the file.
 
@@ -214,16 +181,11 @@ class BlobDownload:
         self._claimed = RangeSet()
         self._todo: deque[tuple[int, int]] = deque()
         self._priority: set[asyncio.Task[None]] = set()
-        self._fd = -1
+        self._file = PartialFile(partial, blob)
         self._opened = False
-        self._hash_buf: bytearray | None = None
         self._error: BaseException | None = None
         self._changed = Signal()
-        self._io: set[asyncio.Future[Any]] = set()
-        # One thread writes (concurrent writers to one file only contend for its inode lock)
-        # and one hashes, so neither queues behind the other.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="cacheagent-write")
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="cacheagent-hash")
+        self._threads = ThreadWork()
 
     @property
     def done_bytes(self) -> int:
@@ -238,7 +200,9 @@ class BlobDownload:
         size = self.blob.size
         try:
             try:
-                await self._run_io(None, self._open)
+                self.held = await self._threads.run(None, self._file.open)
+                self._recorded = self.held.copy()
+                self.resumed_bytes = self.held.total()
                 self._opened = True
                 self._changed.fire()
                 digest = await self._fill_and_hash()
@@ -248,11 +212,11 @@ class BlobDownload:
                     raise SizeMismatchError(self.blob.digest, size, self.held.total())
             except (DigestMismatchError, SizeMismatchError) as exc:
                 self._fail(exc)
-                await self._run_io(None, self._discard)
+                await self._threads.run(None, self._file.discard)
                 raise
             except BaseException as exc:
                 self._fail(exc)
-                if self._fd >= 0:
+                if self._file.fd >= 0:
                     await self._checkpoint()
                 raise
         finally:
@@ -289,12 +253,13 @@ class BlobDownload:
         try:
             await self._fill()
             # Write the data back while the hash catches up, so the commit's fsync is short.
-            flushing = self._submit(None, self._flush)
+            flushing = self._threads.submit(None, self._file.flush)
             if hashing is not None:
                 await hashing
             else:
-                await self._run_io(self._hasher, self._hash_span, hasher, 0, self.blob.size)
-            await self._see_through(flushing)
+                lane = self._file.hasher
+                await self._threads.run(lane, self._file.hash_span, hasher, 0, self.blob.size)
+            await see_through(flushing)
         finally:
             for task in (hashing, recorder):
                 if task is not None and not task.done():
@@ -387,7 +352,7 @@ class BlobDownload:
         writing: _Pending | None = None
         progress = 0
         try:
-            async with _closing(stream), asyncio.timeout_at(loop.time() + idle) as timer:
+            async with closing_stream(stream), asyncio.timeout_at(loop.time() + idle) as timer:
                 async for data in stream:
                     # Progress is MIN_PROGRESS_BYTES, not any byte: a slowloris origin that
                     # drips a byte at a time times out like a silent one. The deadline stays
@@ -432,7 +397,9 @@ class BlobDownload:
         """Hand the batch's chunks to the writer thread and start a new batch after them."""
         if not batch.size:
             return None
-        write = self._submit(self._writer, self._pwrite_all, batch.chunks, batch.start)
+        write = self._threads.submit(
+            self._file.writer, self._file.pwrite_all, batch.chunks, batch.start
+        )
         pending = _Pending(batch.start, batch.end, write)
         batch.clear()
         return pending
@@ -441,7 +408,7 @@ class BlobDownload:
         """Wait until a batch is written; only then do its bytes count as held."""
         if pending is None:
             return
-        await self._see_through(pending.write)
+        await see_through(pending.write)
         crashpoint("pull.range_written")
         self.held.add(pending.start, pending.end)
         cursor.pos = pending.end
@@ -455,25 +422,11 @@ class BlobDownload:
         while hashed < size:
             await self._changed.wait_until(self._prefix_reaches(min(size, hashed + _HASH_STEP)))
             upto = self.held.prefix_end()
-            await self._run_io(self._hasher, self._hash_span, hasher, hashed, upto)
+            await self._threads.run(self._file.hasher, self._file.hash_span, hasher, hashed, upto)
             hashed = upto
 
     def _prefix_reaches(self, target: int) -> Callable[[], bool]:
         return lambda: self.held.prefix_end() >= target
-
-    def _hash_span(self, hasher: hashlib._Hash, start: int, end: int) -> None:
-        if self._hash_buf is None:
-            self._hash_buf = bytearray(_HASH_BUFFER_BYTES)
-        buf = self._hash_buf
-        view = memoryview(buf)
-        pos = start
-        while pos < end:
-            want = min(len(buf), end - pos)
-            n = os.preadv(self._fd, [view[:want]], pos)
-            if n <= 0:
-                raise StoreError(f"partial file {self.partial} ends at byte {pos}, wanted {end}")
-            hasher.update(view[:n])
-            pos += n
 
     # -- ranges record -----------------------------------------------------------------------
 
@@ -484,85 +437,12 @@ class BlobDownload:
 
     async def _checkpoint(self) -> None:
         """Make ``held`` durable: fdatasync the data first, then replace the record."""
-        if self.held == self._recorded or self._fd < 0:
+        if self.held == self._recorded or self._file.fd < 0:
             return
         snapshot = self.held.copy()
-        await self._run_io(None, self._sync_and_record, snapshot)
+        await self._threads.run(None, self._file.sync_and_record, snapshot)
         self._recorded = snapshot
         crashpoint("pull.ranges_recorded")
-
-    def _sync_and_record(self, snapshot: RangeSet) -> None:
-        os.fdatasync(self._fd)
-        side = sidecar_path(self.partial)
-        tmp = self._sidecar_tmp()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, dump_sidecar(self.blob.digest, self.blob.size, snapshot).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(side)
-        _fsync_dir(side.parent)
-
-    # -- file handling (worker threads) --------------------------------------------------------
-
-    def _open(self) -> None:
-        """Open the partial file, trusting its ranges record only if it matches this blob."""
-        size = self.blob.size
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._sidecar_tmp().unlink(missing_ok=True)  # a record being written when we died
-        side = sidecar_path(self.partial)
-        held = RangeSet()
-        if os.fstat(self._fd).st_size == size:
-            with contextlib.suppress(FileNotFoundError):
-                held = load_sidecar(side.read_text(), self.blob.digest, size)
-        if held.total() == 0:
-            # Forget any record before the file changes under it, or a crash right after the
-            # truncate would leave a record that claims zeros.
-            if side.exists():
-                side.unlink()
-                _fsync_dir(side.parent)
-            os.ftruncate(self._fd, 0)
-            _preallocate(self._fd, size, self.partial)
-        self.held = held
-        self._recorded = held.copy()
-        self.resumed_bytes = held.total()
-        if self.resumed_bytes:
-            log.info(
-                "blob %s: resuming with %d of %d bytes held",
-                self.blob.digest,
-                self.resumed_bytes,
-                size,
-            )
-
-    def _pwrite_all(self, chunks: list[bytes], offset: int) -> None:
-        views = [memoryview(c) for c in chunks]
-        try:
-            while views:
-                n = os.pwritev(self._fd, views, offset)
-                offset += n
-                while views and n >= len(views[0]):
-                    n -= len(views.pop(0))
-                if views:
-                    views[0] = views[0][n:]
-        except OSError as exc:
-            if exc.errno in DISK_FULL_ERRNOS:
-                raise DiskFullError(self.partial, "writing a partial download") from exc
-            raise StoreError(f"writing partial file {self.partial}: {exc}") from exc
-
-    def _flush(self) -> None:
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            raise StoreError(f"flushing partial file {self.partial}: {exc}") from exc
-
-    def _discard(self) -> None:
-        self.partial.unlink(missing_ok=True)
-        sidecar_path(self.partial).unlink(missing_ok=True)
-
-    def _sidecar_tmp(self) -> Path:
-        return self.partial.with_name(self.partial.name + ".tmp-ranges")
 
     async def _stop_priority(self) -> None:
         for task in self._priority:
@@ -571,65 +451,11 @@ class BlobDownload:
 
     async def _close(self) -> None:
         """Close the file once no thread can still be using it (even if we are cancelled)."""
-        cancelled = False
-        while self._io:
-            try:
-                await asyncio.wait(set(self._io))
-            except asyncio.CancelledError:
-                cancelled = True
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._writer.shutdown(wait=False)
-        self._hasher.shutdown(wait=False)
+        cancelled = await self._threads.drain()
+        self._file.close()
+        self._file.shutdown()
         if cancelled:
             raise asyncio.CancelledError
-
-    def _submit(
-        self,
-        lane: Executor | None,
-        fn: Callable[_P, _T],
-        *args: _P.args,
-        **kwargs: _P.kwargs,
-    ) -> asyncio.Future[_T]:
-        """Start blocking file work in a thread (``lane``, else the loop's default executor);
-        ``_close`` waits for it, because the thread uses our file descriptor and buffers."""
-        loop = asyncio.get_running_loop()
-        work = functools.partial(fn, *args, **kwargs)
-        fut: asyncio.Future[_T] = loop.run_in_executor(lane, work)
-        self._io.add(fut)
-        fut.add_done_callback(self._io_done)
-        return fut
-
-    def _io_done(self, fut: asyncio.Future[Any]) -> None:
-        self._io.discard(fut)
-        # Mark a failure seen: whoever awaits the future still gets it, but a write that a
-        # cancelled stream no longer awaits must not log "exception was never retrieved".
-        if not fut.cancelled():
-            fut.exception()
-
-    async def _run_io(
-        self,
-        lane: Executor | None,
-        fn: Callable[_P, _T],
-        *args: _P.args,
-        **kwargs: _P.kwargs,
-    ) -> _T:
-        """Run blocking file work in a thread and see it through even if we are cancelled."""
-        return await self._see_through(self._submit(lane, fn, *args, **kwargs))
-
-    @staticmethod
-    async def _see_through(fut: asyncio.Future[_T]) -> _T:
-        """Await thread work; if cancelled meanwhile, still wait for it, then re-raise."""
-        cancelled = False
-        while not fut.done():
-            try:
-                await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError
-        return fut.result()
 
     # -- failure -----------------------------------------------------------------------------
 
@@ -644,45 +470,3 @@ class BlobDownload:
             raise error
         if error is not None:  # cancelled: tell waiters plainly rather than cancel them too
             raise SourceError(f"the download of blob {self.blob.digest} was stopped")
-
-
-async def all_or_nothing(aws: Iterable[Awaitable[_T]]) -> list[_T]:
-    """Await all; on the first failure cancel the rest, wait for them, and re-raise it."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-@contextlib.asynccontextmanager
-async def _closing(stream: AsyncIterator[bytes]) -> AsyncIterator[AsyncIterator[bytes]]:
-    """Close an abandoned fetch at once (its connection or file), not whenever GC gets to it."""
-    try:
-        yield stream
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-def _preallocate(fd: int, size: int, path: Path) -> None:
-    if size == 0:
-        return
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(path, f"preallocating {size} bytes for a partial download") from exc
-        os.ftruncate(fd, size)  # filesystems without fallocate: a sparse file will do
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,45 +22,47 @@ still in the store.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cacheagent.aio import Signal, all_or_nothing
 from cacheagent.config import PullConfig
 from cacheagent.errors import (
-    DISK_FULL_ERRNOS,
-    DiskFullError,
     ModelNotFoundError,
     OriginUnavailableError,
     SourceError,
 )
+from cacheagent.pull.blobjobs import (
+    BlobJobs,
+    ModelJob,
+    ProgressCallback,
+    disk_full,
+    finished_snapshot,
+    member_path,
+    notify,
+    raw_file,
+    reserve_room,
+    retrieve,
+    snapshot,
+)
 from cacheagent.pull.download import (
-    BlobDownload,
     DownloadSettings,
     HashMode,
     Limits,
-    Signal,
-    all_or_nothing,
-    sidecar_path,
 )
-from cacheagent.pull.progress import BlobProgress, PullProgress, PullState, RateMeter, eta_seconds
+from cacheagent.pull.progress import PullProgress, PullState
 from cacheagent.refs import ModelRef, parse_ref
-from cacheagent.sources.base import Layer, ResolvedModel, Source
+from cacheagent.sources.base import Layer, Source
 from cacheagent.sources.factory import retry_policy
-from cacheagent.sources.tarsafe import UnpackedFile, unpack_tar
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
-from cacheagent.store.paths import safe_relpath
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[PullProgress], None]
 
 _FAILURES_KEPT = 256
 
@@ -98,37 +100,6 @@ class SourceRegistry:
             await source.aclose()
 
 
-@dataclass
-class _BlobJob:
-    """One download of one blob, shared by every model pull that needs it."""
-
-    unpack: str
-    source_kind: str
-    task: asyncio.Task[tuple[UnpackedFile, ...]] | None = None
-    download: BlobDownload | None = None
-    waiters: int = 0
-    abandoned: bool = False
-
-
-@dataclass
-class _ModelJob:
-    """One pull of one manifest, shared by every caller that asked for it."""
-
-    ref: ModelRef
-    resolved: ResolvedModel
-    source: Source
-    task: asyncio.Task[Model] | None = None
-    listeners: list[ProgressCallback] = field(default_factory=list)
-    blobs: dict[str, _BlobJob] = field(default_factory=dict)
-    done: dict[str, int] = field(default_factory=dict)
-    state: PullState = "downloading"
-    snapshot: PullProgress | None = None
-    changed: Signal = field(default_factory=Signal)
-    rate: RateMeter = field(default_factory=RateMeter)
-    blob_rates: dict[str, RateMeter] = field(default_factory=dict)
-    pending_recorded: bool = False  # the store lists the model (lazy mode can show it)
-
-
 class PullEngine:
     def __init__(
         self,
@@ -155,11 +126,10 @@ class PullEngine:
         )
         self.in_flight: dict[str, PullProgress] = {}
         self._limits = Limits(cfg.max_connections_per_origin, cfg.max_connections_total)
-        self._resolving: dict[str, asyncio.Task[_ModelJob | Model]] = {}
-        self._fetched: Counter[str] = Counter()
-        self._models: dict[str, _ModelJob] = {}
-        self._blobs: dict[str, _BlobJob] = {}
+        self._resolving: dict[str, asyncio.Task[ModelJob | Model]] = {}
+        self._models: dict[str, ModelJob] = {}
         self._changed = Signal()
+        self._blobs = BlobJobs(self.store, self.settings, self._limits, self._changed, self.tuning)
         self._failures: dict[str, BaseException] = {}
 
     # -- public API ----------------------------------------------------------------------------
@@ -171,13 +141,13 @@ class PullEngine:
         if digest is not None:
             cached = await self._stored_model(digest)
             if cached is not None:
-                _notify(progress, _finished_snapshot(model_ref, cached))
+                notify(progress, finished_snapshot(model_ref, cached))
                 return cached
             job = self._models.get(digest)
             if job is not None:  # resolved moments ago by another caller: join that pull
                 return await self._join(job, model_ref, progress)
         if progress is not None:
-            _notify(progress, PullProgress(str(model_ref), "", "resolving", 0, 0))
+            notify(progress, PullProgress(str(model_ref), "", "resolving", 0, 0))
         try:
             outcome = await self._resolve(model_ref)
         except OriginUnavailableError:
@@ -185,19 +155,25 @@ class PullEngine:
             if offline is None:
                 raise
             outcome = offline
-        if isinstance(outcome, _ModelJob):
+        if isinstance(outcome, ModelJob):
             return await self._join(outcome, model_ref, progress)
-        _notify(progress, _finished_snapshot(model_ref, outcome))
+        notify(progress, finished_snapshot(model_ref, outcome))
         return outcome
 
-    async def start_background(self, ref: ModelRef | str) -> str:
+    async def start_background(
+        self,
+        ref: ModelRef | str,
+        *,
+        run: Callable[[ModelRef], Awaitable[Model]] | None = None,
+    ) -> str:
         """Start (or join) the pull of ``ref``; return its manifest digest as soon as the store
         lists the model as pending, without waiting for its bytes (the FUSE lazy mode serves it
         meanwhile). The pull goes on in the background; a failure is logged, and readers of
         the model see it as EIO. Callers bound the wait (resolution) with ``asyncio.timeout``.
+        ``run`` pulls the reference (default: ``pull``; the model service counts its pulls).
         """
         model_ref = parse_ref(ref) if isinstance(ref, str) else ref
-        pull = asyncio.create_task(self.pull(model_ref))
+        pull = asyncio.ensure_future((run or self.pull)(model_ref))
         pull.add_done_callback(log_background_failure)
         while True:
             event = self._changed.next
@@ -207,7 +183,12 @@ class PullEngine:
             job = None if digest is None else self._models.get(digest)
             if digest is not None and job is not None and job.pending_recorded:
                 return digest
-            await event.wait()
+            # The pull task may end after the engine's last signal (``run`` wraps the pull).
+            woken = asyncio.ensure_future(event.wait())
+            try:
+                await asyncio.wait({pull, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
 
     def last_failure(self, manifest_digest: str) -> BaseException | None:
         """Why the last pull of this model failed (None if it did not, or long ago): lazy
@@ -217,11 +198,7 @@ class PullEngine:
     def fetched_bytes(self) -> dict[str, int]:
         """Bytes received from origins since start, by source kind, downloads in flight
         included (what ``cacheagent_pull_bytes_total`` exports)."""
-        totals = Counter(self._fetched)
-        for bj in self._blobs.values():
-            if bj.download is not None:
-                totals[bj.source_kind] += bj.download.fetched_bytes
-        return dict(totals)
+        return self._blobs.fetched_bytes()
 
     def progress(self, manifest_digest: str) -> PullProgress | None:
         return self.in_flight.get(manifest_digest)
@@ -265,11 +242,21 @@ class PullEngine:
                 )
             await event.wait()
 
+    async def cancel(self, manifest_digest: str) -> bool:
+        """Cancel the pull of this model, if one is in flight, and wait for it to end (its
+        pending record, lease and reservation go with it). True if there was one."""
+        job = self._models.get(manifest_digest)
+        if job is None or job.task is None:
+            return False
+        job.task.cancel()
+        await asyncio.gather(job.task, return_exceptions=True)
+        return True
+
     async def aclose(self) -> None:
         """Cancel every pull in flight (partial files keep their ranges records)."""
         tasks: list[asyncio.Task[Any]] = list(self._resolving.values())
         tasks += [j.task for j in self._models.values() if j.task is not None]
-        tasks += [j.task for j in self._blobs.values() if j.task is not None]
+        tasks += self._blobs.tasks()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -297,7 +284,7 @@ class PullEngine:
             log.warning("origin of %s unreachable; using the cached %s", ref, model.digest)
         return model
 
-    async def _resolve(self, ref: ModelRef) -> _ModelJob | Model:
+    async def _resolve(self, ref: ModelRef) -> ModelJob | Model:
         """Resolve ``ref`` once however many callers ask, and start (or find) its pull.
 
         The shared task stays in ``_resolving`` until the pull it started ends, so a caller
@@ -314,21 +301,21 @@ class PullEngine:
     def _resolving_now(self) -> bool:
         return any(not task.done() for task in self._resolving.values())
 
-    def _resolved(self, task: asyncio.Task[_ModelJob | Model]) -> None:
+    def _resolved(self, task: asyncio.Task[ModelJob | Model]) -> None:
         self._changed.fire()
         outcome = None if task.cancelled() or task.exception() else task.result()
-        if isinstance(outcome, _ModelJob):
+        if isinstance(outcome, ModelJob):
             assert outcome.task is not None
             outcome.task.add_done_callback(lambda _: self._forget_resolution(task))
         else:
             self._forget_resolution(task)
 
-    def _forget_resolution(self, task: asyncio.Task[_ModelJob | Model]) -> None:
+    def _forget_resolution(self, task: asyncio.Task[ModelJob | Model]) -> None:
         for key, value in list(self._resolving.items()):
             if value is task:
                 del self._resolving[key]
 
-    async def _resolve_and_start(self, ref: ModelRef) -> _ModelJob | Model:
+    async def _resolve_and_start(self, ref: ModelRef) -> ModelJob | Model:
         resolved = await self.sources.for_ref(ref).resolve(ref)
         digest = resolved.manifest_digest
         # Cache the answer at once: callers arriving while the model downloads find the pull
@@ -341,7 +328,7 @@ class PullEngine:
             return existing
         job = self._models.get(digest)
         if job is None:
-            job = _ModelJob(ref, resolved, self.sources.for_ref(ref))
+            job = ModelJob(ref, resolved, self.sources.for_ref(ref))
             self._models[digest] = job
             job.task = asyncio.create_task(self._run_model(job))
             job.task.add_done_callback(lambda _: self._model_finished(job))
@@ -350,17 +337,22 @@ class PullEngine:
 
     # -- model pulls ---------------------------------------------------------------------------
 
-    async def _join(
-        self, job: _ModelJob, ref: ModelRef, progress: ProgressCallback | None
-    ) -> Model:
+    async def _join(self, job: ModelJob, ref: ModelRef, progress: ProgressCallback | None) -> Model:
         """Wait for a model pull in flight (shielded: this caller leaving does not stop it)."""
         if progress is not None:
             job.listeners.append(progress)
             if job.snapshot is not None:
-                _notify(progress, job.snapshot)
+                notify(progress, job.snapshot)
+        assert job.task is not None
         try:
-            assert job.task is not None
             model = await asyncio.shield(job.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if job.task.cancelled() and (current is None or not current.cancelling()):
+                raise SourceError(
+                    f"the pull of {job.resolved.manifest_digest} was cancelled (rm)"
+                ) from None
+            raise
         finally:
             if progress is not None:
                 job.listeners.remove(progress)
@@ -368,9 +360,9 @@ class PullEngine:
             await self._record_ref(ref, model.digest)
         return model
 
-    def _model_finished(self, job: _ModelJob) -> None:
+    def _model_finished(self, job: ModelJob) -> None:
         assert job.task is not None
-        _retrieve(job.task)
+        retrieve(job.task)
         digest = job.resolved.manifest_digest
         task = job.task
         if not task.cancelled() and (error := task.exception()) is not None:
@@ -384,29 +376,31 @@ class PullEngine:
             self.in_flight.pop(digest, None)
         self._changed.fire()
 
-    async def _run_model(self, job: _ModelJob) -> Model:
+    async def _run_model(self, job: ModelJob) -> Model:
         store, resolved = self.store, job.resolved
         digest = resolved.manifest_digest
         holder = f"pull:{uuid.uuid4().hex}"
         ticker: asyncio.Task[None] | None = None
-        leased = False
+        recorded = False
         try:
             await asyncio.to_thread(
                 store.put_pending,
                 digest,
-                [_raw_file(layer) for layer in resolved.layers if layer.unpack == "raw"],
+                [raw_file(layer) for layer in resolved.layers if layer.unpack == "raw"],
                 ref=job.ref.canonical,
                 source_kind=job.source.kind,
                 manifest=resolved.manifest,
+                holder=holder,
             )
-            await asyncio.to_thread(store.add_lease, digest, holder, "pull")
-            leased = True
+            recorded = True
             job.pending_recorded = True
             self._changed.fire()
             crashpoint("pull.after_pending")
             self._publish(job)
             ticker = asyncio.create_task(self._tick(job))
-            await self._make_room(job)
+            job.reservation = await reserve_room(
+                self.store, job, holder, self.tuning.max_blob_bytes
+            )
             groups = await all_or_nothing(
                 self._layer_files(job, layer) for layer in resolved.layers
             )
@@ -425,8 +419,10 @@ class PullEngine:
             crashpoint("pull.after_tree")
             await self._record_ref(job.ref, digest)
         except BaseException as exc:
-            error = _disk_full(exc, store.root)
+            error = disk_full(exc, store.root)
             self._publish(job, state="failed", error=str(error) or type(error).__name__)
+            if recorded:  # no ghost: the pending record goes with the pull
+                await asyncio.to_thread(store.drop_pending, digest, holder)
             if error is not exc:
                 raise error from exc
             raise
@@ -434,30 +430,12 @@ class PullEngine:
             if ticker is not None:
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)
-            if leased:
+            if job.reservation is not None:
+                await asyncio.to_thread(store.release, job.reservation)
+            if recorded:
                 await asyncio.to_thread(store.release_lease, holder)
         self._publish(job, state="done")
         return model
-
-    async def _make_room(self, job: _ModelJob) -> None:
-        """Reserve the bytes still to land before writing any. Tar layers count twice (the
-        archive, then its members); a compressed one may unpack to more, which the store's
-        watermarks absorb."""
-        need = 0
-        for layer in job.resolved.layers:
-            size = layer.blob.size
-            cap = self.tuning.max_blob_bytes
-            if cap is not None and size > cap:
-                raise SourceError(
-                    f"blob {layer.blob.digest} declares {size} bytes, over the {cap}-byte limit"
-                )
-            if layer.unpack != "raw":
-                need += 2 * size
-            elif not await asyncio.to_thread(self.store.has_blob, layer.blob.digest):
-                need += size
-        if need:
-            digest = job.resolved.manifest_digest
-            await asyncio.to_thread(self.store.ensure_room, need, protect=(digest,))
 
     async def _record_ref(self, ref: ModelRef, digest: str) -> None:
         await asyncio.to_thread(
@@ -467,93 +445,18 @@ class PullEngine:
 
     # -- layers and blobs ----------------------------------------------------------------------
 
-    async def _layer_files(self, job: _ModelJob, layer: Layer) -> list[ModelFile]:
+    async def _layer_files(self, job: ModelJob, layer: Layer) -> list[ModelFile]:
         blob = layer.blob
         if layer.unpack == "raw" and await asyncio.to_thread(self.store.has_blob, blob.digest):
             job.done[blob.digest] = blob.size
-            return [_raw_file(layer)]
-        entries = await self._shared_blob(job, layer)
+            return [raw_file(layer)]
+        entries = await self._blobs.shared(job, layer)
         job.done[blob.digest] = blob.size
         if layer.unpack == "raw":
-            return [_raw_file(layer)]
-        return [ModelFile(_join(layer.path, e.path), e.digest, e.size, e.mode) for e in entries]
-
-    async def _shared_blob(self, job: _ModelJob, layer: Layer) -> tuple[UnpackedFile, ...]:
-        digest = layer.blob.digest
-        while True:
-            bj = self._blobs.get(digest)
-            if bj is None:
-                bj = _BlobJob(layer.unpack, job.source.kind)
-                self._blobs[digest] = bj
-                bj.task = asyncio.create_task(self._run_blob(bj, layer, job))
-                bj.task.add_done_callback(functools.partial(self._blob_finished, digest, bj))
-                self._changed.fire()
-                break
-            if bj.unpack == layer.unpack and not bj.abandoned:
-                break
-            # Being cancelled (its last waiter left), or the same bytes wanted raw by one model
-            # and unpacked by another: let it finish, then start afresh.
-            assert bj.task is not None
-            await asyncio.wait([bj.task])
-        assert bj.task is not None
-        bj.waiters += 1
-        job.blobs[digest] = bj
-        try:
-            return await asyncio.shield(bj.task)
-        finally:
-            bj.waiters -= 1
-            if bj.waiters == 0 and not bj.task.done():
-                bj.abandoned = True
-                bj.task.cancel()
-
-    def _blob_finished(self, digest: str, bj: _BlobJob, task: asyncio.Task[Any]) -> None:
-        _retrieve(task)
-        if bj.download is not None:
-            self._fetched[bj.source_kind] += bj.download.fetched_bytes
-        if self._blobs.get(digest) is bj:
-            del self._blobs[digest]
-        self._changed.fire()
-
-    async def _run_blob(
-        self, bj: _BlobJob, layer: Layer, job: _ModelJob
-    ) -> tuple[UnpackedFile, ...]:
-        blob, store = layer.blob, self.store
-        raw_entry = (UnpackedFile("", blob.digest, blob.size, 0o444),)
-        if layer.unpack == "raw" and await asyncio.to_thread(store.has_blob, blob.digest):
-            return raw_entry
-        partial = store.partial_path(blob.digest)
-        download = BlobDownload(
-            blob, job.source, job.ref.origin, partial, self.settings, self._limits
-        )
-        bj.download = download
-        self._changed.fire()
-        await download.run()
-        if layer.unpack == "raw":
-            crashpoint("pull.before_commit")
-            # commit_blob renames the partial file into blobs/ and drops its ranges record
-            await asyncio.to_thread(
-                store.commit_blob, blob.digest, blob.size, partial, verified=True
-            )
-            return raw_entry
-        try:
-            return await asyncio.to_thread(self._unpack, layer, partial)
-        finally:
-            await asyncio.to_thread(_remove_partial, partial)
-
-    def _unpack(self, layer: Layer, partial: Path) -> tuple[UnpackedFile, ...]:
-        ratio = 1.0 if layer.unpack == "tar" else self.tuning.max_unpack_ratio
-
-        def commit(entry: UnpackedFile, tmp: Path) -> None:
-            # tarsafe hashed every byte as it copied the member out
-            self.store.commit_blob(entry.digest, entry.size, tmp, verified=True)
-
-        return unpack_tar(
-            partial,
-            layer.unpack,
-            partial.parent,
-            commit,
-            max_total_bytes=int(layer.blob.size * ratio),
-        )
+            return [raw_file(layer)]
+        return [
+            ModelFile(member_path(layer.path, e.path), e.digest, e.size, e.mode) for e in entries
+        ]
 
     def _wanted(self, blob_digest: str) -> bool:
         return any(
@@ -564,103 +467,24 @@ class PullEngine:
 
     # -- progress ------------------------------------------------------------------------------
 
-    async def _tick(self, job: _ModelJob) -> None:
+    async def _tick(self, job: ModelJob) -> None:
         while True:
             await asyncio.sleep(self.tuning.progress_interval_seconds)
             self._publish(job)
 
     def _publish(
-        self, job: _ModelJob, *, state: PullState | None = None, error: str | None = None
+        self, job: ModelJob, *, state: PullState | None = None, error: str | None = None
     ) -> None:
         if state is not None:
             job.state = state
-        snap = self._snapshot(job, error)
+        snap = snapshot(job, error)
         job.snapshot = snap
         digest = job.resolved.manifest_digest
         if not snap.finished:
             self.in_flight[digest] = snap
         for listener in list(job.listeners):
-            _notify(listener, snap)
+            notify(listener, snap)
         job.changed.fire()
-
-    def _snapshot(self, job: _ModelJob, error: str | None) -> PullProgress:
-        now = time.monotonic()
-        blobs: dict[str, BlobProgress] = {}
-        for layer in job.resolved.layers:
-            digest, size = layer.blob.digest, layer.blob.size
-            done = job.done.get(digest)
-            if done is None:
-                bj = job.blobs.get(digest)
-                done = bj.download.done_bytes if bj and bj.download else 0
-            if job.state == "done":
-                done = size
-            blob_rate = job.blob_rates.setdefault(digest, RateMeter()).sample(now, done)
-            blobs[digest] = BlobProgress(
-                digest, done, size, blob_rate, eta_seconds(size - done, blob_rate)
-            )
-        total = sum(b.total_bytes for b in blobs.values())
-        done_bytes = sum(b.done_bytes for b in blobs.values())
-        rate = job.rate.sample(now, done_bytes)
-        return PullProgress(
-            ref=job.ref.canonical,
-            manifest_digest=job.resolved.manifest_digest,
-            state=job.state,
-            done_bytes=done_bytes,
-            total_bytes=total,
-            rate=rate,
-            eta_seconds=eta_seconds(total - done_bytes, rate),
-            blobs=tuple(blobs.values()),
-            error=error,
-            waiting=job.source.waiting(),
-        )
-
-
-def _disk_full(exc: BaseException, root: Path) -> BaseException:
-    """ENOSPC/EDQUOT from any write of a pull (unpacking a tar layer, building the tree) as the
-    DiskFullError a client can act on; any other exception unchanged."""
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-        return DiskFullError(root, exc.strerror or str(exc))
-    return exc
-
-
-def _raw_file(layer: Layer) -> ModelFile:
-    return ModelFile(layer.path, layer.blob.digest, layer.blob.size)
-
-
-def _join(prefix: str, rel: str) -> str:
-    return safe_relpath(f"{prefix}/{rel}") if prefix else rel
-
-
-def _remove_partial(partial: Path) -> None:
-    partial.unlink(missing_ok=True)
-    sidecar_path(partial).unlink(missing_ok=True)
-
-
-def _finished_snapshot(ref: ModelRef, model: Model) -> PullProgress:
-    return PullProgress(
-        ref=ref.canonical,
-        manifest_digest=model.digest,
-        state="done",
-        done_bytes=model.size,
-        total_bytes=model.size,
-        eta_seconds=0.0,
-    )
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a shared task's failure as seen: its callers got it; nobody else should log it."""
-    if not task.cancelled():
-        task.exception()
-
-
-def _notify(listener: ProgressCallback | None, snap: PullProgress) -> None:
-    """Progress is advisory: a failing listener is logged, never allowed to break the pull."""
-    if listener is None:
-        return
-    try:
-        listener(snap)
-    except Exception:
-        log.exception("progress listener failed")
 
 
 def log_background_failure(task: asyncio.Future[Any]) -> None:

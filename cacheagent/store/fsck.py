@@ -10,7 +10,9 @@ which each indexed blob is a whole verified file and each ready model is a compl
 - blob rows whose file is gone: dropped. A ready model that needs a dropped blob, or whose tree
   does not match its record, is reset to pending: its tree is removed, its record, pins and
   tags stay, ``get_model`` returns None and the next pull re-fetches only what is missing.
-- model trees with no ready record: deleted.
+  A tree in use by a pod (inuse.py) is never removed: it is kept, same directory inode, and
+  the next pull repairs it in place (``tree.repair``); the repair is logged.
+- model trees with no ready record: deleted, unless a pod has one mounted (index lost): kept.
 - partial downloads: deleted when their blob is already committed, or when untouched for a day
   and no pull holds a lease on a model that needs them; otherwise kept (and made writable
   again if a commit sealed it before crashing) so a pull can resume.
@@ -20,6 +22,8 @@ which each indexed blob is a whole verified file and each ready model is a compl
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import stat
@@ -27,10 +31,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from cacheagent.digest import hex_of
 from cacheagent.store import tree
 from cacheagent.store.blobs import BLOB_MODE, hash_file
 from cacheagent.store.index import Index
+from cacheagent.store.inuse import trees_in_use
 from cacheagent.store.paths import TMP_PREFIX, Layout, digest_of_hex, digest_of_partial, tree_shape
+
+log = logging.getLogger(__name__)
 
 STALE_PARTIAL_SECONDS = 24 * 3600
 SESSION_LEASE_KINDS = ("fuse", "pull")
@@ -56,6 +64,11 @@ class FsckReport:
     leases_dropped: int = 0
     refcounts_fixed: int = 0
     actions: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Digests of the models reset to pending (for the removal observers); not a field,
+        # so the report's JSON (``gc --json``) stays one number per kind of fix.
+        self.reset: list[str] = []
 
     def counts(self) -> dict[str, int]:
         """Each kind of fix and how many times it was applied."""
@@ -90,13 +103,15 @@ def reconcile(
 ) -> FsckReport:
     """Repair the store in place (the caller holds the store lock); see the module docstring."""
     report = FsckReport(rehashed=rehash)
+    in_use = trees_in_use(index, layout)
     with index.transaction():
         _remove_tmp_trees(layout, report)
         gone = _reconcile_blobs(index, layout, report, rehash=rehash)
+        why = "needs a blob that is missing or corrupt"
         for digest in sorted(index.models_using(sorted(gone))):
-            _reset_model(index, layout, digest, "needs a blob that is missing or corrupt", report)
-        _check_trees(index, layout, report)
-        _remove_stray_trees(index, layout, report)
+            _reset_model(index, layout, digest, why, report, in_use)
+        _check_trees(index, layout, report, in_use)
+        _remove_stray_trees(index, layout, report, in_use)
         _clean_partials(index, layout, report, now=now)
         if at_start:
             dropped = index.drop_leases(kinds=SESSION_LEASE_KINDS)
@@ -191,13 +206,25 @@ def _check_blob_file(
     return digest
 
 
-def _reset_model(index: Index, layout: Layout, digest: str, why: str, report: FsckReport) -> None:
+def _reset_model(
+    index: Index, layout: Layout, digest: str, why: str, report: FsckReport, in_use: set[str]
+) -> None:
     index.set_state(digest, "pending")
+    report.reset.append(digest)
+    if digest in in_use:
+        # A pod has this directory bind-mounted: removing it would leave the pod an empty,
+        # deleted directory. Keep it (same inode); the next pull repairs it in place.
+        log.warning("model %s %s; in use by a pod, so its directory is kept", digest, why)
+        report.note(
+            "models_reset",
+            f"model {digest} {why}: in use, directory kept; the next pull repairs it in place",
+        )
+        return
     tree.remove(layout.model_path(digest))
     report.note("models_reset", f"model {digest} {why}: tree removed, will be re-pulled")
 
 
-def _check_trees(index: Index, layout: Layout, report: FsckReport) -> None:
+def _check_trees(index: Index, layout: Layout, report: FsckReport, in_use: set[str]) -> None:
     inodes: dict[str, tuple[int, int]] = {}
     models = index.ready_models()
     report.models_checked = len(models)
@@ -216,7 +243,8 @@ def _check_trees(index: Index, layout: Layout, report: FsckReport) -> None:
         if problems:
             first = problems[0]
             where = f" {first.path!r}" if first.path else ""
-            _reset_model(index, layout, digest, f"tree broken ({first.problem}{where})", report)
+            why = f"tree broken ({first.problem}{where})"
+            _reset_model(index, layout, digest, why, report, in_use)
 
 
 def _inode(path: Path) -> tuple[int, int]:
@@ -228,14 +256,18 @@ def _inode(path: Path) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
-def _remove_stray_trees(index: Index, layout: Layout, report: FsckReport) -> None:
+def _remove_stray_trees(index: Index, layout: Layout, report: FsckReport, in_use: set[str]) -> None:
     ready = set(index.ready_models())
     for entry in _entries(layout.models_dir.parent):
         if entry.name != layout.models_dir.name:
             _remove_entry(Path(entry.path))
             report.note("stray_trees_removed", f"removed {entry.path}: not part of the store")
     for entry in _entries(layout.models_dir):
-        if digest_of_hex(entry.name) not in ready:
+        digest = digest_of_hex(entry.name)
+        if digest in in_use and digest not in ready:
+            log.warning("kept %s: no ready model record, but a pod has it mounted", entry.path)
+            report.actions.append(f"kept {entry.path}: mounted by a pod (no record; index lost?)")
+        elif digest not in ready:
             _remove_entry(Path(entry.path))
             report.note("stray_trees_removed", f"removed {entry.path}: no ready model record")
 
@@ -273,3 +305,23 @@ def _make_writable(entry: os.DirEntry[str], report: FsckReport) -> None:
     if not mode & stat.S_IWUSR:
         Path(entry.path).chmod(mode | stat.S_IWUSR)
         report.note("modes_fixed", f"partial/{entry.name}: made writable again for resume")
+
+
+def quarantine(index: Index, layout: Layout, failed: dict[str, str], report: FsckReport) -> None:
+    """Take blobs whose bytes do not hash to their digest out of service (the caller holds
+    the store lock): files to ``quarantine/``, rows dropped, models using them reset to pending
+    (kept in place if a pod uses them)."""
+    in_use = trees_in_use(index, layout)
+    where = layout.root / "quarantine"
+    where.mkdir(mode=0o700, exist_ok=True)
+    with index.transaction():
+        users = sorted(index.models_using(sorted(failed)))
+        for digest, actual in sorted(failed.items()):
+            with contextlib.suppress(FileNotFoundError):
+                layout.blob_path(digest).rename(where / hex_of(digest))
+            index.delete_blobs([digest])
+            report.note(
+                "corrupt_blobs_removed", f"quarantined {digest}: content hashes to {actual}"
+            )
+        for digest in users:
+            _reset_model(index, layout, digest, "uses a corrupt blob (scrub)", report, in_use)

@@ -1,4 +1,4 @@
-"""The SQLite index: schema, migrations and every query the store runs.
+"""The SQLite index: every query the store runs (the schema and its migrations: schema.py).
 
 Not thread-safe on its own: the Store serialises all use of one Index behind its lock.
 
@@ -26,91 +26,7 @@ from typing import Any
 from cacheagent.errors import StoreError
 from cacheagent.store.lru import Candidate
 from cacheagent.store.records import Lease, Model, ModelFile, ModelFiles
-
-_V1 = """
-CREATE TABLE blobs (
-    digest  TEXT PRIMARY KEY,
-    size    INTEGER NOT NULL CHECK (size >= 0),
-    created REAL NOT NULL,
-    refs    INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-CREATE INDEX blobs_orphans ON blobs (created) WHERE refs = 0;
-
-CREATE TABLE models (
-    digest      TEXT PRIMARY KEY,
-    state       TEXT NOT NULL CHECK (state IN ('pending', 'ready')),
-    ref         TEXT,
-    source_kind TEXT NOT NULL,
-    size        INTEGER NOT NULL,
-    created     REAL NOT NULL,
-    last_used   REAL NOT NULL,
-    files       TEXT NOT NULL,  -- JSON [[path, blob, size, mode], ...]: Model.files in one read
-    manifest    BLOB NOT NULL
-);
-CREATE INDEX models_lru ON models (last_used, digest);
-
-CREATE TABLE model_files (
-    model TEXT NOT NULL REFERENCES models (digest) ON DELETE CASCADE,
-    path  TEXT NOT NULL,
-    blob  TEXT NOT NULL,
-    size  INTEGER NOT NULL,
-    mode  INTEGER NOT NULL,
-    PRIMARY KEY (model, path)
-) WITHOUT ROWID;
-CREATE INDEX model_files_blob ON model_files (blob, model);
-
-CREATE TABLE tags (
-    ref      TEXT PRIMARY KEY,
-    digest   TEXT NOT NULL,
-    resolved REAL NOT NULL,
-    expires  REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX tags_digest ON tags (digest);
-
-CREATE TABLE pins (
-    digest  TEXT PRIMARY KEY REFERENCES models (digest) ON DELETE CASCADE,
-    created REAL NOT NULL
-) WITHOUT ROWID;
-
-CREATE TABLE leases (
-    holder  TEXT NOT NULL,
-    digest  TEXT NOT NULL,
-    kind    TEXT NOT NULL CHECK (kind IN ('csi', 'fuse', 'pull')),
-    created REAL NOT NULL,
-    PRIMARY KEY (holder, digest)
-) WITHOUT ROWID;
-CREATE INDEX leases_digest ON leases (digest, kind);
-
-CREATE VIEW model_summaries AS
-SELECT m.digest, m.ref, m.size, m.created, m.last_used, m.source_kind,
-       EXISTS (SELECT 1 FROM pins p WHERE p.digest = m.digest) AS pinned,
-       (SELECT group_concat(t.ref, char(10)) FROM tags t WHERE t.digest = m.digest) AS refs,
-       m.files
-FROM models m WHERE m.state = 'ready';
-
--- refs counts distinct models: a model using one blob at two paths holds one reference.
-CREATE TRIGGER model_files_ref AFTER INSERT ON model_files
-WHEN NOT EXISTS (SELECT 1 FROM model_files
-                 WHERE blob = NEW.blob AND model = NEW.model AND path != NEW.path)
-BEGIN
-    UPDATE blobs SET refs = refs + 1 WHERE digest = NEW.blob;
-END;
-CREATE TRIGGER model_files_unref AFTER DELETE ON model_files
-WHEN NOT EXISTS (SELECT 1 FROM model_files WHERE blob = OLD.blob AND model = OLD.model)
-BEGIN
-    UPDATE blobs SET refs = refs - 1 WHERE digest = OLD.blob;
-END;
-CREATE TRIGGER blobs_count_refs AFTER INSERT ON blobs
-BEGIN
-    UPDATE blobs SET refs = (SELECT COUNT(DISTINCT model) FROM model_files WHERE blob = NEW.digest)
-    WHERE digest = NEW.digest;
-END;
-"""
-
-MIGRATIONS: tuple[str, ...] = (_V1,)
-"""Migration N (1-based) brings ``PRAGMA user_version`` from N-1 to N. Append, never edit."""
-
-SCHEMA_VERSION = len(MIGRATIONS)
+from cacheagent.store.schema import check_version, migrate
 
 
 @dataclass(frozen=True)
@@ -147,10 +63,10 @@ class Index:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             if readonly:
-                _check_version(conn)
+                check_version(conn)
                 conn.execute("PRAGMA query_only=ON")
             else:
-                _migrate(conn)
+                migrate(conn)
         except BaseException:
             conn.close()
             raise
@@ -269,9 +185,10 @@ class Index:
             ((row.digest, f.path, f.blob, f.size, f.mode) for f in row.files),
         )
 
-    def delete_model(self, digest: str) -> dict[str, int]:
+    def delete_model(self, digest: str, *, free_blobs: bool = True) -> dict[str, int]:
         """Delete a model (pins cascade) and the blob rows only it used; returns those blobs
-        with their sizes, for the caller to delete the files."""
+        with their sizes, for the caller to delete the files. With ``free_blobs=False`` those
+        blobs stay, as orphans evictable at once (``age_orphans``), and none is returned."""
         blobs = [
             r[0]
             for r in self._conn.execute(
@@ -280,9 +197,20 @@ class Index:
         ]
         self._conn.execute("DELETE FROM model_files WHERE model = ?", (digest,))
         self._conn.execute("DELETE FROM models WHERE digest = ?", (digest,))
+        if not free_blobs:
+            self.age_orphans(blobs)
+            return {}
         freed = self.unreferenced(blobs)
         self.delete_blobs(freed)
         return freed
+
+    def age_orphans(self, digests: Iterable[str]) -> None:
+        """Make those of ``digests`` that no model uses evictable at once (no grace period)."""
+        self._conn.execute(
+            "UPDATE blobs SET created = 0 WHERE refs = 0 "
+            "AND digest IN (SELECT value FROM json_each(?))",
+            (_json(digests),),
+        )
 
     def get_model(self, digest: str) -> Model | None:
         row = self._conn.execute(
@@ -504,45 +432,3 @@ def _model(row: tuple[Any, ...]) -> Model:
         bool(pinned),
         source_kind,
     )
-
-
-def _version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
-def _check_version(conn: sqlite3.Connection) -> int:
-    version = _version(conn)
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"index.db schema version {version} is newer than this cacheagent "
-            f"understands ({SCHEMA_VERSION}); upgrade cacheagent"
-        )
-    return version
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    version = _check_version(conn)
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _statements(script):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-
-def _statements(script: str) -> Iterator[str]:
-    """Split a migration into statements (``executescript`` would commit mid-migration)."""
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        if line.lstrip().startswith("--"):
-            continue
-        pending += line
-        if sqlite3.complete_statement(pending):
-            yield pending.strip()
-            pending = ""
-    if pending.strip():
-        raise StoreError(f"incomplete statement in index migration: {pending.strip()[:80]!r}")

@@ -115,7 +115,10 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Bytes and counts. ``used`` counts every committed blob, referenced by a model or not."""
+    """Bytes and counts. ``used`` counts every committed blob, referenced by a model or not;
+    ``reserved`` what pulls in flight will still write; ``abandoned`` partial downloads no pull
+    covers (and bytes being deleted); ``disk_free`` what the filesystem can still take. All
+    three count against the capacity (``held``)."""
 
     capacity: int | None
     used: int
@@ -123,7 +126,14 @@ class Usage:
     blobs: int
     high_watermark: float
     low_watermark: float
+    reserved: int = 0
+    abandoned: int = 0
+    disk_free: int | None = None
+
+    @property
+    def held(self) -> int:
+        return self.used + self.reserved + self.abandoned
 
     @property
     def free(self) -> int | None:
-        return None if self.capacity is None else max(self.capacity - self.used, 0)
+        return None if self.capacity is None else max(self.capacity - self.held, 0)

@@ -4,18 +4,19 @@ Thread-safe: one SQLite connection and every change to the directory are seriali
 re-entrant lock; only hashing a blob (the slow part of a commit) runs outside it. Async callers
 use ``asyncio.to_thread``.
 
-Protocol for a pull (so eviction cannot free a blob between its commit and ``put_model``): take
-a ``pull`` lease on the manifest digest and record the model with ``put_pending`` before
-committing its blobs. Blobs used by any model record (ready or pending) are never freed, and a
-pending model with a pull lease is never evicted. Blobs used by no model at all are freed by
-eviction only once they are a day old (``ORPHAN_GRACE_SECONDS``).
+Protocol for a pull (so eviction cannot free a blob between its commit and ``put_model``):
+record the model with ``put_pending`` holding a ``pull`` lease (one step), ``reserve`` the bytes
+still to land (capacity, see evict.py), commit its blobs under that reservation, ``put_model``,
+then ``release`` the reservation and the lease. A pull that fails calls ``drop_pending``: no
+pending row outlives its pull. Blobs used by any model record (ready or pending) are never
+freed, and a pending model with a pull lease is never evicted. Blobs used by no model at all
+are freed by eviction once no live reservation committed them and either a pull gave them up
+or they are a day old (``ORPHAN_GRACE_SECONDS``: blobs committed outside any reservation).
 
-Removing a model: the index transaction comes first (the model vanishes atomically for every
-reader and the freed blob rows go with it), then the tree is renamed to a ``.tmp-*`` name, then
-the freed blob files are unlinked, then the tree is deleted. A crash after the transaction
-leaves only files the index does not reference: ``.tmp-*`` trees (deleted on the next open) and
-blob files (adopted as unreferenced blobs, freed by the next eviction, reused if
-the model is pulled again).
+Removing a model (rm, eviction, a failed pull's record, a repair) goes through removal.py: the
+index transaction and the renames into a trash directory under the lock, the deletes outside
+it, then the removal observers (``add_removal_observer``) are told. Removal never drops a
+lease: ``force`` overrides a pin, never a lease.
 
 ``lock=False`` opens a read-only view for offline inspection (the CLI's ``ls`` with no agent
 running, or beside a running one): no flock, no reconciliation, and every method that would
@@ -24,20 +25,17 @@ change the store raises StoreError. SQLite WAL lets it read while the agent writ
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import logging
 import os
-import threading
 import time
 from collections.abc import Collection, Sequence
-from contextlib import closing
 from pathlib import Path
-from types import TracebackType
 
 from cacheagent.config import StoreConfig
-from cacheagent.digest import check_digest, hex_of, is_digest, sha256_digest
+from cacheagent.digest import check_digest, hex_of, sha256_digest
 from cacheagent.errors import (
-    CacheFullError,
-    ConfigError,
+    CacheAgentError,
     DigestMismatchError,
     ModelInUseError,
     ModelNotFoundError,
@@ -46,42 +44,23 @@ from cacheagent.errors import (
 )
 from cacheagent.store import blobs, tree
 from cacheagent.store.crashpoints import crashpoint
-from cacheagent.store.fsck import FsckReport, reconcile
+from cacheagent.store.evict import Reservation
+from cacheagent.store.fsck import FsckReport, quarantine, reconcile
 from cacheagent.store.index import Index, ModelRow
 from cacheagent.store.lock import StoreLock
-from cacheagent.store.lru import EvictionPlan, plan_eviction_ordered
-from cacheagent.store.paths import Layout, TreeShape, safe_relpath, tree_shape
-from cacheagent.store.records import LEASE_KINDS, Lease, Model, ModelFile, PendingModel, Usage
+from cacheagent.store.lru import EvictionPlan
+from cacheagent.store.paths import Layout, TreeShape
+from cacheagent.store.records import LEASE_KINDS, Model, ModelFile
+from cacheagent.store.removal import RemovalObserver
+from cacheagent.store.scrub import ScrubPass, hash_batch
+from cacheagent.store.validate import check_capacity, checked_files
+from cacheagent.store.view import StoreView
 
-ORPHAN_GRACE_SECONDS = 24 * 3600
+log = logging.getLogger(__name__)
 
 
-class Store:
+class Store(StoreView):
     """A content-addressed model store on local disk; see the module docstring."""
-
-    def __init__(
-        self,
-        layout: Layout,
-        index: Index,
-        lock: StoreLock | None,
-        *,
-        capacity_bytes: int | None,
-        high_watermark: float,
-        low_watermark: float,
-    ) -> None:
-        self.root = layout.root
-        self.capacity_bytes = capacity_bytes
-        self.high_watermark = high_watermark
-        self.low_watermark = low_watermark
-        self.last_reconcile = FsckReport()
-        # Models removed (by rm or by eviction) and the bytes that freed, since open.
-        self.removed_models = 0
-        self.removed_bytes = 0
-        self._layout = layout
-        self._index = index
-        self._flock = lock
-        self._lock = threading.RLock()
-        self._tmp_names = itertools.count()
 
     @classmethod
     def open_configured(cls, config: StoreConfig) -> Store:
@@ -108,7 +87,7 @@ class Store:
     ) -> Store:
         """Take the agent lock, create the layout, migrate the index and reconcile it with the
         disk (``last_reconcile`` says what was fixed). ``lock=False``: read-only view."""
-        _check_capacity(capacity_bytes, high_watermark, low_watermark)
+        check_capacity(capacity_bytes, high_watermark, low_watermark)
         layout = Layout(Path(root).resolve())
 
         def make(index: Index, flock: StoreLock | None) -> Store:
@@ -132,6 +111,7 @@ class Store:
         except BaseException:
             flock.release()
             raise
+        store._reserve.ensure()
         try:
             with store._lock:
                 store.last_reconcile = reconcile(
@@ -142,39 +122,20 @@ class Store:
             raise
         return store
 
-    def close(self) -> None:
-        with self._lock:
-            self._index.close()
-            if self._flock is not None:
-                self._flock.release()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # blobs
 
-    def has_blob(self, digest: str) -> bool:
-        check_digest(digest)
-        with self._lock:
-            return self._index.blob_size(digest) is not None
-
-    def blob_path(self, digest: str) -> Path:
-        return self._layout.blob_path(digest)
-
-    def partial_path(self, digest: str) -> Path:
-        return self._layout.partial_path(digest)
-
-    def commit_blob(self, digest: str, size: int, src: Path, *, verified: bool = False) -> Path:
+    def commit_blob(
+        self,
+        digest: str,
+        size: int,
+        src: Path,
+        *,
+        verified: bool = False,
+        reservation: Reservation | None = None,
+    ) -> Path:
         """Publish ``src`` as blob ``digest``; see blobs.py for the steps. ``src`` is consumed:
-        renamed into place, or deleted when it is a duplicate or fails verification."""
+        renamed into place, or deleted when it is a duplicate or fails verification. Under a
+        ``reservation`` its bytes move from reserved to committed in one step."""
         self._writable()
         check_digest(digest)
         if size < 0:
@@ -198,6 +159,12 @@ class Store:
             if self.has_blob(digest):  # a concurrent commit of the same blob won
                 return dest
             raise
+        if reservation is not None:
+            try:
+                self._capacity.grow(reservation, size)
+            except CacheAgentError:
+                blobs.discard(src)
+                raise
         with self._lock:
             if self._index.blob_size(digest) is not None:
                 blobs.discard(src)
@@ -205,6 +172,8 @@ class Store:
             blobs.publish(src, dest)
             with self._index.transaction():
                 self._index.insert_blob(digest, size, time.time())
+            if reservation is not None:
+                self._ledger.consume(reservation, digest, size)
             crashpoint("blob.after_index")
         blobs.discard(self._layout.ranges_path(digest))
         return dest
@@ -233,7 +202,7 @@ class Store:
         tree aside, rename it to ``model_path``, then record it. ``manifest`` must hash to
         ``manifest_digest``."""
         self._writable()
-        clean, shape = _checked_files(manifest_digest, files, manifest)
+        clean, shape = checked_files(manifest_digest, files, manifest)
         with self._lock:
             existing = self._index.get_model(manifest_digest)
             if existing is not None:
@@ -251,47 +220,45 @@ class Store:
         assert model is not None
         return model
 
-    def get_model(self, manifest_digest: str) -> Model | None:
-        """The ready model, or None (also for a string that is not a digest at all)."""
-        if not is_digest(manifest_digest):
-            return None
-        with self._lock:
-            return self._index.get_model(manifest_digest)
-
-    def list_models(self) -> list[Model]:
-        """Every ready model, most recently used first."""
-        with self._lock:
-            return self._index.list_models()
-
-    def model_digests(self) -> list[str]:
-        """Digests of every model the store knows, ready or still pending."""
-        with self._lock:
-            return self._index.model_digests()
-
-    def model_path(self, manifest_digest: str) -> Path:
-        return self._layout.model_path(manifest_digest)
-
-    def get_manifest(self, manifest_digest: str) -> bytes | None:
-        """The manifest bytes recorded with a ready or pending model."""
-        if not is_digest(manifest_digest):
-            return None
-        with self._lock:
-            return self._index.manifest(manifest_digest)
-
     def remove_model(self, manifest_digest: str, *, force: bool = False) -> int:
         """Delete a model (ready or pending) and the blobs no other model uses; returns the
-        bytes freed. ModelInUseError if pinned or leased, unless ``force``."""
+        bytes freed. ModelInUseError if leased (a published volume, an open FUSE file, a
+        pull), or pinned unless ``force``: force overrides a pin, never a lease."""
         self._writable()
         check_digest(manifest_digest)
         with self._lock:
             if self._index.model_state(manifest_digest) is None:
                 raise ModelNotFoundError(f"model {manifest_digest} is not in the store")
-            if not force and not self._index.is_evictable(manifest_digest):
+            leased = bool(self._index.leases(manifest_digest))
+            if leased or (not force and self._index.is_pinned(manifest_digest)):
+                advice = "wait until it is released" if leased else "unpin it (or force)"
                 raise ModelInUseError(
-                    f"model {manifest_digest} is {self._in_use_reason(manifest_digest)}; "
-                    "unpin it or wait until it is released (or force)"
+                    f"model {manifest_digest} is {self._in_use_reason(manifest_digest)}; {advice}"
                 )
-            return self._remove(manifest_digest)
+            trash = self._remover.drop_models([manifest_digest], "rm")
+        self._remover.dispose(trash)
+        return trash.nbytes
+
+    def drop_pending(self, manifest_digest: str, holder: str) -> bool:
+        """Forget the pending record of a pull that failed (no ghost outlives its pull):
+        release ``holder``'s lease and, unless someone else holds one or the model became
+        ready, delete the record. Its committed blobs stay as orphans, evictable at once and
+        reused by the next pull. True if the record was deleted."""
+        self._writable()
+        with self._lock:
+            with self._index.transaction():
+                self._index.release_lease(holder)
+            state = self._index.model_state(manifest_digest)
+            if state != "pending" or self._index.leases(manifest_digest):
+                return False
+            trash = self._remover.drop_models([manifest_digest], "failed-pull", free_blobs=False)
+        self._remover.dispose(trash)
+        return True
+
+    def add_removal_observer(self, observer: RemovalObserver) -> None:
+        """Call ``observer`` after every removal of a model, whatever removed it (from the
+        thread that removed it: observers must be thread-safe and quick)."""
+        self._remover.observe(observer)
 
     # pending models
 
@@ -303,38 +270,22 @@ class Store:
         ref: str | None,
         source_kind: str,
         manifest: bytes,
+        holder: str | None = None,
     ) -> None:
-        """Record a model whose blobs are still arriving (no tree yet). No-op if known."""
+        """Record a model whose blobs are still arriving (no tree yet); with ``holder``, take
+        its pull lease in the same step, so no eviction can come in between. The record is
+        not replaced if the model is known."""
         self._writable()
-        clean, _ = _checked_files(manifest_digest, files, manifest)
-        with self._lock:
-            if self._index.model_state(manifest_digest) is not None:
-                return
-            with self._index.transaction():
+        clean, _ = checked_files(manifest_digest, files, manifest)
+        with self._lock, self._index.transaction():
+            if holder is not None:
+                self._index.add_lease(manifest_digest, holder, "pull", time.time())
+            if self._index.model_state(manifest_digest) is None:
                 self._index.insert_model(
                     ModelRow(
                         manifest_digest, "pending", ref, source_kind, manifest, clean, time.time()
                     )
                 )
-
-    def get_pending(self, manifest_digest: str) -> PendingModel | None:
-        if not is_digest(manifest_digest):
-            return None
-        with self._lock:
-            if self._index.model_state(manifest_digest) != "pending":
-                return None
-            meta = self._index.model_meta(manifest_digest)
-            assert meta is not None
-            ref, source_kind, size, created = meta
-            return PendingModel(
-                digest=manifest_digest,
-                ref=ref,
-                size=size,
-                files=self._index.model_files(manifest_digest),
-                created=created,
-                source_kind=source_kind,
-                missing=self._index.missing_blobs(manifest_digest),
-            )
 
     # tags
 
@@ -347,15 +298,6 @@ class Store:
         now = time.time()
         with self._lock, self._index.transaction():
             self._index.set_tag(ref, manifest_digest, now, now + ttl_seconds)
-
-    def resolve_tag(self, ref: str) -> str | None:
-        with self._lock:
-            return self._index.resolve_tag(ref, time.time())
-
-    def lookup_ref(self, ref: str) -> str | None:
-        """Any digest known for ``ref``, expired or not (for running without the origin)."""
-        with self._lock:
-            return self._index.lookup_ref(ref)
 
     # use tracking
 
@@ -396,85 +338,92 @@ class Store:
         with self._lock:
             self._index.release_lease(holder)
 
-    def leases(self, manifest_digest: str | None = None) -> list[Lease]:
-        with self._lock:
-            return self._index.leases(manifest_digest)
+    # capacity (see capacity.py)
 
-    # capacity
+    def reserve(
+        self,
+        nbytes: int,
+        *,
+        holder: str = "",
+        blobs: Collection[str] = (),
+        protect: Collection[str] = (),
+    ) -> Reservation:
+        """Reserve room for ``nbytes`` a pull is about to write, evicting in the same step if
+        need be; CacheFullError naming the sizes if it cannot fit (``Capacity.reserve``)."""
+        self._writable()
+        return self._capacity.reserve(nbytes, holder=holder, blobs=blobs, protect=protect)
 
-    def usage(self) -> Usage:
-        with self._lock:
-            used, nblobs, nmodels = self._index.usage()
-        return Usage(
-            capacity=self.capacity_bytes,
-            used=used,
-            models=nmodels,
-            blobs=nblobs,
-            high_watermark=self.high_watermark,
-            low_watermark=self.low_watermark,
-        )
+    def release(self, reservation: Reservation, nbytes: int | None = None) -> None:
+        """Give back ``nbytes`` of a reservation (a tar archive unpacked), or all of it."""
+        self._capacity.release(reservation, nbytes, age_orphans=self._flock is not None)
 
     def ensure_room(self, nbytes: int, *, protect: Collection[str] = ()) -> EvictionPlan:
-        """Make room for ``nbytes`` more: past the high watermark, evict LRU models (never
-        those in ``protect``) down to the low watermark minus ``nbytes``, or as far toward it
-        as pins and leases allow. CacheFullError, with nothing evicted, if the request would
-        not fit in the capacity even then. Returns the executed plan."""
-        self._writable()
-        if nbytes < 0:
-            raise ValueError(f"negative byte count {nbytes}")
-        capacity = self.capacity_bytes
-        if capacity is None:
-            return EvictionPlan(need_bytes=0)
-        with self._lock:
-            used = self._index.usage()[0]
-            if used + nbytes <= self.high_watermark * capacity:
-                return EvictionPlan(need_bytes=0)
-            plan = self._plan(used + nbytes - int(self.low_watermark * capacity), protect)
-            if used + nbytes - plan.bytes_freed > capacity:
-                raise CacheFullError(nbytes, max(capacity - used + plan.bytes_freed, 0))
-            self.execute(plan)
-            return plan
-
-    def plan_eviction(self, need_bytes: int) -> EvictionPlan:
-        """What evicting ``need_bytes`` would delete, without deleting it."""
-        with self._lock:
-            return self._plan(need_bytes, ())
+        """Evict as ``reserve`` would for ``nbytes``, without keeping the reservation;
+        returns the executed plan."""
+        reservation = self.reserve(nbytes, protect=protect)
+        self.release(reservation)
+        return reservation.plan
 
     def execute(self, plan: EvictionPlan) -> int:
         """Carry out a plan; returns the bytes freed. Models that became pinned or leased
         since the plan was made are kept, and only blobs still unused are freed."""
         self._writable()
-        freed = 0
         with self._lock:
-            for digest in plan.models:
-                state = self._index.model_state(digest)
-                if state is not None and self._index.is_evictable(digest):
-                    freed += self._remove(digest)
-            stale = self._index.orphans(time.time() - ORPHAN_GRACE_SECONDS)
-            orphans = {d: stale[d] for d in plan.blobs if d in stale}
-            if orphans:
-                with self._index.transaction():
-                    self._index.delete_blobs(orphans)
-                self._unlink_blobs(orphans)
-                freed += sum(orphans.values())
-        return freed
+            trash = self._remover.evict(plan, [], 0)
+        self._remover.dispose(trash)
+        return trash.nbytes
 
     # maintenance
+
+    def problem(self) -> str | None:
+        """Why the store cannot write now, or None (health.py): its index or lock file gone
+        (latched: only a restart clears it; the lock is taken again at once so offline
+        commands stay out), or its disk full (the index reserve is then released)."""
+        if self._flock is None:
+            return None
+        if self._lost is None:
+            self._lost = self._broken()
+            if self._lost is not None:
+                log.error("store %s: %s", self.root, self._lost)
+                self._retake_lock()
+        if self._lost is not None:
+            return self._lost
+        if self._reserve.release_if_full():
+            return f"the disk of {self.root} is full: no new model can be stored"
+        self._reserve.ensure()
+        return None
+
+    def scrub(self, budget_bytes: int) -> tuple[ScrubPass, FsckReport]:
+        """Re-hash the next blobs (about ``budget_bytes``) and quarantine those that fail
+        (scrub.py); returns what was hashed and what was repaired."""
+        self._writable()
+        with self._lock:
+            batch = self._scrub_cursor.next_batch(self._index.all_blobs(), budget_bytes)
+        result = hash_batch(batch, self.blob_path)
+        report = FsckReport(rehashed=True)
+        if result.failed:
+            with self._lock:
+                quarantine(self._index, self._layout, result.failed, report)
+            log.error("scrub: %s", "; ".join(report.actions))
+            self._remover.repaired(report.reset)
+        return result, report
+
+    def _retake_lock(self) -> None:
+        with contextlib.suppress(StoreError, OSError):
+            self._spare_lock = StoreLock.acquire(self._layout.lock_path, self.root)
 
     def fsck(self, *, rehash: bool = False) -> FsckReport:
         """Reconcile the index with the disk now; with ``rehash``, re-hash every blob."""
         self._writable()
         with self._lock:
-            self.last_reconcile = reconcile(
+            report = reconcile(
                 self._index, self._layout, rehash=rehash, now=time.time(), at_start=False
             )
-            return self.last_reconcile
+            self.last_reconcile = report
+        self._remover.repaired(report.reset)
+        return report
 
     # internals
-
-    def _writable(self) -> None:
-        if self._flock is None:
-            raise StoreError(f"store {self.root} was opened read-only (lock=False)")
 
     def _local_copy(self, src: Path, digest: str) -> Path:
         """``src`` itself if it can be renamed into the store, else a copy in partial/."""
@@ -496,42 +445,18 @@ class Store:
                 raise SizeMismatchError(f.blob, f.size, sizes[f.blob])
 
     def _build_tree(self, digest: str, files: Sequence[ModelFile], shape: TreeShape) -> None:
-        tmp = self._layout.tmp_tree_path(digest, self._tmp_tag())
         sources = {f.path: self.blob_path(f.blob) for f in files}
+        final = self.model_path(digest)
+        if final.is_dir():  # kept by a repair because a pod uses it: fix it where it stands
+            replaced = tree.repair(final, shape, sources)
+            log.warning("model %s repaired in place (%d files replaced)", digest, replaced)
+            return
+        tmp = self._layout.tmp_tree_path(digest, self._tmp_tag())
         try:
             tree.build(tmp, self.model_path(digest), shape, sources)
         except BaseException:
             tree.remove(tmp)
             raise
-
-    def _remove(self, digest: str) -> int:
-        """Remove a model in the crash-safe order described in the module docstring."""
-        with self._index.transaction():
-            self._index.drop_leases(digest=digest)
-            freed = self._index.delete_model(digest)
-        crashpoint("remove.after_index")
-        aside = self._layout.tmp_tree_path(digest, f"del-{self._tmp_tag()}")
-        moved = tree.move_aside(self.model_path(digest), aside)
-        crashpoint("remove.after_rename")
-        self._unlink_blobs(freed)
-        crashpoint("remove.after_blobs")
-        if moved:
-            tree.remove(aside)
-        self.removed_models += 1
-        self.removed_bytes += sum(freed.values())
-        return sum(freed.values())
-
-    def _unlink_blobs(self, digests: Collection[str]) -> None:
-        for digest in digests:
-            blobs.discard(self.blob_path(digest))
-
-    def _plan(self, need_bytes: int, protect: Collection[str]) -> EvictionPlan:
-        if need_bytes <= 0:
-            return EvictionPlan(need_bytes=need_bytes)
-        refcounts: dict[str, int] = {}
-        orphans = self._index.orphans(time.time() - ORPHAN_GRACE_SECONDS)
-        with closing(self._index.candidates(refcounts, set(protect))) as candidates:
-            return plan_eviction_ordered(candidates, refcounts, need_bytes, orphans=orphans)
 
     def _in_use_reason(self, digest: str) -> str:
         reasons = ["pinned"] if self._index.is_pinned(digest) else []
@@ -539,34 +464,3 @@ class Store:
             f"leased by {lease.kind}:{lease.holder}" for lease in self._index.leases(digest)
         ]
         return ", ".join(reasons)
-
-    def _tmp_tag(self) -> str:
-        return f"{os.getpid()}-{next(self._tmp_names)}"
-
-
-def _checked_files(
-    manifest_digest: str, files: Sequence[ModelFile], manifest: bytes
-) -> tuple[tuple[ModelFile, ...], TreeShape]:
-    """Validate a model record before anything is written: digests, sizes, safe paths that
-    form a tree. Returns the files with normalised paths, sorted by path."""
-    check_digest(manifest_digest)
-    actual = sha256_digest(manifest)
-    if actual != manifest_digest:
-        raise DigestMismatchError(manifest_digest, actual, what="manifest")
-    clean: list[ModelFile] = []
-    for f in files:
-        check_digest(f.blob)
-        if f.size < 0:
-            raise ValueError(f"file {f.path!r}: negative size {f.size}")
-        clean.append(ModelFile(safe_relpath(f.path), f.blob, f.size, f.mode))
-    shape = tree_shape(f.path for f in clean)
-    return tuple(sorted(clean, key=lambda f: f.path)), shape
-
-
-def _check_capacity(capacity: int | None, high: float, low: float) -> None:
-    if capacity is not None and capacity < 0:
-        raise ConfigError("store.capacity", f"must not be negative (got {capacity})")
-    if not 0 < high <= 1:
-        raise ConfigError("store.high_watermark", f"must be in (0, 1] (got {high})")
-    if not 0 < low <= high:
-        raise ConfigError("store.low_watermark", f"must be in (0, high_watermark] (got {low})")

@@ -10,6 +10,7 @@ make the directories writable again, remove.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -53,6 +54,33 @@ def build(tmp: Path, final: Path, shape: TreeShape, sources: Mapping[str, Path])
     crashpoint("tree.after_dir_fsync")
 
 
+def repair(final: Path, shape: TreeShape, sources: Mapping[str, Path]) -> int:
+    """Make the existing tree at ``final`` match ``shape`` without replacing its directories
+    (a pod may have them bind-mounted): each wrong or missing file is linked aside and renamed
+    over its name, atomically. Returns how many files were replaced."""
+    replaced = 0
+    dirs = [final, *(final / d for d in shape.dirs)]
+    for directory in dirs:
+        directory.mkdir(mode=_WRITABLE_DIR_MODE, exist_ok=True)
+        directory.chmod(_WRITABLE_DIR_MODE)
+    try:
+        for path in shape.files:
+            target, source = final / path, sources[path]
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(target.lstat(), source.stat()):
+                    continue
+            aside = target.with_name(f".tmp-repair-{target.name}")
+            aside.unlink(missing_ok=True)
+            os.link(source, aside)
+            aside.rename(target)
+            replaced += 1
+    finally:
+        for directory in reversed(dirs):
+            directory.chmod(DIR_MODE)
+            fsync_dir(directory)
+    return replaced
+
+
 def move_aside(path: Path, aside: Path) -> bool:
     """Take a tree out of view in one rename (to a ``.tmp-*`` name that reconciliation
     deletes if we crash before ``remove`` finishes). False if there was no tree."""
@@ -65,13 +93,22 @@ def move_aside(path: Path, aside: Path) -> bool:
 
 
 def remove(path: Path) -> None:
-    """Delete a tree whatever its modes (a missing one is fine)."""
+    """Delete a tree whatever its modes (a missing one is fine, and so are entries a concurrent
+    reconciliation deletes first)."""
     if not path.is_dir() or path.is_symlink():
         path.unlink(missing_ok=True)
         return
     for directory, _, _ in os.walk(path):  # top-down: a directory is writable before its entries go
-        Path(directory).chmod(_WRITABLE_DIR_MODE)
-    shutil.rmtree(path)
+        with contextlib.suppress(FileNotFoundError):
+            Path(directory).chmod(_WRITABLE_DIR_MODE)
+    shutil.rmtree(path, onerror=_gone_is_fine)
+
+
+def _gone_is_fine(
+    _function: object, _path: str, info: tuple[type[BaseException], BaseException, object]
+) -> None:
+    if not isinstance(info[1], FileNotFoundError):
+        raise info[1]
 
 
 def check(

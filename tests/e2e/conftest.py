@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cacheagent.sources.layout_writer import write_synthetic_layout
-from cacheagent.sources.push import push_layout
 from tests.agent_process import AgentProcess
+from tests.oci.layout_writer import write_synthetic_layout
+from tests.oci.push import push_layout
 from tests.registry_server import RegistryServer
 
 MODEL_BYTES = 24 << 20

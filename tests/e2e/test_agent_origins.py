@@ -13,10 +13,10 @@ from pathlib import Path
 
 from cacheagent._proto.cacheagent.v1 import agent_pb2 as pb
 from cacheagent.cli.client import AgentClient
-from cacheagent.sources.layout_writer import write_synthetic_layout
 from tests.agent_process import AgentProcess
 from tests.fault_server import Fault, FaultServer
 from tests.integration.pull_origin import serve_layout
+from tests.oci.layout_writer import write_synthetic_layout
 from tests.oci_push import Artifact, OciPusher, modelpack_artifact
 from tests.proxy_server import ProxyServer
 from tests.registry_server import BasicAuth, RegistryServer

@@ -32,13 +32,13 @@ from cacheagent._proto.cacheagent.v1 import agent_pb2 as apb
 from cacheagent._proto.cacheagent.v1 import agent_pb2_grpc as apb_grpc
 from cacheagent._proto.csi.v1 import csi_pb2 as cpb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as cpb_grpc
-from cacheagent.pull.download import sidecar_path
+from cacheagent.pull.partial_file import sidecar_path
 from cacheagent.pull.ranges import load_sidecar
-from cacheagent.sources.layout_writer import LayoutEntry, write_layout
 from cacheagent.store import Lease, Store
 from tests.agent_process import AgentProcess
 from tests.csi_env import force_unmount, mount_capability, mounts_under
 from tests.fault_server import FaultServer
+from tests.oci.layout_writer import LayoutEntry, write_layout
 from tests.threaded import ThreadedServer
 
 MiB = 1 << 20

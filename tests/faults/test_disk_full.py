@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from cacheagent._proto.cacheagent.v1 import agent_pb2 as apb
-from cacheagent.sources.layout_writer import LayoutEntry, write_layout
 from tests.agent_process import AgentProcess
 from tests.faults.harness import (
     LayoutModel,
@@ -34,6 +33,7 @@ from tests.faults.harness import (
     status,
     verify_models,
 )
+from tests.oci.layout_writer import LayoutEntry, write_layout
 from tests.support import require_binary
 
 pytestmark = pytest.mark.root

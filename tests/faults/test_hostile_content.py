@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from cacheagent.sources.layout_writer import init_layout, set_tag, write_blob_bytes
 from cacheagent.sources.manifest import (
     ANNOTATION_FILEPATH,
     ANNOTATION_TITLE,
@@ -30,6 +29,7 @@ from cacheagent.sources.manifest import (
 )
 from tests.agent_process import AgentProcess
 from tests.faults.harness import Rig, open_view, preheat_failure, preheat_ok, status
+from tests.oci.layout_writer import init_layout, set_tag, write_blob_bytes
 
 OUTSIDE = Path("/tmp") / f"cacheagent-escape-{uuid.uuid4().hex[:8]}"
 

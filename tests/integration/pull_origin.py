@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cacheagent.refs import ModelRef
 from cacheagent.sources.base import BlobRef, ResolvedModel, Source
@@ -60,14 +61,37 @@ def serve_layout(server: FaultServer, layout: Path, repo: str, tag: str = "v1") 
 
 
 class LoopbackRegistrySource(RegistrySource):
-    """A RegistrySource for 127.0.0.1 over plain HTTP that closes its own transport."""
+    """A RegistrySource for 127.0.0.1 over plain HTTP that closes its own transport.
+
+    ``received`` counts, per blob, the bytes this client received and handed to the engine.
+    Resume tests compare it, not the server's count of bytes sent: a server handler of a
+    connection the client abandoned may still count bytes after the client gave up on them
+    (they were sent into a socket nobody reads), so the server's figure is not a fixed number.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: Counter[str] = Counter()
+
+    async def fetch(
+        self, blob: BlobRef, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        stream = super().fetch(blob, start, end)
+        try:
+            async for chunk in stream:
+                self.received[blob.digest] += len(chunk)
+                yield chunk
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def aclose(self) -> None:
         await super().aclose()
         await self.transport.aclose()
 
 
-def registry_source(*, attempts: int = 5, per_host: int = 8) -> RegistrySource:
+def registry_source(*, attempts: int = 5, per_host: int = 8) -> LoopbackRegistrySource:
     """A registry source for the test origin, with fast retries."""
     transport = Transport(
         TransportOptions(insecure=frozenset({"127.0.0.1"}), max_connections_per_host=per_host)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cacheagent.sources.layout_writer import write_synthetic_layout
 from cacheagent.store import Store
 from tests.agent_process import AgentProcess
+from tests.oci.layout_writer import write_synthetic_layout
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import pytest
 
 from cacheagent.digest import sha256_digest
 from cacheagent.errors import OriginUnavailableError
-from cacheagent.pull.download import BlobDownload, DownloadSettings, Limits, sidecar_path
+from cacheagent.pull.download import BlobDownload, DownloadSettings, Limits
+from cacheagent.pull.partial_file import sidecar_path
 from cacheagent.pull.ranges import load_sidecar
 from cacheagent.refs import HttpRef, ModelRef, parse_ref
 from cacheagent.sources.base import BlobRef, ResolvedModel, Source

@@ -19,7 +19,9 @@ from cacheagent.errors import (
 from cacheagent.refs import LayoutRef, parse_ref
 from cacheagent.sources.base import Layer, ResolvedModel, UnpackKind
 from cacheagent.sources.layout import OciLayoutSource, blob_path
-from cacheagent.sources.layout_writer import (
+from cacheagent.sources.manifest import MODELPACK_ARTIFACT, OCI_INDEX, OCI_MANIFEST
+from cacheagent.sources.tarsafe import UnpackedFile, unpack_tar
+from tests.oci.layout_writer import (
     Flavor,
     LayoutEntry,
     expected_files,
@@ -29,8 +31,6 @@ from cacheagent.sources.layout_writer import (
     write_layout,
     write_synthetic_layout,
 )
-from cacheagent.sources.manifest import MODELPACK_ARTIFACT, OCI_INDEX, OCI_MANIFEST
-from cacheagent.sources.tarsafe import UnpackedFile, unpack_tar
 
 SIZE = 3 << 20
 

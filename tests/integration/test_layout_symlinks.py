@@ -17,7 +17,7 @@ from cacheagent.errors import ModelNotFoundError, SourceError
 from cacheagent.refs import LayoutRef
 from cacheagent.sources import beneath
 from cacheagent.sources.layout import OciLayoutSource, blob_path
-from cacheagent.sources.layout_writer import write_synthetic_layout
+from tests.oci.layout_writer import write_synthetic_layout
 
 SECRET = b"top secret token of another pod\n"
 

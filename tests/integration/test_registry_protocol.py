@@ -29,7 +29,6 @@ from cacheagent.pull.progress import PullProgress
 from cacheagent.refs import parse_ref
 from cacheagent.sources.base import BlobRef
 from cacheagent.sources.credentials import Credentials, CredentialStore, RegistryAuthError
-from cacheagent.sources.layout_writer import synthetic_model, write_layout
 from cacheagent.sources.manifest import OCI_ARTIFACT_MANIFEST
 from cacheagent.sources.registry import RegistryOptions, RegistrySource
 from cacheagent.sources.retry import RetryPolicy
@@ -37,6 +36,7 @@ from cacheagent.sources.transport import Transport, TransportOptions
 from cacheagent.store import Store
 from tests.fault_server import Fault, FaultServer
 from tests.integration.pull_origin import registry_source, serve_layout
+from tests.oci.layout_writer import synthetic_model, write_layout
 from tests.oci_push import OCI_MANIFEST, OciPusher, modelpack_artifact
 from tests.registry_server import BasicAuth, RegistryServer
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 
+import pytest
+
 from cacheagent.csi.journal import (
+    JournalError,
     Publish,
     PublishJournal,
     digest_of_model_dir,
@@ -14,6 +18,8 @@ from cacheagent.csi.journal import (
     plan_reconcile,
 )
 from cacheagent.mountinfo import parse_mountinfo
+from cacheagent.store import schema
+from cacheagent.store.index import Index
 
 HEX = "ab" * 32
 DIGEST = f"sha256:{HEX}"
@@ -29,8 +35,7 @@ def row(volume: str, target: str, digest: str = DIGEST) -> Publish:
 
 def test_rows_round_trip_and_share_index_db_with_other_tables(tmp_path: Path) -> None:
     db = tmp_path / "index.db"
-    with sqlite3.connect(db) as other:  # the store's own table, created by another connection
-        other.execute("CREATE TABLE models (digest TEXT PRIMARY KEY)")
+    Index.open(db).close()  # the store migrates the journal's table with its own
     journal = PublishJournal.open(db)
     try:
         journal.put(row("v1", T1))
@@ -51,7 +56,42 @@ def test_rows_round_trip_and_share_index_db_with_other_tables(tmp_path: Path) ->
         assert check.execute("SELECT COUNT(*) FROM models").fetchone() == (0,)
 
 
+def test_the_journal_needs_a_store_migrated_index(tmp_path: Path) -> None:
+    db = tmp_path / "index.db"
+    sqlite3.connect(db).close()
+    with pytest.raises(JournalError, match="no publishes table: open the store there first"):
+        PublishJournal.open(db)
+
+
+def test_a_store_from_before_the_journal_migration_keeps_its_publishes(tmp_path: Path) -> None:
+    """A version-1 index whose table the old journal created ad hoc upgrades in place."""
+    db = tmp_path / "index.db"
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        for statement in schema.statements(schema.MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(
+            "CREATE TABLE publishes (target_path TEXT PRIMARY KEY, volume_id TEXT NOT NULL, "
+            "manifest_digest TEXT NOT NULL, ref TEXT NOT NULL, mode TEXT NOT NULL, "
+            "namespace TEXT NOT NULL DEFAULT '', pod TEXT NOT NULL DEFAULT '', "
+            "created REAL NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO publishes VALUES (?, 'v1', ?, 'example.com/m:v1', 'bind', '', '', 1.0)",
+            (T1, DIGEST),
+        )
+    Index.open(db).close()
+    journal = PublishJournal.open(db)
+    try:
+        assert [r.volume_id for r in journal.all()] == ["v1"]
+    finally:
+        journal.close()
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (schema.SCHEMA_VERSION,)
+
+
 def test_journal_survives_reopen_and_concurrent_writers(tmp_path: Path) -> None:
+    Index.open(tmp_path / "index.db").close()
     journal = PublishJournal.open(tmp_path / "index.db")
     threads = [
         threading.Thread(target=lambda i=i: journal.put(row(f"v{i}", f"{T1}-{i}")))

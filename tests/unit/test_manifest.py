@@ -11,7 +11,6 @@ import pytest
 from cacheagent.digest import sha256_digest
 from cacheagent.errors import SourceError, UnsafePathError
 from cacheagent.sources.layout import blob_path
-from cacheagent.sources.layout_writer import LayoutEntry, write_layout
 from cacheagent.sources.manifest import (
     ANNOTATION_FILEPATH,
     ANNOTATION_ORAS_UNPACK,
@@ -28,6 +27,7 @@ from cacheagent.sources.manifest import (
     parse_manifest,
     select_from_index,
 )
+from tests.oci.layout_writer import LayoutEntry, write_layout
 
 MAX = 1 << 20
 D1 = sha256_digest(b"one")

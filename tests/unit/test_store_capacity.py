@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cacheagent.errors import CacheFullError
+from cacheagent.digest import sha256_digest
+from cacheagent.errors import CacheFullError, DiskFullError, ModelInUseError
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.lru import Candidate, plan_eviction
+from cacheagent.store.removal import Removal
 from tests.unit.store_helpers import (
     add_model,
     manifest_for,
@@ -49,10 +53,21 @@ def present(store: Store, models: list[Model]) -> list[bool]:
 def test_unlimited_capacity_never_evicts(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s") as store:
         models = five_models(store)
-        plan = store.ensure_room(10**15)
+        plan = store.ensure_room(1 << 20)
         assert plan.models == () and plan.satisfied
         assert all(present(store, models))
         assert store.usage().capacity is None and store.usage().free is None
+
+
+def test_the_disk_bounds_even_an_unlimited_store(tmp_path: Path) -> None:
+    """statvfs cross-check: a request the filesystem cannot hold is refused before any write,
+    naming what the disk can take, and nothing is evicted for it."""
+    with Store.open(tmp_path / "s") as store:
+        models = five_models(store)
+        with pytest.raises(DiskFullError, match=r"disk full: .*the disk can take [0-9]+ more"):
+            store.reserve(1 << 62)
+        assert all(present(store, models))
+        assert store.usage().reserved == 0
 
 
 def test_below_the_high_watermark_nothing_is_evicted(store: Store) -> None:
@@ -188,3 +203,102 @@ def test_index_planner_matches_the_pure_planner(tmp_path: Path) -> None:
             candidates.append(Candidate(m.digest, m.last_used, blobs, m.size, m.pinned, leased))
         for need in (1, 50, 200, 400, 10_000):
             assert store.plan_eviction(need) == plan_eviction(candidates, refcounts, need)
+
+
+def test_a_reservation_counts_until_its_blobs_commit_or_it_is_released(store: Store) -> None:
+    five_models(store)  # 500 used
+    data = b"r" * 300
+    digest = sha256_digest(data)
+    held = store.reserve(300, holder="pull:a", blobs=[digest])
+    assert (store.usage().reserved, store.usage().held) == (300, 800)
+    # A second pull sees the first one's room as taken: 800 + 200 > 900, evict down to 600-200.
+    second = store.reserve(200, holder="pull:b")
+    assert len(second.plan.models) == 4 and store.usage().held == 100 + 300 + 200
+    tmp = store.partial_path(digest)
+    tmp.write_bytes(data)
+    store.commit_blob(digest, 300, tmp, verified=True, reservation=held)
+    usage = store.usage()
+    assert (usage.used, usage.reserved, usage.held) == (400, 200, 600)  # moved, not doubled
+    store.release(held)
+    store.release(second)
+    assert store.usage().reserved == 0
+    # The blob no model uses, committed under a released reservation, goes first.
+    assert store.plan_eviction(1).blobs == (digest,)
+
+
+def test_a_request_that_cannot_fit_is_refused_up_front_naming_the_sizes(store: Store) -> None:
+    models = five_models(store)
+    store.pin(models[0].digest)
+    held = store.reserve(300, holder="pull:a")
+    with pytest.raises(CacheFullError) as info:
+        store.reserve(700)
+    message = str(info.value)
+    assert "need 700 bytes" in message and "capacity 1000" in message
+    assert "used 500 by blobs + 300 reserved by pulls in flight" in message
+    assert "at most 400 can be freed" in message
+    assert all(present(store, models))  # nothing evicted for a request that was refused
+    store.release(held)
+
+
+def test_abandoned_partial_downloads_count_and_are_freed_first(store: Store) -> None:
+    models = five_models(store)
+    stale = store.partial_path(sha256_digest(b"gone"))
+    with open(stale, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 64 << 10)
+    assert store.usage().abandoned >= 64 << 10
+    covered = store.reserve(0, blobs=[sha256_digest(b"gone")])
+    assert store.usage().abandoned == 0  # a live pull took it over
+    store.release(covered)
+    store.ensure_room(340)  # 500 + 64 KiB + 340 > 900: the partial goes before any model
+    assert not stale.exists()
+    assert all(present(store, models))
+    assert store.usage().abandoned == 0
+
+
+def test_removal_observers_hear_rm_eviction_and_failed_pulls(store: Store) -> None:
+    heard: list[tuple[str, str]] = []
+    store.add_removal_observer(lambda r: heard.append((r.digest, r.reason)))
+    models = five_models(store)
+    store.remove_model(models[4].digest)
+    store.ensure_room(505)  # 905 > 900: evicts m0..m3 (LRU) toward 600 - 505
+    manifest, pending = manifest_for("pending")
+    store.put_pending(pending, [], ref=None, source_kind="oci", manifest=manifest, holder="p")
+    assert store.drop_pending(pending, "p")
+    assert heard == [
+        (models[4].digest, "rm"),
+        *[(m.digest, "evict") for m in models[:4]],
+        (pending, "failed-pull"),
+    ]
+    assert store.model_digests() == []
+
+
+def test_force_overrides_a_pin_never_a_lease(store: Store) -> None:
+    m = add_model(store, "m", {"w": b"w" * 10})
+    store.pin(m.digest)
+    store.add_lease(m.digest, "csi:v:/t", "csi")
+    with pytest.raises(ModelInUseError, match="leased by csi"):
+        store.remove_model(m.digest, force=True)
+    assert store.leases(m.digest)  # the lease was not dropped
+    store.release_lease("csi:v:/t")
+    store.remove_model(m.digest, force=True)
+    assert store.get_model(m.digest) is None
+
+
+def test_removal_deletes_and_notifies_outside_the_store_lock(store: Store) -> None:
+    """The slow half of a removal (deleting files, telling observers) runs without the store
+    lock: another thread can use the store meanwhile (it would block forever otherwise)."""
+    models = five_models(store)
+    answered: list[bool] = []
+
+    def observer(removal: Removal) -> None:
+        other = threading.Thread(
+            target=lambda: answered.append(store.get_model(removal.digest) is None)
+        )
+        other.start()
+        other.join(timeout=10)
+        assert not other.is_alive(), "the store lock is held while observers run"
+
+    store.add_removal_observer(observer)
+    store.remove_model(models[0].digest)
+    assert answered == [True]  # and the model was already gone for everyone
+    assert not list(store.root.glob("models/sha256/.tmp-trash-*"))  # the trash is emptied

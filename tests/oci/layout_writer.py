@@ -376,7 +376,7 @@ def synthetic_model(
     code layer. The same arguments always give the same bytes.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)  # noqa: S311 - reproducible filler bytes, not secrets
+    rng = random.Random(seed)
     rows_total = max(shards, total_bytes // _BYTES_PER_ROW)
     weight_map: dict[str, str] = {}
     entries: list[LayoutEntry] = []
