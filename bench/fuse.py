@@ -1,22 +1,17 @@
-"""FUSE benchmark: sequential reads through the mount vs the disk, readahead, and lazy reads.
+"""FUSE benchmark: sequential reads through the mount vs the disk, then lazy reads.
 
     sudo .venv/bin/python bench/fuse.py [--dir /var/tmp/cacheagent-bench] [--size-mib 2048]
-                                        [--read-ahead-kb 128,1024,8192,32768]
-                                        [--lazy-rate-mib 256] [--random-reads 64] [--runs 3]
+                                        [--read-ahead-kb 128,1024,8192,32768] [--runs 3]
+                                        [--lazy-size-mib 512] [--lazy-rate-mib 128]
+                                        [--random-reads 16] [--no-lazy]
 
-Writes one random file of ``--size-mib`` under ``--dir`` (a real disk; deleted at the end), then:
+Writes one random file of ``--size-mib`` under ``--dir`` (a real disk; deleted at the end), then
+``dd bs=1M`` of the file directly and through a ``DirectoryProvider`` mount, cold (whole page
+cache dropped first) and warm, once per ``read_ahead_kb`` value, ``--runs`` interleaved rounds
+(medians); ``vs direct`` compares with the direct read at the same temperature.
 
-1. ``dd bs=1M`` of the file directly and through a ``DirectoryProvider`` mount, cold (whole
-   page cache dropped first) and warm, once per ``read_ahead_kb`` value, ``--runs`` interleaved
-   rounds (medians); ``vs direct`` compares with the direct read at the same temperature
-   (target: at least 0.5x);
-2. through ``LazyTestProvider`` (tests/fuse_support.py), whose background copy is throttled to
-   ``--lazy-rate-mib`` MiB/s: a ``dd`` of the whole file while it downloads (per readahead
-   value; the window picked is the one with the least cold + lazy time), then, with that window,
-   the time to the first and to the last MiB of the uncached file beside the time the pull
-   alone needs;
-3. ``--random-reads`` reads of 4 MiB at random aligned offsets of an uncached model (each one a
-   priority fetch), then the same pattern after the download finished (cold page cache).
+The lazy rows come from ``bench/lazy.py``: the shipped path (a real agent, its StoreProvider,
+the pull engine's on-demand ranges, a real registry behind a bandwidth cap), not a stand-in.
 
 The table ends with the machine's figures: the numbers only mean something beside them.
 """
@@ -25,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import re
 import shutil
 import statistics
@@ -41,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+from bench.lazy import lazy_rows, print_rows  # noqa: E402
 from bench.machine import machine as machine_facts  # noqa: E402
 from cacheagent.fuse.directory import DirectoryProvider  # noqa: E402
 from cacheagent.fuse.libfuse import mfusepy  # noqa: E402
@@ -48,7 +43,7 @@ from cacheagent.fuse.mount import FuseMount, MountOptions  # noqa: E402
 from cacheagent.fuse.provider import ContentProvider  # noqa: E402
 from cacheagent.fuse.stats import FuseStats  # noqa: E402
 from cacheagent.memory.pagecache import drop_all_caches  # noqa: E402
-from tests.fuse_support import LazyTestProvider, fake_digest, write_random_file  # noqa: E402
+from tests.fuse_support import fake_digest, write_random_file  # noqa: E402
 
 MiB = 1 << 20
 DIGEST = fake_digest("bench-model")
@@ -147,107 +142,6 @@ def sequential_rows(source: Path, mountpoint: Path, ra_values: list[int], runs: 
     return rows
 
 
-def lazy_first_bytes(
-    source: Path, work: Path, mountpoint: Path, rate_mib: int, ra_kb: int
-) -> list[Row]:
-    """Time to the first and to the last MiB of an uncached file, beside the full pull time."""
-    size = source.stat().st_size
-    stats = FuseStats()
-    provider = LazyTestProvider(work / "first", stats, rate=rate_mib * MiB, chunk=4 * MiB)
-    provider.add_model(DIGEST, {FILE: source})
-    drop_all_caches()
-    try:
-        with mounted(mountpoint, provider, stats, ra_kb):
-            provider.start()
-            began = time.perf_counter()
-            fd = os.open(mountpoint / DIGEST / FILE, os.O_RDONLY)
-            try:
-                os.pread(fd, MiB, 0)
-                first = time.perf_counter() - began
-                last = timed(lambda: os.pread(fd, MiB, size - MiB))
-            finally:
-                os.close(fd)
-    finally:
-        provider.close()
-        shutil.rmtree(work / "first")
-    pull = size / (rate_mib * MiB)
-    return [
-        Row("lazy: first MiB (open + read)", first, 0, f"ra={ra_kb}, uncached model"),
-        Row("lazy: last MiB", last, 0, "ahead of the background copy"),
-        Row("lazy: full pull, no reader", pull, size, f"size / {rate_mib} MiB/s origin rate"),
-    ]
-
-
-def lazy_dd(source: Path, work: Path, mountpoint: Path, rate_mib: int, ra_kb: int) -> Row:
-    """``dd`` of a whole file while it downloads: how far readers get ahead of the pull."""
-    size = source.stat().st_size
-    stats = FuseStats()
-    provider = LazyTestProvider(work / f"dd-{ra_kb}", stats, rate=rate_mib * MiB, chunk=4 * MiB)
-    provider.add_model(DIGEST, {FILE: source})
-    drop_all_caches()
-    try:
-        with mounted(mountpoint, provider, stats, ra_kb):
-            provider.start()
-            seconds = dd(mountpoint / DIGEST / FILE)
-    finally:
-        provider.close()
-        shutil.rmtree(work / f"dd-{ra_kb}")
-    lazy_mib = stats.snapshot().lazy_fetched_bytes // MiB
-    note = f"while downloading; {lazy_mib} MiB fetched for the reader"
-    return Row(f"lazy ra={ra_kb}: dd whole file", seconds, size, note)
-
-
-def random_reads(path: Path, size: int, count: int) -> tuple[float, list[float]]:
-    rng = random.Random(7)
-    offsets = [rng.randrange(size // (4 * MiB)) * 4 * MiB for _ in range(count)]
-    latencies = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        began = time.perf_counter()
-        for offset in offsets:
-            started = time.perf_counter()
-            os.pread(fd, 4 * MiB, offset)
-            latencies.append(time.perf_counter() - started)
-        total = time.perf_counter() - began
-    finally:
-        os.close(fd)
-    return total, latencies
-
-
-def random_rows(source: Path, work: Path, mountpoint: Path, count: int, ra_kb: int) -> list[Row]:
-    size = source.stat().st_size
-    stats = FuseStats()
-    provider = LazyTestProvider(work / "random", stats, rate=64 * MiB, chunk=4 * MiB)
-    provider.add_model(DIGEST, {FILE: source})
-    blob = provider.blob(DIGEST, FILE)
-    rows: list[Row] = []
-
-    def row(what: str, total: float, latencies: list[float]) -> Row:
-        p50 = statistics.median(latencies) * 1000
-        p99 = statistics.quantiles(latencies, n=100)[98] * 1000
-        return Row(what, total, count * 4 * MiB, f"p50 {p50:.1f} ms, p99 {p99:.1f} ms per read")
-
-    drop_all_caches()
-    try:
-        with mounted(mountpoint, provider, stats, ra_kb):
-            path = mountpoint / DIGEST / FILE
-            provider.start()
-            total, latencies = random_reads(path, size, count)
-            lazy_mib = stats.snapshot().lazy_fetched_bytes // MiB
-            rows.append(row(f"random 4 MiB x{count}, uncached", total, latencies))
-            rows[-1].note += f", {lazy_mib} MiB lazy-fetched"
-        blob.rate = 1 << 40  # let the rest of the download finish now
-        if not blob.done.wait(600):
-            raise RuntimeError("the background copy did not finish")
-        with mounted(mountpoint, provider, stats, ra_kb):
-            drop_all_caches()
-            total, latencies = random_reads(mountpoint / DIGEST / FILE, size, count)
-            rows.append(row(f"random 4 MiB x{count}, downloaded", total, latencies))
-    finally:
-        provider.close()
-    return rows
-
-
 def machine(directory: Path) -> list[tuple[str, str]]:
     return [
         *machine_facts(directory),
@@ -263,29 +157,16 @@ def print_table(title: str, rows: list[Row]) -> None:
         print(f"| {what:40} | {seconds:>8} | {rate:>6} | {ratio:>9} | {note}")
 
 
-def pick_read_ahead(sequential: list[Row], lazy: list[Row], ra_values: list[int]) -> int:
-    """The window with the least cold-read plus read-while-downloading time."""
-
-    def seconds(rows: list[Row], what: str) -> float:
-        return next(row.seconds for row in rows if row.what == what)
-
-    return min(
-        ra_values,
-        key=lambda ra: (
-            seconds(sequential, f"fuse ra={ra}, cold")
-            + seconds(lazy, f"lazy ra={ra}: dd whole file")
-        ),
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/cacheagent-bench"))
     parser.add_argument("--size-mib", type=int, default=2048)
     parser.add_argument("--read-ahead-kb", default="128,1024,8192,32768")
-    parser.add_argument("--lazy-rate-mib", type=int, default=256)
-    parser.add_argument("--random-reads", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--lazy-size-mib", type=int, default=512)
+    parser.add_argument("--lazy-rate-mib", type=int, default=128)
+    parser.add_argument("--random-reads", type=int, default=16)
+    parser.add_argument("--no-lazy", action="store_true", help="only the sequential rows")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: FUSE mounts and drop_caches")
@@ -298,20 +179,18 @@ def main() -> None:
         write_random_file(source, args.size_mib * MiB, seed=1)
         os.sync()
         sequential = sequential_rows(source, mountpoint, ra_values, args.runs)
-        work = base / "work"
-        lazy = [lazy_dd(source, work, mountpoint, args.lazy_rate_mib, ra) for ra in ra_values]
-        chosen = pick_read_ahead(sequential, lazy, ra_values)
-        lazy += lazy_first_bytes(source, work, mountpoint, args.lazy_rate_mib, chosen)
-        lazy += random_rows(source, work, mountpoint, args.random_reads, chosen)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
     title = f"sequential dd bs=1M of a {args.size_mib} MiB file, median of {args.runs} runs"
     print_table(title, sequential)
-    print_table(
-        f"lazy reads (LazyTestProvider, pull throttled to {args.lazy_rate_mib} MiB/s)", lazy
-    )
-    print(f"\nread_ahead_kb picked: {chosen} (least cold read + read-while-downloading time)")
+    if not args.no_lazy:
+        lazy = lazy_rows(args.lazy_size_mib, args.lazy_rate_mib, args.random_reads)
+        print_rows(
+            f"lazy reads through a real agent and registry ({args.lazy_size_mib} MiB model, "
+            f"origin capped at {args.lazy_rate_mib} MiB/s; bench/lazy.py)",
+            lazy,
+        )
     print()
     for key, value in machine(Path("/var/tmp")):
         print(f"{key:>10}: {value}")

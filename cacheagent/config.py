@@ -383,10 +383,27 @@ class CsiConfig(_Section):
 
 @dataclass(frozen=True)
 class FuseConfig(_Section):
+    """``max_threads``: libfuse workers; 8 of them never wait for an origin (they serve cached
+    bytes). ``origin_wait_seconds``: how long a read waits for bytes from the origin before it
+    fails with ETIMEDOUT. ``origin_waits_per_model``: reads of one model that may wait for its
+    origin at once; more are refused with EIO (see ``cacheagent.fuse.waits``)."""
+
     section: ClassVar[str] = "fuse"
     enabled: bool = True
     mountpoint: Path = Path("/run/cacheagent/fuse")
     read_ahead_kb: Annotated[int, Range(0, 1024 * 1024)] = 8192
+    max_threads: Annotated[int, Range(9, 1024)] = 64
+    origin_wait_seconds: Annotated[Seconds, Range(0, 3600, open_low=True)] = 30.0
+    origin_waits_per_model: Annotated[int, Range(1, 1024)] = 24
+
+    def _check(self) -> None:
+        limit = self.max_threads - 8  # cacheagent.fuse.waits.RESERVED_WORKERS
+        if self.origin_waits_per_model > limit:
+            raise ConfigError(
+                "fuse.origin_waits_per_model",
+                f"must be at most fuse.max_threads less 8 ({limit}), "
+                f"got {self.origin_waits_per_model}",
+            )
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from cacheagent.errors import ConfigError
 from cacheagent.fuse.mount import FuseMount, MountOptions
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.store_provider import StoreProvider
+from cacheagent.fuse.waits import OriginWaits, origin_wait_limit
 from cacheagent.http_listener import (
     Coalesced,
     Handler,
@@ -92,13 +93,22 @@ class Health:
         return problems
 
     async def liveness(self) -> str | None:
-        """What /healthz reports: the process answers, and once the CSI socket serves, the
-        driver answers Probe through it (what the CSI livenessprobe sidecar would check).
+        """What /healthz reports: the process answers, its FUSE session (when it has one) has
+        not ended, and once the CSI socket serves, the driver answers Probe through it (what
+        the CSI livenessprobe sidecar would check). Only what a restart repairs: a FUSE
+        session that ended (its mount detached, its connection aborted) never comes back
+        in-process.
 
         The probe is a blocking call in a thread of the caller's loop: the HTTP port runs on
         a loop of its own (``http_listener.ThreadedListener``), where the agent's grpc.aio
         objects must not be used."""
-        if self.stopping or not self.csi or self.csi_socket is None:
+        if self.stopping:
+            return None
+        if self.fuse_required and (
+            self.fuse is None or not await asyncio.to_thread(self.fuse.healthy)
+        ):
+            return "FUSE session dead (lazy volumes answer ENOTCONN); restart the agent"
+        if not self.csi or self.csi_socket is None:
             return None
         return await asyncio.to_thread(probe_csi, self.csi_socket)
 
@@ -387,18 +397,23 @@ class Agent:
             return
         loop = asyncio.get_running_loop()
         stats = FuseStats()
-        provider = StoreProvider(service, loop, stats=stats)
+        waits = OriginWaits(origin_wait_limit(cfg.max_threads), cfg.origin_waits_per_model)
+        provider = StoreProvider(
+            service, loop, stats=stats, read_timeout=cfg.origin_wait_seconds, waits=waits
+        )
         mount = FuseMount(
             cfg.mountpoint,
             provider,
             stats=stats,
-            options=MountOptions(read_ahead_kb=cfg.read_ahead_kb),
+            options=MountOptions(read_ahead_kb=cfg.read_ahead_kb, max_threads=cfg.max_threads),
         )
         self.metrics.fuse_counts = stats.snapshot
         await asyncio.to_thread(mount.start)
         self._on_stop("FUSE", lambda: asyncio.to_thread(mount.stop))
         service.fuse_root = cfg.mountpoint
         service.on_evicted = mount.fs.forget
+        provider.on_unverified = mount.fs.invalidate
+        self._on_stop("FUSE page-cache watchers", provider.aclose)
         self.health.fuse = mount
         self.health.fuse_required = True
 
@@ -450,6 +465,13 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
+def _ignore_sighup() -> None:
+    log.info(
+        "SIGHUP ignored: the agent reads its configuration only at start; "
+        "restart it (a DaemonSet rollout) to apply a change"
+    )
+
+
 async def serve(config: Config) -> int:
     setup_logging(fmt=config.agent.log_format, level=config.agent.log_level)
     agent = Agent(config)
@@ -463,6 +485,8 @@ async def serve(config: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Before the FUSE mount starts: libfuse would otherwise make SIGHUP unmount it for good.
+    loop.add_signal_handler(signal.SIGHUP, _ignore_sighup)
     try:
         await agent.start()
         await stop.wait()

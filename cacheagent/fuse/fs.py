@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 from cacheagent.errors import UnsafePathError
 from cacheagent.fuse.errmap import ErrorKind, classify
-from cacheagent.fuse.libfuse import FuseOSError, Operations
+from cacheagent.fuse.libfuse import FuseOSError, Operations, context_fuse, invalidate_path
 from cacheagent.fuse.provider import ContentProvider
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.tree import (
@@ -64,10 +64,14 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
         *,
         tree_cache_size: int = DEFAULT_TREE_CACHE,
         on_init: Callable[[], None] | None = None,
+        max_background: int | None = None,
     ) -> None:
         self.stats = stats if stats is not None else FuseStats()
         self._provider = provider
         self._on_init = on_init
+        self._max_background = max_background
+        self._session: int | None = None  # libfuse's struct fuse *, between init and destroy
+        self._session_guard = threading.Lock()
         self._started_ns = time.time_ns()
         self._trees: OrderedDict[str, _Model] = OrderedDict()
         self._tree_cache_size = tree_cache_size
@@ -77,9 +81,37 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
     # -- lifecycle and cache --------------------------------------------------------------------
 
     def init_with_config(self, conn_info: Any, config: Any) -> None:
-        """libfuse has processed the kernel's INIT: the mount now answers requests."""
+        """libfuse has processed the kernel's INIT: the mount now answers requests.
+
+        ``max_background`` caps the kernel's asynchronous requests (readahead) in flight; at the
+        kernel's default of 12, readahead of reads waiting for a stalled origin fills it and
+        readahead of cached files queues behind them.
+        """
+        if conn_info is not None and self._max_background is not None:
+            conn_info.max_background = self._max_background
+            conn_info.congestion_threshold = max(1, self._max_background * 3 // 4)
+        with self._session_guard:
+            self._session = context_fuse()
         if self._on_init is not None:
             self._on_init()
+
+    def destroy(self, path: str) -> None:
+        """libfuse is about to free its session: no invalidation may use it from now on."""
+        with self._session_guard:
+            self._session = None
+
+    def invalidate(self, model: str, relpath: str) -> bool:
+        """Drop the kernel's cached pages of one file, e.g. bytes served before their blob
+        failed verification. Call it from outside FUSE callbacks (the kernel may wait for the
+        pages of a request in flight). False when the kernel held nothing or FUSE is gone."""
+        path = f"/{model}/{relpath}"
+        with self._session_guard:
+            if self._session is None:
+                return False
+            result = invalidate_path(self._session, path)
+        if result not in (0, -errno.ENOENT):
+            log.warning("fuse: invalidating %s failed: %s", path, os.strerror(-result))
+        return result == 0
 
     def forget(self, digest: str) -> None:
         """Drop the cached tree of a model (call it when the model is evicted or replaced)."""

@@ -7,6 +7,7 @@ never sends reads larger than 128 KiB. This module points mfusepy at libfuse 3 f
 
 from __future__ import annotations
 
+import ctypes
 import os
 from ctypes.util import find_library
 from types import ModuleType
@@ -37,3 +38,25 @@ mfusepy = _import_mfusepy()
 FUSE = mfusepy.FUSE
 FuseOSError = mfusepy.FuseOSError
 Operations = mfusepy.Operations
+
+
+def context_fuse() -> int | None:
+    """The ``struct fuse *`` of the request this thread is handling; call it in a callback."""
+    context = mfusepy._libfuse.fuse_get_context()
+    if not context:
+        return None
+    pointer: int | None = context.contents.fuse
+    return pointer
+
+
+def invalidate_path(fuse: int, path: str) -> int:
+    """Drop the kernel's cached pages and attributes of ``path`` (``fuse_invalidate_path``).
+
+    Returns 0, or a negative errno: ``-ENOENT`` when the kernel holds nothing for the path.
+    Never call it from a FUSE callback: the kernel may wait for that very request's pages.
+    """
+    function = mfusepy._libfuse.fuse_invalidate_path
+    function.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    function.restype = ctypes.c_int
+    result: int = function(ctypes.c_void_p(fuse), os.fsencode(path))
+    return result

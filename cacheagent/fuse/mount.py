@@ -64,7 +64,7 @@ class MountOptions:
     read_ahead_kb: int = 8192  # the mount's readahead window; the kernel starts FUSE at 128 KiB
     allow_other: bool = True  # pods (other users) read through bind mounts of this mount
     auto_unmount: bool = True  # fusermount3 unmounts if the agent dies without unmounting
-    max_threads: int = 16  # libfuse worker threads: concurrent reads waiting on fetches
+    max_threads: int = 64  # libfuse worker threads (fuse.max_threads; see fuse/waits.py)
     clone_fd: bool = True  # one /dev/fuse descriptor per worker thread
     start_timeout_s: float = 15.0
     stop_timeout_s: float = 15.0
@@ -107,7 +107,9 @@ class FuseMount:
         self.mountpoint = mountpoint.parent.resolve() / mountpoint.name
         self.options = options if options is not None else MountOptions()
         self._ready = threading.Event()
-        self.fs = CacheFilesystem(provider, stats, on_init=self._ready.set)
+        self.fs = CacheFilesystem(
+            provider, stats, on_init=self._ready.set, max_background=self.options.max_threads
+        )
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self.read_ahead_kb: int | None = None  # what the mount's bdi reports after start()

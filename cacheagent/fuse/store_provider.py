@@ -4,8 +4,10 @@ It sees the agent through ``cacheagent.volumes.LazyBackend`` (``ModelService``),
 store or the pull engine themselves. FUSE callbacks run in libfuse's threads; the backend's
 sync methods are thread-safe and are called directly, while
 anything that waits for the network is handed to the agent's event loop with
-``run_coroutine_threadsafe`` and awaited with a bound, so a dead origin turns into EIO, never a
-hung reader.
+``run_coroutine_threadsafe`` and awaited with a bound (``fuse.origin_wait_seconds``, one
+deadline for the whole wait), so a dead origin turns into ETIMEDOUT, never a hung reader. Such
+waits hold a libfuse worker, so ``OriginWaits`` caps how many may wait at once, in total and per
+model, keeping workers free for reads of bytes already on disk (see ``waits.py``).
 
 Reads of a blob already committed come from the blob file through a descriptor kept per open
 file. Reads of a blob still downloading ask the pull engine for exactly that range first
@@ -20,28 +22,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cacheagent.errors import (
-    CacheAgentError,
-    ModelNotFoundError,
-    OriginUnavailableError,
-)
+from cacheagent.errors import CacheAgentError, ModelNotFoundError
 from cacheagent.fuse.provider import FuseFile, ModelListing
 from cacheagent.fuse.stats import FuseStats
+from cacheagent.fuse.waits import LazyReadTimeoutError, OriginWaits
 from cacheagent.volumes import LazyBackend, TreeFile
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 LEASE_KIND = "fuse"
-READ_TIMEOUT_SECONDS = 120.0
+READ_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass
@@ -61,11 +62,19 @@ class StoreProvider:
         *,
         stats: FuseStats | None = None,
         read_timeout: float = READ_TIMEOUT_SECONDS,
+        waits: OriginWaits | None = None,
     ) -> None:
         self.backend = backend
         self.loop = loop
         self.stats = stats
         self.read_timeout = read_timeout
+        # Unbounded unless the mount passes its bounds (fuse.max_threads and friends).
+        self.waits = waits if waits is not None else OriginWaits(1 << 30, 1 << 30)
+        # Told (model, path) of each file served before its blob was verified, once that blob
+        # failed: the FUSE mount drops the kernel's cached pages of it.
+        self.on_unverified: Callable[[str, str], object] | None = None
+        self._unverified: dict[str, set[tuple[str, str]]] = {}  # model -> {(path, blob)}
+        self._watchers: set[asyncio.Task[None]] = set()
         self._handles: dict[int, _Open] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -96,7 +105,45 @@ class StoreProvider:
         self.backend.add_lease(digest, holder, LEASE_KIND)
         with self._lock:
             self._handles[handle] = _Open(digest, match, holder)
+        if self.on_unverified is not None and self.backend.committed_blob(match.blob) is None:
+            self._watch(digest, match)
         return handle
+
+    # -- bytes served before verification ------------------------------------------------------
+
+    def _watch(self, digest: str, file: TreeFile) -> None:
+        with self._lock:
+            watched = digest in self._unverified
+            self._unverified.setdefault(digest, set()).add((file.path, file.blob))
+        if not watched:
+            self.loop.call_soon_threadsafe(self._start_watcher, digest)
+
+    def _start_watcher(self, digest: str) -> None:
+        task = self.loop.create_task(self._drop_unverified(digest))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _drop_unverified(self, digest: str) -> None:
+        """Once the model's pull ends, drop the cached pages of files whose blob it did not
+        commit: the kernel would otherwise keep serving bytes that failed their digest."""
+        try:
+            await self.backend.wait_model(digest)
+        except CacheAgentError:
+            pass  # the pull failed: the case this watch is for
+        finally:
+            with self._lock:
+                files = self._unverified.pop(digest, set())
+        for path, blob in sorted(files):
+            committed = await asyncio.to_thread(self.backend.committed_blob, blob)
+            if self.on_unverified is None or committed is not None:
+                continue
+            log.warning("fuse: %s/%s failed verification; dropping its cached pages", digest, path)
+            await asyncio.to_thread(self.on_unverified, digest, path)
+
+    async def aclose(self) -> None:
+        for task in list(self._watchers):
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
 
     def release(self, handle: int) -> None:
         with self._lock:
@@ -131,19 +178,26 @@ class StoreProvider:
 
     def _lazy_read(self, opened: _Open, offset: int, size: int) -> bytes:
         blob = opened.file.blob
-        try:
-            path = self._wait(self.backend.ensure_range(blob, offset, offset + size))
-        except ModelNotFoundError:
-            # Not a raw blob being downloaded: a tar member, whose layer must unpack first.
-            self._wait(self.backend.wait_model(opened.digest))
+        with self.waits.admit(opened.digest):
+            path = self._wait(self._fetch(opened, offset, size))
+        if path is None:
             fd = self._committed_fd(opened)
             if fd is None:
-                raise
+                raise ModelNotFoundError(f"blob {blob} of {opened.digest} is not in the store")
             return _pread_exact(fd, size, offset)
         data = _read_path(path, self.backend.blob_path(blob), size, offset)
         if self.stats is not None:
             self.stats.record_lazy_fetch(len(data))
         return data
+
+    async def _fetch(self, opened: _Open, offset: int, size: int) -> Path | None:
+        """Wait (under one deadline) until the bytes can be read: the file to read them from,
+        or None for a tar member, which is read from its blob once its layer has unpacked."""
+        try:
+            return await self.backend.ensure_range(opened.file.blob, offset, offset + size)
+        except ModelNotFoundError:
+            await self.backend.wait_model(opened.digest)
+            return None
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -151,8 +205,9 @@ class StoreProvider:
             return future.result(self.read_timeout)
         except FutureTimeout:
             future.cancel()
-            raise OriginUnavailableError(
-                f"lazy read timed out after {self.read_timeout:.0f}s waiting for the download"
+            raise LazyReadTimeoutError(
+                f"lazy read timed out after {self.read_timeout:g}s waiting for the origin "
+                "(fuse.origin_wait_seconds)"
             ) from None
 
 

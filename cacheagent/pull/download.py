@@ -103,7 +103,13 @@ class Limits:
         self._origins: dict[str, asyncio.Semaphore] = {}
 
     @contextlib.asynccontextmanager
-    async def slot(self, origin: str) -> AsyncIterator[None]:
+    async def slot(self, origin: str, *, reader: bool = False) -> AsyncIterator[None]:
+        """A connection slot; ``reader`` (a range a lazy FUSE read waits for) takes none: it
+        must not queue behind background ranges that hold every slot for seconds. Those extra
+        connections are bounded by the reads that may wait (``fuse.max_threads``)."""
+        if reader:
+            yield
+            return
         # Always origin first, then node: one order everywhere, so no two waits can deadlock.
         sem = self._origins.setdefault(origin, asyncio.Semaphore(self._per_origin))
         async with sem, self._node:
@@ -234,7 +240,7 @@ class BlobDownload:
         if self._ranged():
             pieces = self._claim(start, end, self.settings.range_chunk_bytes)
             if pieces:
-                task = asyncio.create_task(self._fetch_pieces(pieces))
+                task = asyncio.create_task(self._fetch_pieces(pieces, reader=True))
                 self._priority.add(task)
                 task.add_done_callback(self._priority_done)
         await self._changed.wait_until(
@@ -300,16 +306,16 @@ class BlobDownload:
             start, end = self._todo.popleft()
             await self._fetch_pieces(self._claim(start, end, piece))
 
-    async def _fetch_pieces(self, pieces: list[tuple[int, int]]) -> None:
+    async def _fetch_pieces(self, pieces: list[tuple[int, int]], *, reader: bool = False) -> None:
         for start, end in pieces:
-            await self._fetch_piece(start, end)
+            await self._fetch_piece(start, end, reader=reader)
 
     def _priority_done(self, task: asyncio.Task[None]) -> None:
         self._priority.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self._fail(task.exception())
 
-    async def _fetch_piece(self, start: int, end: int) -> None:
+    async def _fetch_piece(self, start: int, end: int, *, reader: bool = False) -> None:
         """Bytes ``[start, end)`` into the file; a dropped connection keeps what landed and asks
         again for the rest, with backoff, a bounded number of times."""
         cursor = _Cursor(start)
@@ -317,7 +323,7 @@ class BlobDownload:
         while cursor.pos < end:
             self._raise_if_failed()
             try:
-                async with self._limits.slot(self.origin):
+                async with self._limits.slot(self.origin, reader=reader):
                     await self._stream(cursor, end)
                 if cursor.pos < end:
                     raise ConnectionError(f"body ended at byte {cursor.pos}, wanted {end}")

@@ -175,6 +175,8 @@ class PullEngine:
         model_ref = parse_ref(ref) if isinstance(ref, str) else ref
         pull = asyncio.ensure_future((run or self.pull)(model_ref))
         pull.add_done_callback(log_background_failure)
+        # A cache hit finishes without starting a job, so nothing else would wake the loop.
+        pull.add_done_callback(lambda _: self._changed.fire())
         while True:
             event = self._changed.next
             if pull.done():

@@ -74,7 +74,11 @@ async def test_readyz_reports_each_missing_part(serve: Serve) -> None:
     status, text = await get(f"{base}/readyz")
     assert status == 503 and "FUSE mount not serving" in text
 
+    status, text = await get(f"{base}/healthz")
+    assert status == 503 and "FUSE session dead" in text  # a restart repairs it: liveness
+
     health.fuse = FakeMount(alive=True)  # type: ignore[assignment]
+    assert (await get(f"{base}/healthz"))[0] == 200
     health.stopping = True
     assert "shutting down" in (await get(f"{base}/readyz"))[1]
 
