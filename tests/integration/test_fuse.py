@@ -313,7 +313,7 @@ def test_mount_left_by_a_killed_agent_is_cleared_at_start(
             child.stdout.close()
 
     if auto_unmount:
-        _wait_for(lambda: find_mount(mountpoint) is None, "fusermount3 to unmount")
+        _wait_for(lambda: find_mount(mountpoint) is None, "fusermount3 to unmount", timeout=60)
     else:
         with pytest.raises(OSError) as raised:
             mountpoint.stat()
