@@ -465,6 +465,54 @@ class PolicyConfig(_Section):
 
 
 @dataclass(frozen=True)
+class PeersConfig(_Section):
+    """Peer fetch between agents (``cacheagent.peers``): off unless ``enabled``.
+
+    Peers are found by resolving ``dns_name`` (the agents' headless Service) every
+    ``refresh_seconds`` through the system resolver, or ``dns_server`` (host:port) when set, and
+    from ``static`` (host:port entries). Every agent listens on ``listen``; DNS answers give
+    addresses, the port is ``listen``'s. ``advertise_address``: this node's address as peers see
+    it, when it is not the listen host nor one of the machine's interface addresses. A peer
+    transfer that delivers nothing for ``stall_seconds`` or less than ``min_bytes_per_second``
+    over that window is given up (the rest comes from the next node the rendezvous choice names,
+    else the origin) and the peer sits out ``cooldown_seconds``. The listener waits up to
+    ``miss_wait_seconds`` for a blob it does not hold to start downloading before answering 404.
+    ``tls_cert``/``tls_key``: the listener speaks TLS only and agents present that certificate
+    to peers; with ``tls_ca``, peers and clients must hold a certificate that CA signed.
+    """
+
+    section: ClassVar[str] = "peers"
+    enabled: bool = False
+    listen: ListenAddress = "0.0.0.0:9465"
+    dns_name: str | None = None
+    dns_server: ListenAddress | None = None
+    static: tuple[str, ...] = ()
+    advertise_address: str | None = None
+    refresh_seconds: Annotated[Seconds, Range(0, open_low=True)] = 30.0
+    stall_seconds: Annotated[Seconds, Range(0, open_low=True)] = 10.0
+    min_bytes_per_second: ByteSize = 1 * MiB
+    cooldown_seconds: Seconds = 30.0
+    miss_wait_seconds: Seconds = 2.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    def _check(self) -> None:
+        for i, entry in enumerate(self.static):
+            try:
+                if parse_listen_address(entry).startswith(":"):
+                    raise ValueError(f"expected host:port of a peer, got {entry!r}")
+            except ValueError as exc:
+                raise ConfigError(f"peers.static[{i}]", str(exc)) from None
+        if self.enabled and self.dns_name is None and not self.static:
+            raise ConfigError(
+                "peers.enabled", "peer fetch needs peers.dns_name or peers.static (or both)"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("peers.tls_cert", "set both peers.tls_cert and peers.tls_key")
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     pull: PullConfig = field(default_factory=PullConfig)
@@ -475,6 +523,7 @@ class Config:
     fuse: FuseConfig = field(default_factory=FuseConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
 
 
 def _section_types() -> dict[str, type[_Section]]:

@@ -48,6 +48,7 @@ from cacheagent.memory.gpu import GpuInfo, GpuInventory
 from cacheagent.memory.pagecache import residency
 from cacheagent.memory.prefetch import MemoryLocker, Prefetcher
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
+from cacheagent.peers.fleet import Fleet
 from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.service import ModelService
 from cacheagent.sockets import prepare_socket
@@ -318,14 +319,19 @@ class Agent:
 
         origins: Origins = build_sources(cfg)
         self._on_stop("origins", origins.aclose)
+        # Fleet reads resolv.conf, interface addresses: off the loop
+        fleet = await asyncio.to_thread(Fleet, cfg.peers) if cfg.peers.enabled else None
         engine = PullEngine(
             store,
-            SourceRegistry(origins.sources),
+            SourceRegistry(fleet.wrap(origins.sources) if fleet else origins.sources),
             cfg.pull,
             tuning=PullTuning(tag_ttl_seconds=cfg.store.tag_ttl_seconds),
         )
         self._on_stop("pull engine", engine.aclose)
         self.metrics.pulled_bytes = engine.fetched_bytes
+        if fleet is not None:
+            await fleet.start(store, engine, self.metrics.registry)
+            self._on_stop("peers", fleet.stop)
 
         gpus = GpuInventory()
         self._on_stop("nvml", lambda: asyncio.to_thread(gpus.close))

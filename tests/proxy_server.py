@@ -1,15 +1,17 @@
-"""Start Debian's real ``tinyproxy`` (an HTTP forward proxy with CONNECT) on a loopback port.
+"""Debian's tinyproxy on a loopback port: a real HTTP forward proxy (with CONNECT) for the
+upstream-proxy path (the role a Dragonfly ``dfdaemon`` proxy plays on a cluster) and for the
+``HTTPS_PROXY``/``NO_PROXY`` environment an operator sets on nodes.
 
-``ProxyServer`` writes a config and a log file in a temp dir, starts ``tinyproxy -d`` (in the
-foreground, so the PID is the proxy's), waits until its port accepts connections, and stops it by
-PID. tinyproxy adds ``Via: 1.1 <via_name> ...`` to the requests it forwards and logs every
-``CONNECT`` it tunnels, which is how tests tell that a request went through it.
+Runs in the foreground (``-d``, so the PID is the proxy's), logs every request line and every
+tunnelled ``CONNECT`` (``requests()`` reads them back, ``log_text()`` gives the whole log), adds
+``Via: 1.1 <via_name> ...`` to what it forwards, and is stopped by PID.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,53 +23,38 @@ from tests.support import require_binary
 
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 10.0
+_REQUEST = re.compile(r"Request \(file descriptor \d+\): (\S+) (\S+)")
 
 
-class ProxyServer:
-    """One tinyproxy process; use as a context manager (``with ProxyServer(tmp) as proxy``)."""
+class TinyProxy:
+    """One tinyproxy process; use as a context manager (``with TinyProxy(tmp) as proxy``)."""
 
     def __init__(self, workdir: Path, *, via_name: str = "cacheagent-test-proxy") -> None:
         self.binary = require_binary("tinyproxy")
         self.workdir = workdir
         self.via_name = via_name
         self.port = free_port()
+        self.log = workdir / "tinyproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "tinyproxy.log"
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def start(self) -> ProxyServer:
+    def start(self) -> TinyProxy:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "tinyproxy.conf"
         config.write_text(
-            "\n".join(
-                [
-                    f"Port {self.port}",
-                    "Listen 127.0.0.1",
-                    "Timeout 30",
-                    f'LogFile "{self.log_path}"',
-                    "LogLevel Connect",
-                    "MaxClients 32",
-                    "Allow 127.0.0.1",
-                    f'ViaProxyName "{self.via_name}"',
-                    "",
-                ]
+            f"Port {self.port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 200\n"
+            f'LogLevel Info\nAllow 127.0.0.1\nViaProxyName "{self.via_name}"\n'
+        )
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "-d", "-c", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
             )
-        )
-        self.proc = subprocess.Popen(
-            [self.binary, "-d", "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        )
         try:
             self._wait_ready()
         except BaseException:
@@ -80,14 +67,18 @@ class ProxyServer:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tinyproxy exited at start: {self.log_text()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1),
-            ):
+                raise RuntimeError(f"tinyproxy exited: {self.log_text()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"tinyproxy not listening in {START_TIMEOUT_SECONDS}s")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, absolute URL or CONNECT target) of every request the proxy took, in order."""
+        return _REQUEST.findall(self.log_text())
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -102,7 +93,7 @@ class ProxyServer:
                 os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=STOP_TIMEOUT_SECONDS)
 
-    def __enter__(self) -> ProxyServer:
+    def __enter__(self) -> TinyProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cacheagent.aio import Signal
-from cacheagent.errors import DISK_FULL_ERRNOS, DiskFullError, SourceError
+from cacheagent.errors import DISK_FULL_ERRNOS, DigestMismatchError, DiskFullError, SourceError
 from cacheagent.pull.download import BlobDownload, DownloadSettings, Limits
 from cacheagent.pull.partial_file import sidecar_path
 from cacheagent.pull.progress import BlobProgress, PullProgress, PullState, RateMeter, eta_seconds
@@ -157,7 +157,20 @@ class BlobJobs:
         )
         bj.download = download
         self._changed.fire()
-        await download.run()
+        try:
+            await download.run()
+        except DigestMismatchError:
+            retry = job.source.after_mismatch(blob)
+            if retry is None:
+                raise
+            # The mismatched partial is gone; count its bytes, then once more from the origin.
+            self._fetched[bj.source_kind] += download.fetched_bytes
+            download = BlobDownload(
+                blob, retry, job.ref.origin, partial, self.settings, self._limits
+            )
+            bj.download = download
+            self._changed.fire()
+            await download.run()
         if layer.unpack == "raw":
             crashpoint("pull.before_commit")
             # commit_blob renames the partial file into blobs/ and drops its ranges record

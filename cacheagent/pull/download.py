@@ -323,7 +323,8 @@ class BlobDownload:
         while cursor.pos < end:
             self._raise_if_failed()
             try:
-                async with self._limits.slot(self.origin, reader=reader):
+                limit = self.source.limit_key(self.blob, self.origin)
+                async with self._limits.slot(limit, reader=reader):
                     await self._stream(cursor, end)
                 if cursor.pos < end:
                     raise ConnectionError(f"body ended at byte {cursor.pos}, wanted {end}")

@@ -68,5 +68,17 @@ class Source(abc.ABC):
         """Why fetches from this source are paused right now (a rate limit's wait), else ""."""
         return ""
 
+    def limit_key(self, blob: BlobRef, origin: str) -> str:
+        """Which connection limit a fetch of ``blob`` counts against (per origin by default).
+        A source that may get the bytes elsewhere (peers) names that, so waiting on a peer
+        never holds a slot the origin's own downloads need."""
+        return origin
+
+    def after_mismatch(self, blob: BlobRef) -> Source | None:
+        """Where to download ``blob`` once more after its bytes failed verification: a source
+        that assembled it from untrusted helpers (peers) names its origin; None means the
+        mismatch is final."""
+        return None
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release connections and files."""

@@ -18,7 +18,7 @@ from tests.fault_server import Fault, FaultServer
 from tests.integration.pull_origin import serve_layout
 from tests.oci.layout_writer import write_synthetic_layout
 from tests.oci_push import Artifact, OciPusher, modelpack_artifact
-from tests.proxy_server import ProxyServer
+from tests.proxy_server import TinyProxy
 from tests.registry_server import BasicAuth, RegistryServer
 from tests.threaded import serve_in_thread
 
@@ -52,7 +52,7 @@ def test_rotated_secret_and_environment_proxy(tmp_path: Path) -> None:
     artifact = modelpack_artifact({"model.safetensors": random.Random(7).randbytes(MODEL_BYTES)})
     with (
         RegistryServer(tmp_path / "registry", basic=BasicAuth("alice", PASSWORD)) as registry,
-        ProxyServer(tmp_path / "proxy") as proxy,
+        TinyProxy(tmp_path / "proxy") as proxy,
     ):
         digest = asyncio.run(push_private(registry, artifact))
         secret = kubelet_secret(tmp_path / "secret", 1, registry.host, "expired-" + PASSWORD)

@@ -15,6 +15,7 @@ import yaml
 from cacheagent.config import load_config
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.metrics import GpuFigures, Metrics, ModelFigures, Snapshot, StoreFigures
+from cacheagent.peers.stats import PeerCollector, PeerStats
 from tests import pod_spec
 from tests.support import require_binary
 
@@ -109,6 +110,7 @@ def _exported_metric_names() -> set[str]:
         gpus=[GpuFigures(0, "GPU-0", "H100", 80, 40, 0.5, 40.0, 300.0)],
     )
     metrics.fuse_counts = FuseStats().snapshot
+    metrics.registry.register(PeerCollector(PeerStats(), lambda: 0))  # what peers.enabled adds
     names: set[str] = set()
     for family in metrics.registry.collect():
         names.add(family.name)

@@ -35,7 +35,7 @@ from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.transport import Transport, TransportOptions
 from tests.certs import Pki, make_pki
 from tests.fault_server import Fault, FaultServer
-from tests.proxy_server import ProxyServer
+from tests.proxy_server import TinyProxy
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=2.0, max_total_seconds=10.0)
 DATA = random.Random(7).randbytes(256 * 1024 + 17)
@@ -231,7 +231,7 @@ async def test_proxy_from_the_environment(
     """HTTP_PROXY/HTTPS_PROXY/NO_PROXY, as operators set them on nodes, through a real proxy
     (tinyproxy: it adds a Via header to what it forwards and logs the CONNECTs it tunnels)."""
     pki = make_pki(tmp_path / "pki")
-    with ProxyServer(tmp_path / "proxy") as proxy:
+    with TinyProxy(tmp_path / "proxy") as proxy:
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "no_proxy"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
