@@ -445,7 +445,7 @@ def _parse_pod_layout_root(value: object) -> PurePosixPath:
 HostPattern = Annotated[str, Parser(parse_host_pattern)]
 Network = Annotated[str, Parser(parse_network)]
 PodLayoutRoot = Annotated[PurePosixPath, Parser(_parse_pod_layout_root)]
-RefKindName = Literal["oci", "oci-layout", "hf", "http"]
+RefKindName = Literal["oci", "oci-layout", "hf", "http", "s3"]
 
 
 @dataclass(frozen=True)
@@ -462,6 +462,33 @@ class PolicyConfig(_Section):
     lazy_sources: tuple[RefKindName, ...] = ("oci",)
     http_redirect_hosts: tuple[HostPattern, ...] = ()
     http_allowed_networks: tuple[Network, ...] = ()
+    pod_s3_buckets: tuple[str, ...] = ()  # bucket globs pods may name (s3:// refs)
+
+
+@dataclass(frozen=True)
+class S3Config(_Section):
+    """``s3://`` origins. ``endpoint`` unset: AWS (``https://s3.<region>.amazonaws.com``); set it
+    for MinIO/Ceph (plain ``http://`` only for hosts in ``registries.insecure``). ``addressing``
+    ``auto`` is path-style with an endpoint, virtual-hosted without. Credentials: the static
+    pair (``access_key_id`` + ``secret_access_key_file``), else botocore's standard chain
+    (``AWS_*`` environment, ``profile`` in the shared credentials/config files, container and
+    instance roles); ``anonymous`` sends unsigned requests (public buckets)."""
+
+    section: ClassVar[str] = "s3"
+    endpoint: HttpUrl | None = None
+    region: str = "us-east-1"
+    addressing: Literal["auto", "path", "virtual"] = "auto"
+    access_key_id: str | None = None
+    secret_access_key_file: Path | None = None
+    profile: str | None = None
+    anonymous: bool = False
+
+    def _check(self) -> None:
+        if (self.access_key_id is None) != (self.secret_access_key_file is None):
+            raise ConfigError(
+                "s3.access_key_id",
+                "static credentials need both s3.access_key_id and s3.secret_access_key_file",
+            )
 
 
 @dataclass(frozen=True)
@@ -523,6 +550,7 @@ class Config:
     fuse: FuseConfig = field(default_factory=FuseConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    s3: S3Config = field(default_factory=S3Config)
     peers: PeersConfig = field(default_factory=PeersConfig)
 
 

@@ -6,7 +6,8 @@ canonical form (``registry.local/models/qwen:v1``, ``oci-layout:///srv/m:v1``,
 ``registry.local/models/*`` covers every repository below ``models`` at any tag or digest.
 Because the canonical form carries the tag (``latest`` when none was written) or digest, a
 pattern naming one repository needs a trailing ``*`` or ``:*``. A leading ``oci://`` in a
-pattern is ignored, as it is in references.
+pattern is ignored, as it is in references. A view (``<ref>|include=...``, see
+``cacheagent.viewopts``) matches whatever its base reference matches.
 
 ``allowed_sources`` (``check_source``): empty allows everything; otherwise a reference must
 match at least one pattern.
@@ -26,8 +27,11 @@ on the node. By default a pod may name OCI registry references only. ``hf://`` n
 nothing through a symlink, so the comparison is the truth); ``http(s)://`` needs the URL's host
 (or ``host:port``) to match one of the ``pod_http_hosts`` globs. ``mode: lazy`` serves bytes
 before their digest is checked, so it is allowed only for the reference kinds listed in
-``lazy_sources`` (default: ``oci``). The operator's paths (the CLI and the agent API) are not
-held to these rules; ``allowed_sources`` applies to everyone.
+``lazy_sources`` (default: ``oci``). ``s3://`` needs the bucket to match one of the
+``pod_s3_buckets`` globs (the agent reads S3 with the node's credentials, so a pod naming any
+bucket would read whatever the node may). A view (``<ref>|...``) is judged as its base. The
+operator's paths (the CLI and the agent API) are not held to these rules; ``allowed_sources``
+applies to everyone.
 
 **HTTP origins** (``redirect_allowed``, ``address_allowed``): a redirect may go to the URL's own
 host, to a ``pod_http_hosts`` host, or to a ``http_redirect_hosts`` host; loopback, link-local
@@ -47,7 +51,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from cacheagent.errors import PolicyDeniedError
-from cacheagent.refs import HttpRef, LayoutRef, ModelRef
+from cacheagent.refs import HttpRef, LayoutRef, ModelRef, S3Ref, ViewRef
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -74,6 +78,9 @@ class PodRules(Protocol):
 
     @property
     def lazy_sources(self) -> Sequence[str]: ...
+
+    @property
+    def pod_s3_buckets(self) -> Sequence[str]: ...
 
 
 class HttpRules(Protocol):
@@ -122,12 +129,17 @@ def check_mount(policy: PolicyRules, namespace: str | None, ref: ModelRef) -> No
 
 
 def _matches_any(ref: ModelRef, patterns: Sequence[str]) -> bool:
-    canonical = ref.canonical
-    return any(fnmatchcase(canonical, pattern.removeprefix("oci://")) for pattern in patterns)
+    # A view (``ref|exclude=...``) is allowed when the model it shows part of is.
+    names = {ref.canonical, ref.base.canonical if isinstance(ref, ViewRef) else ref.canonical}
+    return any(
+        fnmatchcase(name, pattern.removeprefix("oci://")) for pattern in patterns for name in names
+    )
 
 
 def check_pod_ref(policy: PodRules, ref: ModelRef) -> None:
     """Raise ``PolicyDeniedError`` unless a pod may name ``ref`` at all (no I/O happens here)."""
+    if isinstance(ref, ViewRef):  # a view of a model is judged as the model
+        ref = ref.base
     if ref.kind == "oci":
         return
     if ref.kind == "hf":
@@ -154,6 +166,14 @@ def check_pod_ref(policy: PodRules, ref: ModelRef) -> None:
             f"pods may not name URLs on {host} ({ref.canonical}); list the host in "
             "policy.pod_http_hosts to allow it",
             "policy.pod_http_hosts",
+        )
+    if isinstance(ref, S3Ref):
+        if any(fnmatchcase(ref.bucket, pattern) for pattern in policy.pod_s3_buckets):
+            return
+        raise PolicyDeniedError(
+            f"pods may not name S3 bucket {ref.bucket} ({ref.canonical}): the agent reads it "
+            "with the node's credentials; list the bucket in policy.pod_s3_buckets to allow it",
+            "policy.pod_s3_buckets",
         )
     raise PolicyDeniedError(f"pods may not name {ref.kind} references", "policy")
 

@@ -36,6 +36,18 @@ Forms and the decisions taken where the brief is silent:
     The default port is dropped, scheme and host are lowercased; path and query are kept as
     written.
 
+``s3://bucket[/key-or-prefix][@pin]`` (``S3Ref``)
+    An object, or every object under a prefix, in S3 or an S3-compatible store (endpoint from
+    config). The pin after the last ``@`` (when no ``/`` follows it) is ``sha256:<hex>``, the
+    expected manifest digest (what the agent computed for that listing before); 32 hex digits
+    (``-N`` for a multipart upload), an ETag; anything else, a version id. A pinned reference is
+    immutable. Bucket names follow S3's rules; keys may not hold empty, ``.`` or ``..``
+    components.
+
+``<any of the above>|option|...`` (``ViewRef``)
+    A view of the model: file patterns and the Hugging Face cache layout
+    (``cacheagent.viewopts`` has the options). Its canonical form is part of the cache key.
+
 Whitespace and control characters are errors anywhere, not trimmed: a reference is an
 identifier, and a silently repaired one would name something the user did not write.
 """
@@ -49,29 +61,25 @@ from typing import ClassVar, Literal, TypeAlias
 from urllib.parse import urlsplit
 
 from cacheagent.errors import RefError
-from cacheagent.refgrammar import (
-    digest_part,
-    first_not_in,
-    host_port_part,
-    sha256_hex_part,
+from cacheagent.refcheck import (
+    MAX_OCI_NAME_LENGTH,
+    check_abs_path,
+    check_bucket,
+    check_hf_repo_id,
+    check_object_key,
+    check_repo_component,
+    check_revision,
+    check_tag,
+    check_version_id,
 )
+from cacheagent.refgrammar import digest_part, host_port_part, sha256_hex_part
+from cacheagent.viewopts import ViewOptions, parse_view_options
 
-RefKind = Literal["oci", "oci-layout", "hf", "http"]
+RefKind = Literal["oci", "oci-layout", "hf", "http", "s3"]
 
 DEFAULT_REGISTRY = "docker.io"
 DEFAULT_TAG = "latest"
 MAX_REF_LENGTH = 8192
-MAX_OCI_NAME_LENGTH = 255
-MAX_TAG_LENGTH = 128
-MAX_HF_NAME_LENGTH = 96
-MAX_PATH_BYTES = 4096
-MAX_PATH_COMPONENT_BYTES = 255
-
-_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-_TAG_CHARS = _ALNUM | frozenset("._-")
-_HF_CHARS = _ALNUM | frozenset("._-")
-_REVISION_CHARS = _ALNUM | frozenset("._-/")
-_REPO_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -182,12 +190,83 @@ class HttpRef(_Ref):
         return self.url.startswith("http:")
 
 
-ModelRef: TypeAlias = OciRef | LayoutRef | HfRef | HttpRef
+@dataclass(frozen=True)
+class S3Ref(_Ref):
+    """Objects in an S3 bucket: one object, or all under a prefix (``key`` ending in ``/``,
+    or found to be no object); at most one of ``digest``, ``etag``, ``version`` pins it."""
+
+    kind: ClassVar[Literal["s3"]] = "s3"
+    bucket: str
+    key: str
+    digest: str | None = None
+    etag: str | None = None
+    version: str | None = None
+
+    @property
+    def canonical(self) -> str:
+        pin = self.digest or self.etag or self.version
+        return f"s3://{self.bucket}/{self.key}" + (f"@{pin}" if pin else "")
+
+    @property
+    def origin(self) -> str:
+        return f"s3://{self.bucket}"
+
+    @property
+    def is_immutable(self) -> bool:
+        return bool(self.digest or self.etag or self.version)
+
+
+PlainRef: TypeAlias = OciRef | LayoutRef | HfRef | HttpRef | S3Ref
+
+
+@dataclass(frozen=True)
+class ViewRef(_Ref):
+    """A view of another reference's model: some of its files, or another layout.
+
+    It has no ``digest`` of its own (the view's digest is computed from the base manifest's),
+    so nothing mistakes the base model for the view.
+    """
+
+    base: PlainRef
+    options: ViewOptions
+
+    @property
+    def kind(self) -> RefKind:
+        return self.base.kind
+
+    @property
+    def canonical(self) -> str:
+        return self.base.canonical + self.options.suffix
+
+    @property
+    def origin(self) -> str:
+        return self.base.origin
+
+    @property
+    def is_immutable(self) -> bool:
+        return self.base.is_immutable
+
+
+ModelRef: TypeAlias = PlainRef | ViewRef
 
 
 def parse_ref(text: str) -> ModelRef:
     """Parse and normalise a model reference; raises ``RefError`` naming the bad part."""
     _check_characters(text)
+    base_text, bar, options = text.partition("|")
+    if not bar:
+        return _parse_plain(text)
+    base = _parse_plain(base_text) if base_text else None
+    if base is None:
+        raise RefError(text, "reference", "nothing before '|'")
+    default_hf = base.repo_id if isinstance(base, HfRef) else None
+    view = parse_view_options(text, options.split("|"), default_hf_repo=default_hf)
+    if view.hf_cache:
+        check_hf_repo_id(text, view.hf_cache)
+    return ViewRef(base, view)
+
+
+def _parse_plain(text: str) -> PlainRef:
     match = _SCHEME_RE.match(text)
     if match is None:
         return _parse_oci(text, "oci", text)
@@ -236,7 +315,7 @@ def _parse_oci(ref: str, _scheme: str, rest: str) -> OciRef:
     digest = digest_part(ref, digest_text) if at else None
     name, tag = _split_tag(name_tag)
     if tag is not None:
-        _check_tag(ref, tag)
+        check_tag(ref, tag)
     registry, repository = _split_registry(ref, name)
     if tag is None and digest is None:
         tag = DEFAULT_TAG
@@ -264,7 +343,7 @@ def _split_registry(ref: str, name: str) -> tuple[str, str]:
     if registry == DEFAULT_REGISTRY and "/" not in path:
         path = f"library/{path}"
     for component in path.split("/"):
-        _check_repo_component(ref, component)
+        check_repo_component(ref, component)
     total = len(registry) + 1 + len(path)
     if total > MAX_OCI_NAME_LENGTH:
         raise RefError(
@@ -273,39 +352,6 @@ def _split_registry(ref: str, name: str) -> tuple[str, str]:
             f"registry/repository is {total} characters, at most {MAX_OCI_NAME_LENGTH}",
         )
     return registry, path
-
-
-def _check_repo_component(ref: str, component: str) -> None:
-    if not component:
-        raise RefError(ref, "repository", "empty path component")
-    if _REPO_COMPONENT_RE.fullmatch(component):
-        return
-    if _REPO_COMPONENT_RE.fullmatch(component.lower()):
-        problem = f"repository component {component!r} must be lowercase"
-    elif not (component[0].isascii() and component[0].isalnum()):
-        problem = f"repository component {component!r} must start with a lowercase letter or digit"
-    elif not (component[-1].isascii() and component[-1].isalnum()):
-        problem = f"repository component {component!r} must end with a lowercase letter or digit"
-    else:
-        problem = (
-            f"repository component {component!r} may only join lowercase letters and digits "
-            "with one '.', one or two '_', or '-'"
-        )
-    raise RefError(ref, "repository", problem)
-
-
-def _check_tag(ref: str, tag: str) -> None:
-    if not tag:
-        raise RefError(ref, "tag", "empty tag after ':'")
-    if len(tag) > MAX_TAG_LENGTH:
-        raise RefError(ref, "tag", f"tag is {len(tag)} characters, at most {MAX_TAG_LENGTH}")
-    if tag[0] not in _ALNUM and tag[0] != "_":
-        raise RefError(ref, "tag", f"tag {tag!r} must start with a letter, digit or '_'")
-    bad = first_not_in(tag, _TAG_CHARS)
-    if bad is not None:
-        raise RefError(
-            ref, "tag", f"tag {tag!r} contains {bad!r}; allowed: letters, digits, '_', '.', '-'"
-        )
 
 
 # --- OCI layout -------------------------------------------------------------------------------
@@ -320,27 +366,11 @@ def _parse_layout(ref: str, _scheme: str, rest: str) -> LayoutRef:
         body, digest = head, digest_part(ref, tail)
     path, tag = _split_tag(body)
     if tag is not None:
-        _check_tag(ref, tag)
-    _check_abs_path(ref, path)
+        check_tag(ref, tag)
+    check_abs_path(ref, path)
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     return LayoutRef(path=path, tag=tag, digest=digest)
-
-
-def _check_abs_path(ref: str, path: str) -> None:
-    if path == "/":
-        raise RefError(ref, "path", "path must name a directory below '/'")
-    if len(path.encode()) > MAX_PATH_BYTES:
-        raise RefError(ref, "path", f"path is longer than {MAX_PATH_BYTES} bytes")
-    for component in path[1:].split("/"):
-        if not component:
-            raise RefError(ref, "path", "empty path component (doubled or trailing '/')")
-        if component in (".", ".."):
-            raise RefError(ref, "path", f"path component {component!r} is not allowed")
-        if len(component.encode()) > MAX_PATH_COMPONENT_BYTES:
-            raise RefError(
-                ref, "path", f"path component longer than {MAX_PATH_COMPONENT_BYTES} bytes"
-            )
 
 
 # --- Hugging Face -----------------------------------------------------------------------------
@@ -348,63 +378,11 @@ def _check_abs_path(ref: str, path: str) -> None:
 
 def _parse_hf(ref: str, _scheme: str, rest: str) -> HfRef:
     repo_id, at, revision = rest.partition("@")
-    _check_hf_repo_id(ref, repo_id)
+    check_hf_repo_id(ref, repo_id)
     if not at:
         raise RefError(ref, "revision", "missing @revision (a branch, tag or 40-hex commit)")
-    _check_revision(ref, revision)
+    check_revision(ref, revision)
     return HfRef(repo_id=repo_id, revision=revision)
-
-
-def _check_hf_repo_id(ref: str, repo_id: str) -> None:
-    parts = repo_id.split("/")
-    if len(parts) > 2:
-        raise RefError(ref, "repository", f"expected org/name or name, got {repo_id!r}")
-    for name in parts:
-        _check_hf_name(ref, name)
-    if repo_id.endswith(".git"):
-        raise RefError(ref, "repository", f"{repo_id!r} must not end with '.git'")
-
-
-def _check_hf_name(ref: str, name: str) -> None:
-    if not name:
-        raise RefError(ref, "repository", "empty path component")
-    if len(name) > MAX_HF_NAME_LENGTH:
-        raise RefError(
-            ref, "repository", f"{name!r} is {len(name)} characters, at most {MAX_HF_NAME_LENGTH}"
-        )
-    bad = first_not_in(name, _HF_CHARS)
-    if bad is not None:
-        raise RefError(
-            ref, "repository", f"{name!r} contains {bad!r}; allowed: letters, digits, '-_.'"
-        )
-    if name[0] in "-." or name[-1] in "-.":
-        raise RefError(
-            ref, "repository", f"{name!r} must start and end with a letter, digit or '_'"
-        )
-    if "--" in name or ".." in name:
-        raise RefError(ref, "repository", f"{name!r} must not contain '--' or '..'")
-
-
-def _check_revision(ref: str, revision: str) -> None:
-    if not revision:
-        raise RefError(ref, "revision", "empty revision after '@'")
-    if len(revision) > 255:
-        raise RefError(ref, "revision", f"revision is {len(revision)} characters, at most 255")
-    bad = first_not_in(revision, _REVISION_CHARS)
-    if bad is not None:
-        raise RefError(
-            ref,
-            "revision",
-            f"revision {revision!r} contains {bad!r}; allowed: letters, digits, '._-/'",
-        )
-    if (
-        revision[0] in "/-."
-        or revision[-1] in "/."
-        or "//" in revision
-        or ".." in revision
-        or revision.endswith(".lock")
-    ):
-        raise RefError(ref, "revision", f"revision {revision!r} is not a valid git ref name")
 
 
 # --- HTTP(S) ----------------------------------------------------------------------------------
@@ -433,13 +411,33 @@ def _parse_http(ref: str, scheme: str, rest: str) -> HttpRef:
     return HttpRef(url=f"{scheme}://{host}{parts.path}{query}", sha256=digest)
 
 
-_Parser = Callable[[str, str, str], ModelRef]
+def _parse_s3(ref: str, _scheme: str, rest: str) -> S3Ref:
+    body, pin = rest, None
+    head, at, tail = rest.rpartition("@")
+    if at and "/" not in tail:
+        body, pin = head, tail
+    bucket, _, key = body.partition("/")
+    check_bucket(ref, bucket)
+    check_object_key(ref, key)
+    if pin is None:
+        return S3Ref(bucket, key)
+    if pin.startswith("sha256:"):
+        return S3Ref(bucket, key, digest=digest_part(ref, pin))
+    if _ETAG_RE.fullmatch(pin):
+        return S3Ref(bucket, key, etag=pin)
+    check_version_id(ref, pin)
+    return S3Ref(bucket, key, version=pin)
+
+
+_ETAG_RE = re.compile(r"[0-9a-f]{32}(?:-[0-9]{1,5})?")
+_Parser = Callable[[str, str, str], PlainRef]
 _PARSERS: dict[str, _Parser] = {
     "oci": _parse_oci,
     "oci-layout": _parse_layout,
     "hf": _parse_hf,
     "http": _parse_http,
     "https": _parse_http,
+    "s3": _parse_s3,
 }
 _EXAMPLES = {
     "oci": "oci://registry.example.com/models/x:v1",
@@ -447,4 +445,5 @@ _EXAMPLES = {
     "hf": "hf://org/name@main",
     "http": "http://host/path/file#sha256=<hex>",
     "https": "https://host/path/file#sha256=<hex>",
+    "s3": "s3://bucket/prefix/",
 }

@@ -9,6 +9,13 @@ Accepted keys:
   NodePublishVolume returns.
 - ``gpus``: comma-separated GPU indexes or UUIDs (``0,1`` or ``GPU-...``/``MIG-...``) whose NUMA
   node the prefetch should favour.
+- ``include`` / ``exclude``: comma-separated file globs; ``exclude-weights``: ``"true"`` drops
+  the ModelPack weight layers; ``layout``: ``plain`` (default) or ``hf-cache`` (the Hugging Face
+  cache layout, named by ``hf-repo: org/name``, which defaults to the repo of an ``hf://``
+  model). They make the reference a view (``cacheagent.viewopts``): ``model: m`` with
+  ``exclude: "*.pth"`` is the model ``m|exclude=*.pth``, with its own cache key.
+- model-csi-driver's keys (``model.csi.modelpack.org/reference`` and the rest), mapped onto
+  these by ``csi.dialects``, so a pod written for that driver only changes the driver name.
 - the podInfoOnMount keys ``csi.storage.k8s.io/pod.name``, ``pod.namespace``, ``pod.uid``,
   ``serviceAccount.name`` and ``ephemeral``; any other ``csi.storage.k8s.io/`` key (for example
   ``serviceAccount.tokens``) is ignored, since kubelet adds those on its own.
@@ -27,6 +34,7 @@ from typing import Literal
 from cacheagent.errors import RefError
 from cacheagent.refs import ModelRef, parse_ref
 
+from .dialects import translate_model_csi_driver
 from .status import invalid
 
 Mode = Literal["bind", "lazy"]
@@ -38,7 +46,8 @@ POD_UID = KUBELET_PREFIX + "pod.uid"
 SERVICE_ACCOUNT = KUBELET_PREFIX + "serviceAccount.name"
 EPHEMERAL = KUBELET_PREFIX + "ephemeral"
 
-_OWN_KEYS = frozenset({"model", "mode", "prefetch", "gpus"})
+_VIEW_KEYS = ("include", "exclude", "exclude-weights", "layout", "hf-repo")
+_OWN_KEYS = frozenset({"model", "mode", "prefetch", "gpus", *_VIEW_KEYS})
 _GPU_RE = re.compile(r"^(?:\d{1,3}|(?:GPU|MIG)-[0-9A-Za-z-]{1,80})$")
 _MAX_GPUS = 64
 
@@ -65,6 +74,10 @@ class VolumeAttributes:
 
 def parse_volume_context(context: Mapping[str, str]) -> VolumeAttributes:
     """Validate ``volume_context``; raise CsiFailure(INVALID_ARGUMENT) naming the bad key."""
+    try:
+        context = translate_model_csi_driver(context)
+    except ValueError as exc:
+        raise invalid(f"volume attributes: {exc}") from exc
     unknown = sorted(k for k in context if k not in _OWN_KEYS and not k.startswith(KUBELET_PREFIX))
     if unknown:
         raise invalid(
@@ -72,7 +85,7 @@ def parse_volume_context(context: Mapping[str, str]) -> VolumeAttributes:
             f"accepted: {', '.join(sorted(_OWN_KEYS))} (and {KUBELET_PREFIX}* from kubelet)"
         )
     return VolumeAttributes(
-        ref=_parse_model(context.get("model")),
+        ref=_parse_model(_with_view(context)),
         mode=_parse_mode(context.get("mode", "bind")),
         prefetch=_parse_bool("prefetch", context.get("prefetch", "false")),
         gpus=_parse_gpus(context.get("gpus", "")),
@@ -93,6 +106,25 @@ def _parse_model(text: str | None) -> ModelRef:
         return parse_ref(text)
     except RefError as exc:
         raise invalid(f"volume attribute 'model': {exc}") from exc
+
+
+def _with_view(context: Mapping[str, str]) -> str | None:
+    """The ``model`` text with the view attributes appended as reference options."""
+    text = context.get("model")
+    if not text:
+        return text
+    options = [f"{key}={context[key]}" for key in ("include", "exclude") if context.get(key)]
+    if _parse_bool("exclude-weights", context.get("exclude-weights", "false")):
+        options.append("exclude-weights")
+    layout = context.get("layout", "plain")
+    if layout == "hf-cache":
+        repo = context.get("hf-repo")
+        options.append(f"hf-cache={repo}" if repo else "hf-cache")
+    elif layout != "plain":
+        raise invalid(f"volume attribute 'layout' must be 'plain' or 'hf-cache', not {layout!r}")
+    elif "hf-repo" in context:
+        raise invalid("volume attribute 'hf-repo' needs 'layout: hf-cache'")
+    return "|".join([text, *options])
 
 
 def _parse_mode(text: str) -> Mode:

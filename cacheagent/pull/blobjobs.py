@@ -111,14 +111,15 @@ class BlobJobs:
         digest = layer.blob.digest
         while True:
             bj = self._blobs.get(digest)
+            unpack = f"{layer.unpack}:{layer.subtree}" if layer.subtree else layer.unpack
             if bj is None:
-                bj = BlobJob(layer.unpack, job.source.kind)
+                bj = BlobJob(unpack, job.source.kind)
                 self._blobs[digest] = bj
                 bj.task = asyncio.create_task(self._run(bj, layer, job))
                 bj.task.add_done_callback(functools.partial(self._finished, digest, bj))
                 self._changed.fire()
                 break
-            if bj.unpack == layer.unpack and not bj.abandoned:
+            if bj.unpack == unpack and not bj.abandoned:
                 break
             # Being cancelled (its last waiter left), or the same bytes wanted raw by one model
             # and unpacked by another: let it finish, then start afresh.
@@ -207,6 +208,7 @@ class BlobJobs:
             partial.parent,
             commit,
             max_total_bytes=int(layer.blob.size * ratio),
+            subtree=layer.subtree,
         )
 
 

@@ -58,6 +58,7 @@ from cacheagent.pull.progress import PullProgress, PullState
 from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.sources.base import Layer, Source
 from cacheagent.sources.factory import retry_policy
+from cacheagent.sources.views import assemble, resolve_model
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
 
@@ -318,7 +319,7 @@ class PullEngine:
                 del self._resolving[key]
 
     async def _resolve_and_start(self, ref: ModelRef) -> ModelJob | Model:
-        resolved = await self.sources.for_ref(ref).resolve(ref)
+        resolved = await resolve_model(self.sources.for_ref(ref), ref)
         digest = resolved.manifest_digest
         # Cache the answer at once: callers arriving while the model downloads find the pull
         # through the tag cache instead of asking the origin again.
@@ -385,10 +386,14 @@ class PullEngine:
         ticker: asyncio.Task[None] | None = None
         recorded = False
         try:
+            inline = [
+                ModelFile(path, await asyncio.to_thread(store.add_blob_bytes, data), len(data))
+                for path, data in resolved.inline_files
+            ]
             await asyncio.to_thread(
                 store.put_pending,
                 digest,
-                [raw_file(layer) for layer in resolved.layers if layer.unpack == "raw"],
+                [raw_file(layer) for layer in resolved.layers if layer.unpack == "raw"] + inline,
                 ref=job.ref.canonical,
                 source_kind=job.source.kind,
                 manifest=resolved.manifest,
@@ -408,7 +413,7 @@ class PullEngine:
             )
             job.state = "committing"
             self._publish(job)
-            files = [f for group in groups for f in group]
+            files = assemble(resolved, groups) + inline
             crashpoint("pull.before_tree")
             model = await asyncio.to_thread(
                 store.put_model,

@@ -27,11 +27,14 @@ class Layer:
 
     ``path`` is the file path for raw layers and the directory to unpack into for tar layers
     ("" for the model root); it has already been checked with ``store.paths.safe_relpath``.
+    ``subtree`` set means a container image layer (a modelcar, see ``sources.modelcar``): only
+    members below that directory are unpacked, and the layers are stacked as an overlay.
     """
 
     blob: BlobRef
     path: str
     unpack: UnpackKind = "raw"
+    subtree: str = ""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class ResolvedModel:
     manifest: bytes
     layers: tuple[Layer, ...]
     artifact_type: str = ""
+    # Small files the agent writes itself (a view's Hugging Face ``refs/<revision>``): path, bytes.
+    inline_files: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def total_size(self) -> int:

@@ -14,6 +14,8 @@ from cacheagent.sources.http import HttpOptions, HttpSource
 from cacheagent.sources.layout import OciLayoutSource
 from cacheagent.sources.registry import RegistryOptions, RegistrySource
 from cacheagent.sources.retry import RetryPolicy
+from cacheagent.sources.s3 import S3Options, S3Source
+from cacheagent.sources.s3auth import S3Credentials, S3Signer
 from cacheagent.sources.transport import Transport, TransportOptions, environment_proxies
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le"}
@@ -81,5 +83,23 @@ def build_sources(config: Config) -> Origins:
         HfSource(
             transport, options=HfOptions(endpoint=config.hf.endpoint, token=token, retry=retry)
         ),
+        _s3_source(config, transport, retry),
     ]
     return Origins(sources, transport)
+
+
+def _s3_source(config: Config, transport: Transport, retry: RetryPolicy) -> S3Source:
+    s3 = config.s3
+    signer = S3Signer(
+        s3.region,
+        S3Credentials(
+            access_key_id=s3.access_key_id,
+            secret_access_key_file=s3.secret_access_key_file,
+            profile=s3.profile,
+            anonymous=s3.anonymous,
+        ),
+    )
+    options = S3Options(
+        endpoint=s3.endpoint, region=s3.region, addressing=s3.addressing, retry=retry
+    )
+    return S3Source(transport, signer=signer, options=options)

@@ -13,7 +13,19 @@ Two artifact conventions are understood (see ``layers_of``):
   layer says ``io.deis.oras.content.unpack: "true"``: then it is a directory tarball whose members
   are named ``<title>/...``, unpacked at the model root; gzip/zstd follow the media type suffix.
 
-Any other layer (a container image layer without a title, say) makes the manifest "not a model".
+* Modelcar (KServe's convention): a container image (image config media type, every layer an
+  image layer tar without a title) whose files under ``/models`` are the model. Each layer
+  becomes a tar layer with ``subtree="models"``; ``sources.modelcar`` stacks them in order with
+  whiteouts, and only that subtree is kept.
+
+Any other layer (a titleless layer in a non-image manifest, say) makes the manifest "not a model".
+
+Image indexes (``select_from_index``): an entry whose descriptor carries a ModelPack
+``artifactType`` (or an annotation naming a ModelPack media type, or an ``org.cncf.model.*``
+annotation) wins over every platform entry, because modelcar builders publish one index
+holding both a runnable image for ``linux/amd64`` (the model under ``/models``) and the ModelPack
+manifest (platform ``unknown/unknown``); the ModelPack one is the model itself, with per-file
+layers the pull can share and verify file by file.
 """
 
 from __future__ import annotations
@@ -86,6 +98,18 @@ ANNOTATION_TITLE = "org.opencontainers.image.title"
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_ORAS_UNPACK = "io.deis.oras.content.unpack"
 ANNOTATION_ORAS_DIGEST = "io.deis.oras.content.digest"
+IMAGE_CONFIGS = frozenset(
+    {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
+)
+MODELCAR_SUBTREE = "models"
+_IMAGE_LAYER_KINDS: dict[str, UnpackKind] = {
+    **_OCI_LAYER_KINDS,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "tar+gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "tar+gzip",
+}
 # Docker buildx lists attestation manifests (platform unknown/unknown) next to the images.
 _ANNOTATION_DOCKER_REF_TYPE = "vnd.docker.reference.type"
 
@@ -328,13 +352,21 @@ def _json_type(kind: type) -> str:
 def select_from_index(index: ParsedIndex, platform: tuple[str, str] | None) -> Descriptor:
     """Pick the index entry to follow.
 
-    An entry whose platform is ``(os, architecture)`` wins; else the one entry without a platform
+    An entry whose descriptor says it is a ModelPack artifact wins (module docstring); else an
+    entry whose platform is ``(os, architecture)``; else the one entry without a platform
     (a plain artifact); else the only entry. Anything else is ambiguous and refused, naming the
     choices, rather than guessed.
     """
     entries = [e for e in index.manifests if _ANNOTATION_DOCKER_REF_TYPE not in e.annotations]
     if not entries:
         raise SourceError("image index lists no manifests")
+    modelpacks = [e for e in entries if _says_modelpack(e)]
+    if len(modelpacks) == 1:
+        return modelpacks[0]
+    if modelpacks:
+        raise SourceError(
+            f"image index lists {len(modelpacks)} ModelPack manifests: {_choices(modelpacks)}"
+        )
     if platform is not None:
         matching = [
             e
@@ -355,6 +387,19 @@ def select_from_index(index: ParsedIndex, platform: tuple[str, str] | None) -> D
         return entries[0]
     wanted = f"platform {_plat(platform)}" if platform else "no platform given"
     raise SourceError(f"image index entry is ambiguous ({wanted}): {_choices(entries)}")
+
+
+def _says_modelpack(entry: Descriptor) -> bool:
+    """The index entry declares a ModelPack manifest: by its ``artifactType`` (OCI 1.1), or by
+    an annotation naming a ModelPack media type or an ``org.cncf.model.*`` key."""
+    if entry.artifact_type in _MODELPACK_ARTIFACTS:
+        return True
+    return any(
+        key.startswith(("org.cncf.model.", "org.cnai.model."))
+        or value in _MODELPACK_ARTIFACTS
+        or value in _MODELPACK_CONFIGS
+        for key, value in entry.annotations.items()
+    )
 
 
 def _plat(platform: tuple[str, str]) -> str:
@@ -379,9 +424,26 @@ def layers_of(manifest: ParsedManifest) -> tuple[Layer, ...]:
     """Map each layer to where it lands in the model tree (module docstring has the rules)."""
     if not manifest.layers:
         raise SourceError("manifest has no layers: not a model artifact")
+    if is_modelcar(manifest):
+        return tuple(
+            Layer(d.blob, "", _IMAGE_LAYER_KINDS[d.media_type], MODELCAR_SUBTREE)
+            for d in manifest.layers
+        )
     layers = tuple(_layer(desc, i, manifest.is_modelpack) for i, desc in enumerate(manifest.layers))
     _check_raw_paths(layers)
     return layers
+
+
+def is_modelcar(manifest: ParsedManifest) -> bool:
+    """A container image (no ModelPack or ORAS marks): its ``/models`` subtree is the model."""
+    return (
+        not manifest.is_modelpack
+        and manifest.config.media_type in IMAGE_CONFIGS
+        and all(
+            d.media_type in _IMAGE_LAYER_KINDS and ANNOTATION_TITLE not in d.annotations
+            for d in manifest.layers
+        )
+    )
 
 
 def _layer(desc: Descriptor, index: int, modelpack: bool) -> Layer:

@@ -20,6 +20,11 @@ Rules (each refusal names the member):
   headers over 1 MiB are refused, as tarfile would hold them in memory.
 
 Only the executable bit of a member's mode survives: files are 0o444, or 0o555 if any x bit is set.
+
+With ``subtree`` (a container image layer of a modelcar), only members below that directory are
+unpacked, with the directory stripped from their paths; every other member (the base OS: its
+symlinks and devices included) is skipped unread, since none of it reaches the model tree. A
+hard link from inside the subtree to a file outside it is refused.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ def unpack_tar(
     max_total_bytes: int,
     prefix: str = "",
     max_members: int = DEFAULT_MAX_MEMBERS,
+    subtree: str = "",
 ) -> tuple[UnpackedFile, ...]:
     """Stream-unpack the tar blob at ``src`` (module docstring has the rules).
 
@@ -108,10 +114,39 @@ def unpack_tar(
         ):
             for member in archive:
                 budget.count_member(member.name)
+                if subtree and not _within_subtree(member, subtree):
+                    continue
                 _unpack_member(archive, member, tree, budget, tmp_dir, on_file, buffer)
     except (tarfile.TarError, zlib.error, gzip.BadGzipFile, EOFError, zstandard.ZstdError) as exc:
         raise SourceError(f"tar layer {src.name} ({kind}) is corrupt: {exc}") from exc
     return tuple(tree.files.values())
+
+
+def _within_subtree(member: tarfile.TarInfo, subtree: str) -> bool:
+    """Whether ``member`` lies below ``subtree``; if so, rename it (and a hard link's target)
+    relative to it. The subtree directory itself counts as outside (nothing to unpack)."""
+    rel = _below(member.name, subtree)
+    if rel is None:
+        return False
+    member.name = rel
+    if member.islnk():
+        target = _below(member.linkname, subtree)
+        if target is None:
+            raise UnsafePathError(
+                f"{subtree}/{rel}", f"hard link to {member.linkname!r}, outside /{subtree}"
+            )
+        member.linkname = target
+    return True
+
+
+def _below(name: str, subtree: str) -> str | None:
+    stripped = name.lstrip("/")
+    while stripped.startswith("./"):
+        stripped = stripped[2:].lstrip("/")
+    head, slash, rest = stripped.partition("/")
+    if head != subtree or not slash or not rest.strip("/"):
+        return None
+    return rest
 
 
 class _BoundedTarInfo(tarfile.TarInfo):

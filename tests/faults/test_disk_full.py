@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import pytest
 from cacheagent._proto.cacheagent.v1 import agent_pb2 as apb
 from tests.agent_process import AgentProcess
 from tests.faults.harness import (
+    OK,
     LayoutModel,
     MiB,
     Rig,
@@ -30,7 +34,10 @@ from tests.faults.harness import (
     open_view,
     preheat_failure,
     preheat_ok,
+    publish,
     status,
+    target_path,
+    unpublish,
     verify_models,
 )
 from tests.oci.layout_writer import LayoutEntry, write_layout
@@ -106,3 +113,56 @@ def test_disk_full_mid_pull(rig: Rig, tmp_path: Path, build: Callable[[Path], La
     assert report["corrupt_blobs_removed"] == 0 and report["models_reset"] == 0, report
     assert set(verify_models(agent)) == {kept.digest, big.digest}
     assert len(json.loads(agent.cli("ls", "--offline", "--json").stdout)) == 2
+
+
+def readyz(agent: AgentProcess) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"{agent.http}/readyz", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def wait_readyz(agent: AgentProcess, code: int, timeout: float = 60.0) -> str:
+    """The /readyz body once it answers ``code`` (the store is checked every 2 s)."""
+    deadline = time.monotonic() + timeout
+    while (answer := readyz(agent))[0] != code:
+        assert time.monotonic() < deadline, f"/readyz never answered {code}: {answer}"
+        time.sleep(0.1)
+    return answer[1]
+
+
+def fill_up(disk: Path) -> Path:
+    """Write until the filesystem refuses: nothing is left for the store's index."""
+    filler = disk / "filler.bin"
+    with open(filler, "wb") as f:
+        for _ in range(DISK_BYTES // MiB):
+            try:
+                f.write(os.urandom(MiB))
+                f.flush()
+            except OSError:
+                break
+    return filler
+
+
+def test_a_full_disk_turns_readyz_while_cached_models_still_publish(
+    rig: Rig, tmp_path: Path
+) -> None:
+    agent = rig.agent()
+    disk = mount_small_disk(rig, agent)
+    kept = make_model(tmp_path / "kept", seed=5, weight_bytes=4 * MiB)
+    agent.start()
+    preheat_ok(agent, kept.ref)
+    wait_readyz(agent, 200)
+
+    filler = fill_up(disk)
+    assert "disk" in wait_readyz(agent, 503).lower()
+    for i in range(5):  # journal row, lease and access time: all written with the disk full
+        target = target_path(agent, f"full{i}")
+        assert publish(agent, f"full-{i}", target, kept.ref) == (OK, "")
+        shard = "model-00001-of-00002.safetensors"
+        assert (target / shard).read_bytes() == kept.files[shard]
+        assert unpublish(agent, f"full-{i}", target) == (OK, "")
+
+    filler.unlink()  # room again: the store says it is ready without a restart
+    wait_readyz(agent, 200)

@@ -300,7 +300,7 @@ async def test_other_ref_kinds_refused() -> None:
         await OciLayoutSource().resolve(parse_ref("registry.example.com/models/x:v1"))
 
 
-async def test_container_image_in_layout_is_not_a_model(tmp_path: Path) -> None:
+async def test_container_image_in_layout_is_a_modelcar(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     write_synthetic_layout(layout, 1 << 16, tag="v1")
     layer = b"not really a layer"
@@ -326,8 +326,8 @@ async def test_container_image_in_layout_is_not_a_model(tmp_path: Path) -> None:
     ).encode()
     digest = write_blob_bytes(layout, manifest)
     set_tag(layout, "image", {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest)})
-    with pytest.raises(SourceError, match="not a model artifact"):
-        await OciLayoutSource().resolve(ref(layout, "image"))
+    resolved = await OciLayoutSource().resolve(ref(layout, "image"))
+    assert [(la.unpack, la.subtree) for la in resolved.layers] == [("tar+gzip", "models")]
 
 
 def test_writer_streams_big_files(tmp_path: Path) -> None:

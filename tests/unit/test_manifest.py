@@ -201,16 +201,27 @@ def test_oras_titled_tarball_without_unpack_is_a_file() -> None:
     assert (layer.path, layer.unpack) == ("data.tar.gz", "raw")
 
 
-def test_container_image_is_not_a_model() -> None:
+def test_container_image_is_a_modelcar() -> None:
     doc = manifest_doc(
-        [desc(IMAGE_LAYER, D1), desc(IMAGE_LAYER, D2)],
+        [desc(IMAGE_LAYER, D1), desc("application/vnd.docker.image.rootfs.diff.tar.gzip", D2)],
         artifactType=None,
         config=desc("application/vnd.oci.image.config.v1+json", D3),
     )
     parsed = parse_model(doc)
     assert parsed.artifact_type == "application/vnd.oci.image.config.v1+json"
+    layers = layers_of(parsed)
+    assert [(la.blob.digest, la.unpack, la.subtree) for la in layers] == [
+        (D1, "tar+gzip", "models"),
+        (D2, "tar+gzip", "models"),
+    ]
+
+
+def test_titleless_layer_of_a_non_image_is_not_a_model() -> None:
+    doc = manifest_doc(
+        [desc(IMAGE_LAYER, D1)], artifactType=None, config=desc("application/x.other", D3)
+    )
     with pytest.raises(SourceError, match=rf"layer 0 \({D1}.*not a model artifact"):
-        layers_of(parsed)
+        layers_of(parse_model(doc))
 
 
 def test_manifest_without_layers_is_not_a_model() -> None:
