@@ -8,14 +8,13 @@ reads them back), and is stopped by PID.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from tests.child_process import stop_child
 from tests.registry_server import free_port
 from tests.support import require_binary
 
@@ -70,16 +69,7 @@ class TinyProxy:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_child(proc)
 
     def __enter__(self) -> TinyProxy:
         return self.start()

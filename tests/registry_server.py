@@ -8,9 +8,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.child_process import stop_child
 from tests.support import require_binary
 
 START_TIMEOUT_SECONDS = 20.0
@@ -165,16 +164,7 @@ class RegistryServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=STOP_TIMEOUT_SECONDS)
+        stop_child(proc, STOP_TIMEOUT_SECONDS)
 
     def __enter__(self) -> RegistryServer:
         return self.start()
