@@ -24,7 +24,7 @@ from tests.fault_server import Fault, FaultServer
 from tests.kubelet import InlineVolume, Kubelet, Pod
 from tests.support import require_fuse
 from tests.threaded import serve_in_thread
-from tests.throttle import ThrottleProxy
+from tests.throttle_proxy import ThrottleProxy
 
 DRIVER = "model.cacheagent.io"
 BACKOFF_SCALE = 0.02
@@ -315,11 +315,10 @@ def test_lazy_reads_are_fetched_on_demand_while_the_pull_runs(
     long before the background pull gets there: the bytes came from a range fetch on demand."""
     require_fuse()
     model = origin.models["gamma"]
-    upstream_host, _, upstream_port = origin.registry.host.rpartition(":")
-    proxy = ThrottleProxy(upstream_host, int(upstream_port), THROTTLED_BYTES_PER_SECOND)
+    proxy = ThrottleProxy(origin.registry.port, THROTTLED_BYTES_PER_SECOND)
     with serve_in_thread(proxy):
-        ref = model.ref.replace(origin.registry.host, proxy.host)
-        agent = AgentProcess(tmp_path / "agent", insecure=(proxy.host,), fuse=True)
+        ref = model.ref.replace(origin.registry.host, proxy.address)
+        agent = AgentProcess(tmp_path / "agent", insecure=(proxy.address,), fuse=True)
         agent.start()
         pod, volume = Pod("pod-on-demand"), lazy_volume(ref)
         try:
