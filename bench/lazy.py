@@ -40,8 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import machine as machine_facts  # noqa: E402
 from cacheagent.cli.client import AgentCallError, AgentClient  # noqa: E402
-from tests.agent_process import AgentProcess  # noqa: E402
-from tests.csi_env import force_unmount, mounts_under  # noqa: E402
+from tests.agent_process import AgentProcess, stop_and_unmount  # noqa: E402
 from tests.kubelet import InlineVolume, Kubelet, Pod  # noqa: E402
 from tests.oci.layout_writer import write_synthetic_layout  # noqa: E402
 from tests.oci.push import push_layout  # noqa: E402
@@ -79,10 +78,7 @@ def agent_on(work: Path, origin_host: str) -> Iterator[AgentProcess]:
     try:
         yield agent
     finally:
-        agent.stop()
-        for leftover in mounts_under(agent.kubelet_dir):
-            force_unmount(leftover)
-        agent.cleanup()
+        stop_and_unmount(agent)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,32 +15,12 @@ from cacheagent.cli.client import AgentCallError, AgentClient
 from cacheagent.memory.pagecache import drop
 from cacheagent.mountinfo import find_mount
 from tests.agent_process import LOOPBACK_HTTP, AgentProcess
-from tests.csi_env import force_unmount, mounts_under
-from tests.e2e.conftest import Origin
+from tests.csi_env import mounts_under
+from tests.e2e.conftest import Origin, kubelet, wait_until_no_pulls
 from tests.fault_server import FaultServer
-from tests.kubelet import InlineVolume, Kubelet, Pod
+from tests.kubelet import InlineVolume, Pod
 from tests.support import require_fuse, require_root
 from tests.threaded import serve_in_thread
-
-DRIVER = "model.cacheagent.io"  # the agent's default csi.driver_name
-BACKOFF_SCALE = 0.02  # kubelet's 0.5 s .. 122 s backoff, scaled down to 10 ms .. 2.4 s
-
-
-@pytest.fixture
-def lazy_agent(tmp_path: Path, origin: Origin) -> Iterator[AgentProcess]:
-    require_fuse()
-    agent = AgentProcess(tmp_path / "agent", insecure=(origin.registry.host,), fuse=True)
-    try:
-        yield agent.start()
-    finally:
-        agent.stop()
-        for leftover in mounts_under(agent.kubelet_dir):
-            force_unmount(leftover)
-        agent.cleanup()
-
-
-def kubelet(agent: AgentProcess) -> Kubelet:
-    return Kubelet(agent.csi_socket, agent.kubelet_dir, DRIVER, backoff_scale=BACKOFF_SCALE)
 
 
 def model_volume(ref: str, **attrs: str) -> InlineVolume:
@@ -233,7 +211,7 @@ def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> Non
             volume, target = mount(agent, pod, ref, mode="lazy")
             with (target / "weights.safetensors").open("rb") as f:
                 assert f.read(65536) == payload[:65536]  # served before verification
-                _wait_until_no_pulls(agent)
+                wait_until_no_pulls(agent)
                 f.seek(60 << 20)
                 with pytest.raises(OSError) as failed:
                     f.read(65536)
@@ -246,11 +224,3 @@ def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> Non
         finally:
             agent.stop()
             agent.cleanup()
-
-
-def _wait_until_no_pulls(agent: AgentProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with AgentClient(agent.socket) as client:
-        while client.status().pulls:
-            assert time.monotonic() < deadline, "the pull did not finish"
-            time.sleep(0.1)
