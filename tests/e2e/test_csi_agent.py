@@ -14,9 +14,16 @@ import pytest
 from cacheagent.cli.client import AgentCallError, AgentClient
 from cacheagent.memory.pagecache import drop
 from cacheagent.mountinfo import find_mount
-from tests.agent_process import LOOPBACK_HTTP, AgentProcess
+from tests.agent_process import AgentProcess
 from tests.csi_env import mounts_under
-from tests.e2e.conftest import Origin, kubelet, wait_until_no_pulls
+from tests.e2e.conftest import (
+    HTTP_LAZY,
+    WRONG_SHA256,
+    Origin,
+    kubelet,
+    serve_unverifiable,
+    wait_until_no_pulls,
+)
 from tests.fault_server import FaultServer
 from tests.kubelet import InlineVolume, Pod
 from tests.support import require_fuse, require_root
@@ -195,15 +202,10 @@ def test_kill_9_leaves_a_stale_fuse_mount_that_the_next_start_clears(
 
 def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> None:
     require_fuse()
-    payload = os.urandom(64 << 20)
-    wrong = hashlib.sha256(b"not these bytes").hexdigest()
     with serve_in_thread(FaultServer()) as server:
-        server.add("weights.safetensors", payload)
-        ref = f"{server.url('weights.safetensors')}#sha256={wrong}"
-        # A pod naming a loopback URL in lazy mode: each needs an explicit policy opt-in.
-        policy = {**LOOPBACK_HTTP, "pod_http_hosts": ["127.0.0.1"], "lazy_sources": ["http"]}
+        payload, ref = serve_unverifiable(server)
         agent = AgentProcess(
-            tmp_path / "agent", insecure=(server.host,), fuse=True, extra={"policy": policy}
+            tmp_path / "agent", insecure=(server.host,), fuse=True, extra={"policy": HTTP_LAZY}
         )
         agent.start()
         pod = Pod("pod-bad")
@@ -219,7 +221,7 @@ def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> Non
             assert 'cacheagent_fuse_errors_total{kind="verify"}' in agent.get("/metrics")[1]
             with AgentClient(agent.socket) as client:
                 assert not client.list().models
-            assert not list((agent.store_root / "blobs").rglob(wrong))
+            assert not list((agent.store_root / "blobs").rglob(WRONG_SHA256))
             unmount(agent, pod, volume)
         finally:
             agent.stop()

@@ -16,22 +16,16 @@ import pytest
 
 from cacheagent.cli.client import AgentClient
 from cacheagent.mountinfo import find_mount
-from tests.agent_process import LOOPBACK_HTTP, AgentProcess, stop_and_unmount
+from tests.agent_process import AgentProcess, stop_and_unmount
 from tests.csi_env import mounts_under
-from tests.e2e.conftest import Origin, kubelet, wait_until_no_pulls
+from tests.e2e.conftest import HTTP_LAZY, Origin, kubelet, serve_unverifiable, wait_until_no_pulls
 from tests.fault_server import Fault, FaultServer
 from tests.kubelet import InlineVolume, Pod
 from tests.support import require_fuse
 from tests.threaded import serve_in_thread
 from tests.throttle_proxy import ThrottleProxy
 
-CACHE_HIT_PUBLISH_SECONDS = 5.0
-# Pods naming loopback URLs in lazy mode: each needs an explicit policy opt-in.
-HTTP_LAZY = {
-    **LOOPBACK_HTTP,
-    "pod_http_hosts": ["127.0.0.1"],
-    "lazy_sources": ["http"],
-}  # generous for a shared CI machine; it answers in milliseconds
+CACHE_HIT_PUBLISH_SECONDS = 5.0  # generous for a shared CI machine; it answers in milliseconds
 
 
 def lazy_volume(ref: str) -> InlineVolume:
@@ -233,11 +227,8 @@ def test_pages_served_before_a_failed_verification_leave_the_page_cache(tmp_path
     """Bytes read before the blob failed its digest were cached by the kernel; once the pull
     fails, a reader that still has the file open must not get them again from the cache."""
     require_fuse()
-    payload = os.urandom(64 << 20)
-    wrong = hashlib.sha256(b"not these bytes").hexdigest()
     with serve_in_thread(FaultServer()) as server:
-        server.add("weights.safetensors", payload)
-        ref = f"{server.url('weights.safetensors')}#sha256={wrong}"
+        payload, ref = serve_unverifiable(server)
         agent = AgentProcess(
             tmp_path / "agent", insecure=(server.host,), fuse=True, extra={"policy": HTTP_LAZY}
         )
