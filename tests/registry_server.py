@@ -12,7 +12,6 @@ import os
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.child_process import stop_child
+from tests.child_process import stop_child, wait_ready
 from tests.support import require_binary
 
 START_TIMEOUT_SECONDS = 20.0
@@ -142,21 +141,24 @@ class RegistryServer:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited at start: {self.log_text()}")
+
+        def answers() -> bool:
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=context):
-                    return
+                    return True
             except urllib.error.HTTPError as exc:
-                if exc.code == 401:
-                    return
+                return exc.code == 401
             except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"docker-registry not ready in {START_TIMEOUT_SECONDS}s")
+                return False
+
+        assert self.proc is not None
+        wait_ready(
+            self.proc,
+            answers,
+            what="docker-registry",
+            timeout=START_TIMEOUT_SECONDS,
+            log=self.log_text,
+        )
 
     def log_text(self) -> str:
         path = self.workdir / "registry.log"
