@@ -8,14 +8,12 @@ reads them back), and is stopped by PID.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
+from tests.child_process import stop_child, wait_ready
 from tests.registry_server import free_port
 from tests.support import require_binary
 
@@ -54,15 +52,19 @@ class TinyProxy:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tinyproxy exited: {self.log.read_text(errors='replace')}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"tinyproxy not listening in {START_TIMEOUT_SECONDS}s")
+        assert self.proc is not None
+        wait_ready(
+            self.proc,
+            self._listening,
+            what="tinyproxy",
+            timeout=START_TIMEOUT_SECONDS,
+            log=lambda: self.log.read_text(errors="replace"),
+        )
+
+    def _listening(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+            return True
+        return False
 
     def requests(self) -> list[tuple[str, str]]:
         """(method, absolute URL) of every request the proxy forwarded, in order."""
@@ -70,16 +72,7 @@ class TinyProxy:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_child(proc)
 
     def __enter__(self) -> TinyProxy:
         return self.start()
