@@ -12,17 +12,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
+from tests.child_process import stop_child, wait_ready
 from tests.registry_server import free_port
 from tests.support import require_binary
 
 START_TIMEOUT_SECONDS = 10.0
-STOP_TIMEOUT_SECONDS = 10.0
 _REQUEST = re.compile(r"Request \(file descriptor \d+\): (\S+) (\S+)")
 
 
@@ -56,22 +54,22 @@ class TinyProxy:
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
             )
         try:
-            self._wait_ready()
+            wait_ready(
+                self.proc,
+                self._listening,
+                what="tinyproxy",
+                timeout=START_TIMEOUT_SECONDS,
+                log=self.log_text,
+            )
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tinyproxy exited: {self.log_text()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"tinyproxy not listening in {START_TIMEOUT_SECONDS}s")
+    def _listening(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+            return True
+        return False
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -82,16 +80,7 @@ class TinyProxy:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=STOP_TIMEOUT_SECONDS)
+        stop_child(proc)
 
     def __enter__(self) -> TinyProxy:
         return self.start()
