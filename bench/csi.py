@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cacheagent.cli.client import AgentClient  # noqa: E402
-from tests.agent_process import AgentProcess  # noqa: E402
-from tests.csi_env import force_unmount, mounts_under  # noqa: E402
+from tests.agent_process import AgentProcess, stop_and_unmount  # noqa: E402
+from tests.csi_env import mounts_under  # noqa: E402
 from tests.kubelet import InlineVolume, Kubelet, Pod  # noqa: E402
 from tests.oci.layout_writer import LayoutEntry, write_layout  # noqa: E402
 
@@ -91,10 +91,7 @@ def run(count: int, files: int) -> int:
         with AgentClient(agent.socket) as client:
             leases = [lease.kind for lease in client.stat(digest).leases]
     finally:
-        agent.stop()
-        for leftover in mounts_under(agent.kubelet_dir):
-            force_unmount(leftover)
-        agent.cleanup()
+        stop_and_unmount(agent)
         shutil.rmtree(base, ignore_errors=True)
     print(f"\nCSI through a real agent: {count} cycles per mode, cached model of {files} files\n")
     print(

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -127,23 +125,7 @@ def start_fleet(work: Path, n: int, dns: DnsServer, origin: ThrottleProxy) -> Fl
 def _start_all(agents: list[AgentProcess]) -> None:
     """Start every agent, then wait for each (their start-ups overlap)."""
     for agent in agents:
-        agent.work.mkdir(parents=True, exist_ok=True)
-        agent.kubelet_dir.mkdir(parents=True, exist_ok=True)
-        agent.config_path.write_text(yaml.safe_dump(agent.config()))
-        log = open(agent.work / "agent.log", "ab")  # noqa: SIM115 - lives as long as proc
-        agent.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cacheagent.cli.main",
-                "--config",
-                str(agent.config_path),
-                "serve",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        agent.start(wait=False)
     for agent in agents:
         agent.wait_ready()
 

@@ -3,7 +3,7 @@
     sudo .venv/bin/python bench/lazy.py [--size-mib 512] [--rate-mib 128] [--random-reads 16]
 
 Pushes one synthetic ModelPack model of ``--size-mib`` (2 weight shards) to a ``docker-registry``
-on loopback, puts ``tests/throttle.ThrottleProxy`` in front of it (one token bucket of
+on loopback, puts ``tests/throttle_proxy.ThrottleProxy`` in front of it (one shared budget of
 ``--rate-mib`` MiB/s for everything the registry sends: the node's link), and runs one fresh
 ``cacheagent serve`` (FUSE on, empty store) per row, publishing through its CSI socket the way
 kubelet does (``mode: lazy``). Rows:
@@ -40,14 +40,13 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import machine as machine_facts  # noqa: E402
 from cacheagent.cli.client import AgentCallError, AgentClient  # noqa: E402
-from tests.agent_process import AgentProcess  # noqa: E402
-from tests.csi_env import force_unmount, mounts_under  # noqa: E402
+from tests.agent_process import AgentProcess, stop_and_unmount  # noqa: E402
 from tests.kubelet import InlineVolume, Kubelet, Pod  # noqa: E402
 from tests.oci.layout_writer import write_synthetic_layout  # noqa: E402
 from tests.oci.push import push_layout  # noqa: E402
 from tests.registry_server import RegistryServer  # noqa: E402
 from tests.threaded import serve_in_thread  # noqa: E402
-from tests.throttle import ThrottleProxy  # noqa: E402
+from tests.throttle_proxy import ThrottleProxy  # noqa: E402
 
 MiB = 1 << 20
 DRIVER = "model.cacheagent.io"
@@ -79,10 +78,7 @@ def agent_on(work: Path, origin_host: str) -> Iterator[AgentProcess]:
     try:
         yield agent
     finally:
-        agent.stop()
-        for leftover in mounts_under(agent.kubelet_dir):
-            force_unmount(leftover)
-        agent.cleanup()
+        stop_and_unmount(agent)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -208,13 +204,12 @@ def lazy_rows(size_mib: int, rate_mib: int, random_count: int) -> list[Row]:
             layout = base / "layout"
             digest = write_synthetic_layout(layout, size_mib * MiB, tag="v1", shards=2)
             asyncio.run(push_layout(layout, "v1", registry.url, "models/bench"))
-            host, _, port = registry.host.rpartition(":")
-            with serve_in_thread(ThrottleProxy(host, int(port), rate_mib * MiB)) as proxy:
-                origin = Origin(f"{proxy.host}/models/bench:v1", digest)
-                rows = first_and_last(base / "a1", proxy.host, origin)
-                rows += random_reads(base / "a2", proxy.host, origin, random_count)
-                alone = pull_alone(base / "a3", proxy.host, origin)
-                with_reader, reader = pull_with_reader(base / "a4", proxy.host, origin)
+            with serve_in_thread(ThrottleProxy(registry.port, rate_mib * MiB)) as proxy:
+                origin = Origin(f"{proxy.address}/models/bench:v1", digest)
+                rows = first_and_last(base / "a1", proxy.address, origin)
+                rows += random_reads(base / "a2", proxy.address, origin, random_count)
+                alone = pull_alone(base / "a3", proxy.address, origin)
+                with_reader, reader = pull_with_reader(base / "a4", proxy.address, origin)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     link = size_mib / rate_mib

@@ -163,6 +163,7 @@ def preheat_event(update: PreheatUpdate) -> pb.PreheatEvent:
         event.bytes_total = snap.total_bytes
         event.bytes_per_second = snap.rate
         event.eta_seconds = snap.eta_seconds or 0.0
+        event.waiting = snap.waiting
         event.blobs.extend(
             pb.BlobProgress(digest=b.digest, bytes_done=b.done_bytes, bytes_total=b.total_bytes)
             for b in snap.blobs

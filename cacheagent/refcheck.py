@@ -74,8 +74,8 @@ def check_abs_path(ref: str, path: str) -> None:
 
 def check_hf_repo_id(ref: str, repo_id: str) -> None:
     parts = repo_id.split("/")
-    if len(parts) != 2:
-        raise RefError(ref, "repository", f"expected org/name, got {repo_id!r}")
+    if len(parts) > 2:  # legacy single-name repos (gpt2) have no org
+        raise RefError(ref, "repository", f"expected org/name or name, got {repo_id!r}")
     for name in parts:
         check_hf_name(ref, name)
     if repo_id.endswith(".git"):

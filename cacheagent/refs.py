@@ -25,8 +25,9 @@ Forms and the decisions taken where the brief is silent:
     ``latest``.
 
 ``hf://org/name@revision`` (``HfRef``)
-    The revision is required (a branch, a tag or a 40-hex commit) so that nothing silently
-    follows ``main``; only a commit makes the ref immutable.
+    The revision is required (a branch, a tag, a ref such as ``refs/pr/1``, or a 40-hex commit)
+    so that nothing silently follows ``main``; only a commit makes the ref immutable. Legacy
+    single-name repos (``hf://gpt2@main``) have no org.
 
 ``https://host[:port]/path/file[?query]#sha256=<hex>`` (``HttpRef``)
     The fragment is the expected digest and is required. ``http://`` parses too, and

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything cacheagent needs on a fresh Debian machine, idempotently:
-# system packages (FUSE 3, the CNCF distribution registry, promtool, htpasswd),
+# system packages (FUSE 3, the CNCF distribution registry, promtool, htpasswd, tinyproxy),
 # a virtualenv with the Python dependencies, and the generated gRPC code.
 set -euo pipefail
 cd "$(dirname "$0")/.."

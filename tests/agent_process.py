@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from tests.csi_env import force_unmount, mounts_under
 from tests.registry_server import free_port
 
 START_TIMEOUT_SECONDS = 60.0
@@ -189,3 +190,12 @@ class AgentProcess:
     def cleanup(self) -> None:
         """Remove the socket directory (the agent removes its sockets and unmounts FUSE)."""
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def stop_and_unmount(agent: AgentProcess) -> None:
+    """Stop ``agent``, force off the mounts it left under its kubelet dir, then remove its
+    socket directory."""
+    agent.stop()
+    for leftover in mounts_under(agent.kubelet_dir):
+        force_unmount(leftover)
+    agent.cleanup()

@@ -7,7 +7,6 @@ changed, asked over real DNS. Stopped by PID.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -19,6 +18,7 @@ from pathlib import Path
 import dns.exception
 import dns.resolver
 
+from tests.child_process import stop_child
 from tests.support import require_binary
 
 START_TIMEOUT_SECONDS = 10.0
@@ -122,13 +122,4 @@ class DnsServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_child(proc)

@@ -4,8 +4,18 @@ Serves named byte strings at ``/<name>`` (GET and HEAD, honouring ``Range`` with
 the body bytes it sent per name, records every request, and can be told to misbehave for the
 next N requests of a name (``Fault``): 429 with Retry-After, 503, drop the connection halfway,
 send a longer body than the blob (with a matching Content-Length, or chunked), wrong bytes, stall
-mid-body, redirect elsewhere, ignore Range (200 with the whole body). With
-``require_authorization`` set, requests without that exact header get a 401 Basic challenge.
+mid-body, redirect elsewhere (307 or 302), ignore Range (200 with the whole body). With
+``require_authorization`` set, requests without that exact header get a 401 carrying
+``challenge`` (a Basic one unless told).
+
+Behaving like the real services: with ``compress`` set it gzips whole bodies for a client whose
+``Accept-Encoding`` admits gzip (as CDNs do for text); with ``presign_secret`` set it is object
+storage behind presigned URLs (``presign``): a request needs a valid ``Signature`` for its path
+and an ``Expires`` still in the future, else 403 ``AccessDenied``. ``bind`` picks the loopback
+address (127.0.0.2 makes a second host for redirects). With ``strict_accept`` it serves an item
+only to a request whose ``Accept`` admits its content type (exactly, or ``*/*``), else 404
+``MANIFEST_UNKNOWN``, as registries that match Accept strictly do. ``count(name, method)``
+tells manifest GETs from HEADs.
 
 Because aiohttp parses absolute-form request targets, the server also works as a plain HTTP
 forward proxy: point a client's proxy at it and it answers for any host (``Seen.raw_path`` shows
@@ -15,7 +25,11 @@ the absolute URL the client asked the proxy for).
 from __future__ import annotations
 
 import asyncio
+import gzip
+import hashlib
+import hmac
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,7 +50,10 @@ class Fault:
     times: int = 1  # how many matching requests misbehave (then the name behaves again)
     status: int = 503  # for kind="status"
     retry_after: str | None = None  # for kind="status"
+    body: bytes = b""  # for kind="status"
+    headers: dict[str, str] = field(default_factory=dict)  # for kind="status"
     location: str = ""  # for kind="redirect"
+    redirect_status: int = 307  # for kind="redirect"
     extra: int = 1024  # for kind="long"/"long_chunked": bytes beyond the blob
     cut_at: float = 0.5  # for kind="drop"/"stall": the share of the body sent first
     method: str = "GET"  # the request method it applies to
@@ -59,10 +76,29 @@ class _Item:
     declare_length: bool
 
 
+def accepts_gzip(header: str | None) -> bool:
+    """True when an ``Accept-Encoding`` header admits gzip (no header admits only identity)."""
+    for part in (header or "").split(","):
+        coding, _, params = part.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "*") and params.replace(" ", "") != "q=0":
+            return True
+    return False
+
+
+def _admits(accept: str | None, content_type: str) -> bool:
+    types = {part.split(";", 1)[0].strip() for part in (accept or "").split(",")}
+    return content_type in types or "*/*" in types
+
+
 @dataclass
 class FaultServer:
     require_authorization: str | None = None
+    challenge: str = 'Basic realm="fault-server"'
     stall_seconds: float = 30.0
+    bind: str = "127.0.0.1"
+    compress: bool = False
+    presign_secret: str | None = None
+    strict_accept: bool = False
     items: dict[str, _Item] = field(default_factory=dict)
     faults: dict[str, list[Fault]] = field(default_factory=dict)
     served: Counter[str] = field(default_factory=Counter)
@@ -72,7 +108,7 @@ class FaultServer:
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.bind}:{self.port}"
 
     def url(self, name: str = "") -> str:
         return f"http://{self.host}/{name}"
@@ -95,6 +131,37 @@ class FaultServer:
     def seen(self, name: str) -> list[Seen]:
         return [r for r in self.requests if r.path == name]
 
+    def count(self, name: str, method: str) -> int:
+        """How many ``method`` requests for ``name`` arrived (manifest GETs vs HEADs)."""
+        return sum(1 for r in self.seen(name) if r.method == method)
+
+    def presign(self, name: str, lifetime: float = 3600.0) -> str:
+        """A presigned URL for ``name`` (CloudFront style ``Expires``/``Signature`` query)."""
+        expires = int(time.time() + lifetime)
+        return f"{self.url(name)}?Expires={expires}&Signature={self._signature(name, expires)}"
+
+    def _signature(self, name: str, expires: int) -> str:
+        assert self.presign_secret is not None
+        message = f"{name}\n{expires}".encode()
+        return hmac.new(self.presign_secret.encode(), message, hashlib.sha256).hexdigest()
+
+    def _presign_refusal(self, request: web.Request, name: str) -> web.Response | None:
+        if self.presign_secret is None:
+            return None
+        expires = request.query.get("Expires", "")
+        signature = request.query.get("Signature", "")
+        valid = expires.isdigit() and hmac.compare_digest(
+            signature, self._signature(name, int(expires))
+        )
+        if valid and int(expires) > time.time():
+            return None
+        why = "Request has expired" if valid else "Signature does not match"
+        return web.Response(
+            status=403,
+            content_type="application/xml",
+            text=f"<Error><Code>AccessDenied</Code><Message>{why}</Message></Error>",
+        )
+
     def _next_fault(self, name: str, method: str) -> Fault | None:
         queue = self.faults.get(name)
         if not queue or queue[0].method != method:
@@ -113,19 +180,36 @@ class FaultServer:
         )
         wanted = self.require_authorization
         if wanted is not None and request.headers.get("Authorization") != wanted:
-            return web.Response(
-                status=401, headers={"WWW-Authenticate": 'Basic realm="fault-server"'}
-            )
+            return web.Response(status=401, headers={"WWW-Authenticate": self.challenge})
+        refusal = self._presign_refusal(request, name)
+        if refusal is not None:
+            return refusal
         item = self.items.get(name)
         if item is None:
             return web.Response(status=404)
+        if self.strict_accept and not _admits(request.headers.get("Accept"), item.content_type):
+            return web.json_response(
+                {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
+                status=404,
+            )
         fault = self._next_fault(name, request.method)
         if fault is not None and fault.kind == "status":
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-            return web.Response(status=fault.status, headers=headers)
+            headers = dict(fault.headers)
+            if fault.retry_after:
+                headers["Retry-After"] = fault.retry_after
+            return web.Response(status=fault.status, headers=headers, body=fault.body)
         if fault is not None and fault.kind == "redirect":
-            return web.Response(status=307, headers={"Location": fault.location})
+            return web.Response(status=fault.redirect_status, headers={"Location": fault.location})
+        if self.compress and accepts_gzip(request.headers.get("Accept-Encoding")):
+            return self._gzipped(item)
         return await self._serve(request, name, item, fault)
+
+    @staticmethod
+    def _gzipped(item: _Item) -> web.Response:
+        """The whole body gzipped (a CDN compressing ignores Range, as many do)."""
+        headers = {**item.headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        body = gzip.compress(item.data, mtime=0)
+        return web.Response(body=body, content_type=item.content_type, headers=headers)
 
     async def _serve(
         self, request: web.Request, name: str, item: _Item, fault: Fault | None
@@ -186,7 +270,7 @@ class FaultServer:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner, self.port = await start_loopback(
-            app, self.port, handler_cancellation=True, shutdown_timeout=2.0
+            app, self.port, host=self.bind, handler_cancellation=True, shutdown_timeout=2.0
         )
         return self
 

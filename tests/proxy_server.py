@@ -1,8 +1,10 @@
-"""Debian's tinyproxy on a loopback port: a real HTTP forward proxy for the upstream-proxy
-path (the role a Dragonfly ``dfdaemon`` proxy plays on a cluster).
+"""Debian's tinyproxy on a loopback port: a real HTTP forward proxy (with CONNECT) for the
+upstream-proxy path (the role a Dragonfly ``dfdaemon`` proxy plays on a cluster) and for the
+``HTTPS_PROXY``/``NO_PROXY`` environment an operator sets on nodes.
 
-Runs in the foreground (``-d``), logs every request line to its stderr file (``requests()``
-reads them back), and is stopped by PID.
+Runs in the foreground (``-d``, so the PID is the proxy's), logs every request line and every
+tunnelled ``CONNECT`` (``requests()`` reads them back, ``log_text()`` gives the whole log), adds
+``Via: 1.1 <via_name> ...`` to what it forwards, and is stopped by PID.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
+from tests.child_process import stop_child, wait_ready
 from tests.registry_server import free_port
 from tests.support import require_binary
 
@@ -24,9 +25,12 @@ _REQUEST = re.compile(r"Request \(file descriptor \d+\): (\S+) (\S+)")
 
 
 class TinyProxy:
-    def __init__(self, workdir: Path) -> None:
+    """One tinyproxy process; use as a context manager (``with TinyProxy(tmp) as proxy``)."""
+
+    def __init__(self, workdir: Path, *, via_name: str = "cacheagent-test-proxy") -> None:
         self.binary = require_binary("tinyproxy")
         self.workdir = workdir
+        self.via_name = via_name
         self.port = free_port()
         self.log = workdir / "tinyproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -40,46 +44,43 @@ class TinyProxy:
         config = self.workdir / "tinyproxy.conf"
         config.write_text(
             f"Port {self.port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 200\n"
-            "LogLevel Info\nAllow 127.0.0.1\n"
+            f'LogLevel Info\nAllow 127.0.0.1\nViaProxyName "{self.via_name}"\n'
         )
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [self.binary, "-d", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
+                [self.binary, "-d", "-c", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
             )
         try:
-            self._wait_ready()
+            wait_ready(
+                self.proc,
+                self._listening,
+                what="tinyproxy",
+                timeout=START_TIMEOUT_SECONDS,
+                log=self.log_text,
+            )
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tinyproxy exited: {self.log.read_text(errors='replace')}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"tinyproxy not listening in {START_TIMEOUT_SECONDS}s")
+    def _listening(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+            return True
+        return False
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def requests(self) -> list[tuple[str, str]]:
-        """(method, absolute URL) of every request the proxy forwarded, in order."""
-        return _REQUEST.findall(self.log.read_text(errors="replace"))
+        """(method, absolute URL or CONNECT target) of every request the proxy took, in order."""
+        return _REQUEST.findall(self.log_text())
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_child(proc)
 
     def __enter__(self) -> TinyProxy:
         return self.start()

@@ -8,13 +8,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.child_process import stop_child, wait_ready
 from tests.support import require_binary
 
 START_TIMEOUT_SECONDS = 20.0
@@ -143,21 +141,24 @@ class RegistryServer:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited at start: {self.log_text()}")
+
+        def answers() -> bool:
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=context):
-                    return
+                    return True
             except urllib.error.HTTPError as exc:
-                if exc.code == 401:
-                    return
+                return exc.code == 401
             except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"docker-registry not ready in {START_TIMEOUT_SECONDS}s")
+                return False
+
+        assert self.proc is not None
+        wait_ready(
+            self.proc,
+            answers,
+            what="docker-registry",
+            timeout=START_TIMEOUT_SECONDS,
+            log=self.log_text,
+        )
 
     def log_text(self) -> str:
         path = self.workdir / "registry.log"
@@ -165,16 +166,7 @@ class RegistryServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=STOP_TIMEOUT_SECONDS)
+        stop_child(proc, STOP_TIMEOUT_SECONDS)
 
     def __enter__(self) -> RegistryServer:
         return self.start()

@@ -40,7 +40,7 @@ def cmd_preheat(args: argparse.Namespace, config: Config) -> int:
             lock_memory=args.lock_memory,
         )
         for event in events:
-            phase = event.Phase.Name(event.phase).lower()
+            phase = event.waiting or event.Phase.Name(event.phase).lower()
             bars.update(event.ref, done=event.bytes_done, total=event.bytes_total, phase=phase)
             if event.phase not in (event.DONE, event.FAILED):
                 continue

@@ -109,7 +109,9 @@ class StoreConfig(Section):
 class PullConfig(Section):
     """``timeout_seconds``: a response that delivers less than 16 KiB in that time is cut off
     and retried (so a slow-drip origin cannot hold a pull forever); ``retries`` and
-    ``retry_max_seconds`` bound the retries of one request. ``max_blob_bytes`` refuses a
+    ``retry_max_seconds`` bound the retries of one request; ``rate_limit_max_wait_seconds`` is
+    the longest wait an origin may ask for (429 with ``Retry-After`` or ``RateLimit``) before
+    the pull fails instead of waiting. ``max_blob_bytes`` refuses a
     manifest that declares a bigger blob (unset: no limit); ``hash_mode`` ``running`` hashes
     while downloading, ``final`` re-reads the blob at the end; ``ranges_per_blob`` is how many
     parallel Range requests one large blob gets; ``max_unpack_ratio`` bounds how many times its
@@ -124,6 +126,7 @@ class PullConfig(Section):
     retry_max_seconds: Seconds = 30.0
     timeout_seconds: Annotated[Seconds, Range(0, open_low=True)] = 60.0
     manifest_max_bytes: Annotated[ByteSize, Range(1)] = 4 * MiB
+    rate_limit_max_wait_seconds: Seconds = 300.0
     max_blob_bytes: Annotated[ByteSize, Range(1)] | None = None
     hash_mode: Literal["running", "final"] = "running"
     ranges_per_blob: Annotated[int, Range(1, 64)] = 8

@@ -55,6 +55,9 @@ class _Counted(Source):
     async def resolve(self, ref: ModelRef) -> ResolvedModel:
         return await self.origin.resolve(ref)
 
+    def waiting(self) -> str:
+        return self.origin.waiting()
+
     async def fetch(
         self, blob: BlobRef, start: int = 0, end: int | None = None
     ) -> AsyncGenerator[bytes, None]:
@@ -86,6 +89,10 @@ class PeerSource(Source):
 
     async def resolve(self, ref: ModelRef) -> ResolvedModel:
         return await self.origin.resolve(ref)
+
+    def waiting(self) -> str:
+        """The origin's rate-limit waits (peers do not ask us to wait)."""
+        return self.origin.waiting()
 
     async def fetch(
         self, blob: BlobRef, start: int = 0, end: int | None = None

@@ -241,6 +241,7 @@ def snapshot(job: ModelJob, error: str | None) -> PullProgress:
         eta_seconds=eta_seconds(total - done_bytes, rate),
         blobs=tuple(blobs.values()),
         error=error,
+        waiting=job.source.waiting(),
     )
 
 

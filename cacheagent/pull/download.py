@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -53,8 +52,8 @@ from cacheagent.errors import (
 from cacheagent.pull.partial_file import PartialFile
 from cacheagent.pull.ranges import RangeSet, split
 from cacheagent.sources.base import BlobRef, Source
-from cacheagent.sources.retry import RetryPolicy
-from cacheagent.sources.streaming import MIN_PROGRESS_BYTES, stalled_error
+from cacheagent.sources.retry import MIN_PROGRESS_BYTES, RetryBudget, RetryPolicy
+from cacheagent.sources.streaming import stalled_error
 from cacheagent.store.crashpoints import crashpoint
 
 log = logging.getLogger(__name__)
@@ -320,7 +319,7 @@ class BlobDownload:
         """Bytes ``[start, end)`` into the file; a dropped connection keeps what landed and asks
         again for the rest, with backoff, a bounded number of times."""
         cursor = _Cursor(start)
-        failures, mark, since = 0, start, time.monotonic()
+        budget = RetryBudget(self.settings.retry, position=start)
         while cursor.pos < end:
             self._raise_if_failed()
             try:
@@ -330,14 +329,11 @@ class BlobDownload:
                 if cursor.pos < end:
                     raise ConnectionError(f"body ended at byte {cursor.pos}, wanted {end}")
             except _TRANSIENT as exc:
-                if cursor.pos - mark >= MIN_PROGRESS_BYTES:  # a slowloris gains a few bytes
-                    failures, mark, since = 0, cursor.pos, time.monotonic()
-                failures += 1
-                delay = self.settings.retry.next_delay(failures, elapsed=time.monotonic() - since)
+                delay = budget.failed(cursor.pos)  # a slowloris's few bytes renew nothing
                 if delay is None:
                     raise OriginUnavailableError(
                         f"origin {self.origin}: blob {self.blob.digest}: giving up after "
-                        f"{failures} attempt(s) at byte {cursor.pos} of {self.blob.size}; "
+                        f"{budget.failures} attempt(s) at byte {cursor.pos} of {self.blob.size}; "
                         f"last: {type(exc).__name__}: {exc}"
                     ) from exc
                 log.info(

@@ -57,7 +57,7 @@ from cacheagent.pull.download import (
 from cacheagent.pull.progress import PullProgress, PullState
 from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.sources.base import Layer, Source
-from cacheagent.sources.retry import RetryPolicy
+from cacheagent.sources.factory import retry_policy
 from cacheagent.sources.views import assemble, resolve_model
 from cacheagent.store import Model, ModelFile, Store
 from cacheagent.store.crashpoints import crashpoint
@@ -123,7 +123,7 @@ class PullEngine:
             idle_timeout_seconds=cfg.timeout_seconds,
             record_interval_seconds=tun.record_interval_seconds,
             hash_mode=tun.hash_mode,
-            retry=RetryPolicy(max_attempts=cfg.retries + 1, max_delay=cfg.retry_max_seconds),
+            retry=retry_policy(cfg),
         )
         self.in_flight: dict[str, PullProgress] = {}
         self._limits = Limits(cfg.max_connections_per_origin, cfg.max_connections_total)

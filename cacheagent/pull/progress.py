@@ -35,6 +35,7 @@ class PullProgress:
     eta_seconds: float | None = None
     blobs: tuple[BlobProgress, ...] = ()
     error: str | None = None
+    waiting: str = ""  # why the download is paused (an origin's rate limit), while it is
 
     @property
     def fraction(self) -> float:

@@ -69,6 +69,10 @@ class Source(abc.ABC):
     def fetch(self, blob: BlobRef, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` of ``blob`` (``end`` None means to the end)."""
 
+    def waiting(self) -> str:
+        """Why fetches from this source are paused right now (a rate limit's wait), else ""."""
+        return ""
+
     def limit_key(self, blob: BlobRef, origin: str) -> str:
         """Which connection limit a fetch of ``blob`` counts against (per origin by default).
         A source that may get the bytes elsewhere (peers) names that, so waiting on a peer

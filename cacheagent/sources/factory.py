@@ -6,9 +6,9 @@ import os
 import platform as _platform
 from dataclasses import dataclass
 
-from cacheagent.config import Config
-from cacheagent.sources.auth import CredentialStore
+from cacheagent.config import Config, PullConfig
 from cacheagent.sources.base import Source
+from cacheagent.sources.credentials import CredentialStore
 from cacheagent.sources.guard import OriginGuard
 from cacheagent.sources.hf import HfOptions, HfSource
 from cacheagent.sources.hftoken import resolve_hf_token
@@ -18,7 +18,7 @@ from cacheagent.sources.registry import RegistryOptions, RegistrySource
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.s3 import S3Options, S3Source
 from cacheagent.sources.s3auth import S3Credentials, S3Signer
-from cacheagent.sources.transport import Transport, TransportOptions
+from cacheagent.sources.transport import Transport, TransportOptions, environment_proxies
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le"}
 
@@ -42,6 +42,15 @@ class Origins:
         await self.transport.aclose()
 
 
+def retry_policy(pull: PullConfig) -> RetryPolicy:
+    """The one retry policy of every origin and of the download pipeline, from ``pull.*``."""
+    return RetryPolicy(
+        max_attempts=pull.retries + 1,
+        max_delay=pull.retry_max_seconds,
+        max_server_wait=pull.rate_limit_max_wait_seconds,
+    )
+
+
 def build_sources(config: Config) -> Origins:
     pull, registries = config.pull, config.registries
     options = TransportOptions(
@@ -54,9 +63,11 @@ def build_sources(config: Config) -> Origins:
     )
     transport = Transport(options)
     # URL origins get their own transport, held to the policy's redirect and address rules.
-    guard = OriginGuard.with_proxies(config.policy, registries.proxy.values())
+    # Proxies the operator set (config or the agent's environment) are trusted alike.
+    env_proxies = [url for key, url in environment_proxies().items() if key != "no"]
+    guard = OriginGuard.with_proxies(config.policy, [*registries.proxy.values(), *env_proxies])
     http_transport = Transport(guard.transport_options(options))
-    retry = RetryPolicy(max_attempts=pull.retries + 1, max_delay=pull.retry_max_seconds)
+    retry = retry_policy(pull)
     token = resolve_hf_token(config.hf.token_file, os.environ)
     sources: list[Source] = [
         OciLayoutSource(platform=node_platform(), manifest_max_bytes=pull.manifest_max_bytes),

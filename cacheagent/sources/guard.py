@@ -13,8 +13,8 @@ resolver (``GuardedResolver``): aiohttp connects only to what the resolver retur
 address checked is the address connected to, and a name that resolves to a public address
 once and to 127.0.0.1 the next time (DNS rebinding) is caught the second time too. IP literals
 never reach a resolver, so ``check_hop`` checks them before each request. A configured
-upstream proxy (``registries.proxy``) is trusted: its own address is not checked, and the
-target's address is then the proxy's business.
+upstream proxy (``registries.proxy``, or one the agent's environment names) is trusted: its
+own address is not checked, and the target's address is then the proxy's business.
 """
 
 from __future__ import annotations

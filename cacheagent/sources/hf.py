@@ -16,18 +16,33 @@ again. A bigger non-LFS file is refused with its path named.
 
 The model's manifest is synthesized: canonical JSON naming the repo, the commit and every file
 (path, digest, size, sorted by path). Its sha256 is the model digest, so one commit always maps
-to one digest, whatever branch or tag named it. Files are fetched from
-``{endpoint}/{repo}/resolve/{commit}/{path}``, following the Hub's redirects to its CDN; the
-token goes only to the endpoint's own host (the transport drops it on cross-host redirects).
+to one digest, whatever branch or tag named it.
+
+Files: ``{endpoint}/{repo}/resolve/{commit}/{path}`` is asked once per file (a ``HEAD`` that does
+not follow the redirect, as huggingface_hub does); every range of the file is then fetched from
+where it redirects (the CDN's presigned URL). The Hub rate-limits the resolver path per
+five-minute window, and a 140 GB model fetched in 16 MiB ranges would otherwise ask it about
+8,400 times. The file is resolved again only when the presigned URL is about to expire (its
+``Expires``/``X-Amz-*`` query) or the CDN refuses it (401/403). Same-host redirects (a renamed
+repo) are followed while resolving.
+
+The token goes only to the endpoint's own host: never to the CDN, nor to another host a mirror's
+pagination links name (``HF_ENDPOINT``-style mirrors may page through the Hub itself, which is
+followed, anonymously). Repo ids may be single names (``hf://gpt2@main``) and revisions may hold
+slashes (``refs/pr/1``: percent-encoded in API paths). The Hub's ``X-Error-Code`` answers become
+errors a user can act on (see hf_protocol.py); 429s wait as the Hub's ``RateLimit`` header asks
+(see retry.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +57,7 @@ from cacheagent.digest import is_digest, sha256_digest
 from cacheagent.errors import ConfigError, SizeMismatchError, SourceError
 from cacheagent.refs import HfRef, ModelRef
 from cacheagent.sources.base import BlobRef, Layer, ResolvedModel
+from cacheagent.sources.hf_protocol import HfAccessError, hub_error, presigned_expiry
 from cacheagent.sources.http import canonical_json
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.streaming import (
@@ -63,6 +79,10 @@ _MAX_TREE_PAGES = 1000
 _MAX_FILES = 100_000
 _SMALL_DOWNLOADS_AT_ONCE = 8
 _MAX_CACHED_COMMITS = 64
+_MAX_LOCATIONS = 4096
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: A presigned URL this close to its expiry is resolved again before use: a range must finish.
+EXPIRY_MARGIN_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,14 @@ class _Home:
     repo_id: str
     commit: str
     path: str
+
+
+@dataclass(frozen=True)
+class _Location:
+    """Where a file's bytes are fetched from, and until when (Unix time) that URL works."""
+
+    url: URL
+    expires_at: float | None
 
 
 class _SmallFiles:
@@ -143,6 +171,9 @@ class HfSource(StreamingSource):
         self._homes: BlobHomes[_Home] = BlobHomes()
         self._small = _SmallFiles(self.options.small_cache_bytes)
         self._commits: OrderedDict[tuple[str, str], tuple[HfFile, ...]] = OrderedDict()
+        self._locations: OrderedDict[str, _Location] = OrderedDict()
+        self._locating: dict[str, asyncio.Lock] = {}  # one resolve per file at a time
+        self.wall_clock = time.time  # presigned URLs expire by the wall clock
 
     def __repr__(self) -> str:
         token = "set" if self.options.token else "none"
@@ -213,8 +244,11 @@ class HfSource(StreamingSource):
             raise SourceError(f"{self.origin}: {what}: more than {_MAX_TREE_PAGES} pages")
         if not entries:
             raise SourceError(f"{self.origin}: {what}: the repository has no files")
-        files = await self._describe(repo_id, commit, entries)
-        return tuple(sorted(files, key=lambda f: f.path))
+        files = sorted(await self._describe(repo_id, commit, entries), key=lambda f: f.path)
+        for before, after in itertools.pairwise(files):
+            if before.path == after.path:
+                raise SourceError(f"{self.origin}: {what}: lists {after.path!r} twice")
+        return tuple(files)
 
     async def _describe(
         self, repo_id: str, commit: str, entries: list[Mapping[str, Any]]
@@ -259,7 +293,7 @@ class HfSource(StreamingSource):
         url = self._file_url(repo_id, commit, path)
 
         async def attempt() -> bytes:
-            resp = await self.transport.request("GET", url, headers=self._headers())
+            resp = await self._get(url, {})
             async with resp:
                 self._check_status(resp, what)
                 return await read_bounded(resp, size, what=what)
@@ -283,13 +317,18 @@ class HfSource(StreamingSource):
             if stop > start:
                 yield cached[start:stop]
             return
-        url = self._file_url(home.repo_id, home.commit, home.path)
+        what = f"hf://{home.repo_id}@{home.commit} file {home.path!r}"
 
         async def open_response(headers: Mapping[str, str]) -> aiohttp.ClientResponse:
-            resp = await self.transport.request("GET", url, headers={**headers, **self._headers()})
+            url = await self._location(home, blob.digest)
+            resp = await self._get(url, headers)
+            if resp.status in (401, 403) and not self._is_endpoint(url):
+                resp.release()  # the CDN refused the presigned URL: expired or revoked
+                url = await self._location(home, blob.digest, stale=url)
+                resp = await self._get(url, headers)
             if resp.status in (401, 403):
                 resp.release()
-                self._denied(resp.status, f"hf://{home.repo_id}@{home.commit} file {home.path!r}")
+                self._check_status(resp, what)
             return resp
 
         async with contextlib.aclosing(
@@ -297,6 +336,64 @@ class HfSource(StreamingSource):
         ) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    async def _location(self, home: _Home, digest: str, *, stale: URL | None = None) -> URL:
+        """Where to fetch ``home`` from: resolved once, again only when it is about to expire
+        or is ``stale`` (refused), unless another fetch already replaced it. Concurrent ranges
+        of one file wait for one resolve; other files never wait for it (a 429 may be long)."""
+        usable = self._usable(digest, stale)
+        if usable is not None:
+            return usable
+        lock = self._locating.setdefault(digest, asyncio.Lock())
+        try:
+            async with lock:
+                usable = self._usable(digest, stale)
+                if usable is not None:
+                    return usable
+                found = await self._resolve_file(home)
+                self._locations[digest] = found
+                self._locations.move_to_end(digest)
+                while len(self._locations) > _MAX_LOCATIONS:
+                    self._locations.popitem(last=False)
+                return found.url
+        finally:
+            if not lock.locked():
+                self._locating.pop(digest, None)
+
+    def _usable(self, digest: str, stale: URL | None) -> URL | None:
+        cached = self._locations.get(digest)
+        if cached is None or cached.url == stale:
+            return None
+        deadline = cached.expires_at
+        if deadline is not None and deadline - self.wall_clock() < EXPIRY_MARGIN_SECONDS:
+            return None
+        return cached.url
+
+    async def _resolve_file(self, home: _Home) -> _Location:
+        """One resolver request (plus same-host redirects): where the file's bytes live."""
+        what = f"hf://{home.repo_id}@{home.commit} file {home.path!r}"
+
+        async def attempt() -> _Location:
+            url = self._file_url(home.repo_id, home.commit, home.path)
+            for _ in range(self.transport.options.max_redirects + 1):
+                resp = await self.transport.request(
+                    "HEAD",
+                    url,
+                    headers={**self._headers(url), "Connection": "close"},
+                    follow_redirects=False,
+                )
+                resp.close()  # not pooled: bytes sent after a HEAD would poison the connection
+                location = resp.headers.get("Location")
+                if resp.status not in _REDIRECTS or not location:
+                    self._check_status(resp, what)
+                    return _Location(url, None)
+                url = url.join(URL(location, encoded=True))
+                if not self._is_endpoint(url):
+                    self.transport.check_url(url, what=f"{what}: download URL")
+                    return _Location(url, presigned_expiry(url))
+            raise SourceError(f"{self.origin}: {what}: too many redirects")
+
+        return await self._retrying(attempt, what=what, origin=self.origin)
 
     # -- HTTP helpers ---------------------------------------------------------------------------
 
@@ -306,29 +403,42 @@ class HfSource(StreamingSource):
     def _file_url(self, repo_id: str, commit: str, path: str) -> URL:
         return self._url(f"{repo_id}/resolve/{commit}/{quote(path)}")
 
-    def _headers(self) -> dict[str, str]:
+    def _is_endpoint(self, url: URL) -> bool:
+        return (url.scheme, host_port(url)) == (self.endpoint.scheme, self.origin)
+
+    def _headers(self, url: URL) -> dict[str, str]:
+        """The token, for the endpoint's own host only."""
         token = self.options.token
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return {"Authorization": f"Bearer {token}"} if token and self._is_endpoint(url) else {}
+
+    async def _get(self, url: URL, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        return await self.transport.request("GET", url, headers={**headers, **self._headers(url)})
 
     def _check_status(self, resp: aiohttp.ClientResponse, what: str) -> None:
+        if 200 <= resp.status < 300:
+            return
+        known = hub_error(
+            resp.status,
+            resp.headers,
+            what=what,
+            origin=self.origin,
+            token_configured=bool(self.options.token),
+        )
+        if known is not None:
+            raise known
         if resp.status in (401, 403):
-            self._denied(resp.status, what)
-        raise_for_status(
-            resp.status, resp.headers.get("Retry-After"), what=what, origin=self.origin
-        )
-
-    def _denied(self, status: int, what: str) -> None:
-        hint = "the token was refused" if self.options.token else "no hf token is configured"
-        raise SourceError(
-            f"{self.origin}: {what}: access denied ({status}): the repo is private or gated, "
-            f"or does not exist ({hint}; see hf.token_file)"
-        )
+            hint = "the token was refused" if self.options.token else "no hf token is configured"
+            raise HfAccessError(
+                f"{self.origin}: {what}: access denied ({resp.status}): the repo is private or "
+                f"gated, or does not exist ({hint}; see hf.token_file)"
+            )
+        raise_for_status(resp.status, resp.headers, what=what, origin=self.origin)
 
     async def _get_json(self, url: URL, what: str) -> tuple[Any, URL | None]:
         """A JSON API answer and the URL of its next page, if any."""
 
         async def attempt() -> tuple[Any, URL | None]:
-            resp = await self.transport.request("GET", url, headers=self._headers())
+            resp = await self._get(url, {})
             async with resp:
                 self._check_status(resp, what)
                 body = await read_bounded(resp, _MAX_API_BYTES, what=what)
@@ -346,11 +456,12 @@ class HfSource(StreamingSource):
         return result
 
     def _next_page(self, link: object, what: str) -> URL | None:
+        """The next page, wherever a mirror says it is (checked like any URL; no token sent
+        to another host)."""
         if link is None:
             return None
         url = self.endpoint.join(URL(str(link), encoded=True))
-        if (url.scheme, host_port(url)) != (self.endpoint.scheme, self.origin):
-            raise SourceError(f"{self.origin}: {what}: next page points at another host")
+        self.transport.check_url(url, what=f"{what}: next page")
         return url
 
 

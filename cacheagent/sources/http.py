@@ -114,14 +114,11 @@ class HttpSource(StreamingSource):
         what = f"file {redact_url(url)}"
 
         async def attempt() -> int:
-            resp = await self.transport.request(
-                "HEAD", url, headers={"Accept-Encoding": "identity"}
-            )
+            # Connection: close: bytes a server sends after a HEAD must not reach the next request.
+            resp = await self.transport.request("HEAD", url, headers={"Connection": "close"})
             async with resp:
                 if resp.status == 404 or is_retryable(resp.status):
-                    raise_for_status(
-                        resp.status, resp.headers.get("Retry-After"), what=what, origin=origin
-                    )
+                    raise_for_status(resp.status, resp.headers, what=what, origin=origin)
                 if resp.status == 200 and resp.content_length is not None:
                     return resp.content_length
             # No size, or HEAD refused (405, or 403 from a URL presigned for GET only).
@@ -130,10 +127,9 @@ class HttpSource(StreamingSource):
         return await self._retrying(attempt, what=what, origin=origin)
 
     async def _size_from_range(self, url: URL, what: str, origin: str) -> int:
-        headers = {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
-        resp = await self.transport.request("GET", url, headers=headers)
+        resp = await self.transport.request("GET", url, headers={"Range": "bytes=0-0"})
         try:
-            raise_for_status(resp.status, resp.headers.get("Retry-After"), what=what, origin=origin)
+            raise_for_status(resp.status, resp.headers, what=what, origin=origin)
             if resp.status == 206:
                 match = _TOTAL_RE.search(resp.headers.get("Content-Range", ""))
                 if match is not None:

@@ -46,12 +46,22 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_MEDIA_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+#: The OCI 1.1 release candidates' artifact manifest (dropped from 1.1 final, still served by
+#: registries that adopted it early): ``blobs`` in place of ``layers``, and no config.
+OCI_ARTIFACT_MANIFEST = "application/vnd.oci.artifact.manifest.v1+json"
+MANIFEST_MEDIA_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST, OCI_ARTIFACT_MANIFEST})
 INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 #: What a registry client sends in ``Accept`` when it fetches a manifest.
-ACCEPT_MEDIA_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
+ACCEPT_MEDIA_TYPES = (
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_ARTIFACT_MANIFEST,
+)
 
 OCI_EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
+_EMPTY_JSON_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 
 MODELPACK_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
@@ -191,7 +201,8 @@ def parse_manifest(data: bytes, *, max_bytes: int, media_type: str | None = None
     if not isinstance(doc, dict):
         raise SourceError("manifest is not a JSON object")
     schema = doc.get("schemaVersion")
-    if type(schema) is not int or schema != 2:
+    artifact = doc.get("mediaType") == OCI_ARTIFACT_MANIFEST  # the 1.1-rc form has no version
+    if not artifact and (type(schema) is not int or schema != 2):
         raise SourceError(f"manifest field 'schemaVersion': want 2, got {_show(schema)}")
     kind = _document_media_type(doc, media_type)
     if kind in INDEX_MEDIA_TYPES:
@@ -231,6 +242,16 @@ def _parse_index(doc: dict[str, Any], media_type: str) -> ParsedIndex:
 
 
 def _parse_image_manifest(doc: dict[str, Any], media_type: str) -> ParsedManifest:
+    if media_type == OCI_ARTIFACT_MANIFEST:  # no config: the OCI empty descriptor stands in
+        config = Descriptor(OCI_EMPTY_CONFIG, _EMPTY_JSON_DIGEST, 2)
+        blobs = _required(doc, "blobs", list, "")
+        return ParsedManifest(
+            media_type=media_type,
+            artifact_type=_optional_str(doc, "artifactType", ""),
+            config=config,
+            layers=tuple(_descriptor(e, f"blobs[{i}]") for i, e in enumerate(blobs)),
+            annotations=_annotations(doc, ""),
+        )
     config = _descriptor(_required(doc, "config", dict, ""), "config")
     layers = _required(doc, "layers", list, "")
     artifact_type = _optional_str(doc, "artifactType", "")

@@ -1,9 +1,15 @@
 """An OCI distribution registry as a model source (``registry.example.com/models/x:v1``).
 
-Resolution GETs ``/v2/<repo>/manifests/<tag|digest>`` accepting OCI and Docker manifests and
-indexes, reads at most ``manifest_max_bytes`` (a bigger ``Content-Length`` is refused unread),
-and hashes the bytes itself: ``Docker-Content-Digest`` is advisory, a digest reference must match
-what we computed. An index is narrowed to one manifest with ``manifest.select_from_index`` (the
+A tag is resolved as containerd does: ``HEAD /v2/<repo>/manifests/<tag>`` reads the digest from
+``Docker-Content-Digest``, and the manifest is fetched (``GET .../manifests/<digest>``) only when
+that digest is new to this agent (manifests are kept, bounded, by digest). Docker Hub counts
+every manifest GET as a pull against its per-IP quota and a HEAD as none, and every node
+re-resolves its tags when their TTL runs out. A registry whose HEAD gives no digest gets a GET
+by tag. ``Accept`` lists OCI and Docker manifests and indexes, the OCI 1.1-rc artifact manifest,
+and ``*/*`` (as containerd does, so a registry that matches Accept strictly still answers).
+At most ``manifest_max_bytes`` are read (a bigger ``Content-Length`` is refused unread), and
+the bytes are hashed here: a digest reference, or the digest HEAD announced, must match what we
+computed. An index is narrowed to one manifest with ``manifest.select_from_index`` (the
 node's platform, else the single artifact entry); the model is then that manifest, and its digest
 is the model's digest.
 
@@ -11,6 +17,7 @@ Mirrors configured for a registry are tried first, in order, for manifests and b
 ``?ns=<registry>`` (the containerd convention, so one mirror can front several registries); a
 mirror that fails or lacks the content is skipped for ``mirror_cooldown_seconds`` and the next
 one, finally the registry itself, answers. Only the registry's own 404 means "not found".
+Error answers carry the registry's ``errors[]`` (code, message, detail) into our error messages.
 
 ``fetch`` needs the repository a blob lives in, so it serves blobs of models this source has
 resolved (the pull engine always resolves first). Blob GETs follow redirects to object storage
@@ -23,32 +30,38 @@ import contextlib
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
 from yarl import URL
 
-from cacheagent.digest import sha256_digest
+from cacheagent.digest import is_digest, sha256_digest
 from cacheagent.errors import (
     DigestMismatchError,
+    ModelNotFoundError,
     SizeMismatchError,
     SourceError,
 )
 from cacheagent.refs import ModelRef, OciRef
-from cacheagent.sources.auth import DOCKER_HUB, CredentialStore, RegistryAuth, RegistryAuthError
+from cacheagent.sources.auth import RegistryAuth
 from cacheagent.sources.base import BlobRef, ResolvedModel
+from cacheagent.sources.credentials import DOCKER_HUB, CredentialStore, RegistryAuthError
 from cacheagent.sources.manifest import (
     ACCEPT_MEDIA_TYPES,
+    ParsedDocument,
     ParsedIndex,
     layers_of,
     parse_manifest,
     select_from_index,
 )
-from cacheagent.sources.retry import RetryPolicy
+from cacheagent.sources.registry_errors import error_detail
+from cacheagent.sources.retry import RetryPolicy, is_retryable
 from cacheagent.sources.streaming import (
     BlobHomes,
     StreamingSource,
+    TransientError,
     raise_for_status,
     read_bounded,
 )
@@ -59,7 +72,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MANIFEST_MAX_BYTES = 4 << 20
 DOCKER_HUB_API = "registry-1.docker.io"
 _MAX_INDEX_DEPTH = 4
-_ACCEPT = ", ".join(ACCEPT_MEDIA_TYPES)
+_ACCEPT = ", ".join((*ACCEPT_MEDIA_TYPES, "*/*"))
+_MAX_CACHED_MANIFESTS = 256
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,7 @@ class RegistrySource(StreamingSource):
         self.auth = RegistryAuth(self.transport, credentials)
         self._homes: BlobHomes[tuple[str, str]] = BlobHomes()
         self._mirror_down_until: dict[str, float] = {}
+        self._manifests: OrderedDict[str, tuple[bytes, str | None]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"RegistrySource(auth={self.auth!r})"
@@ -109,14 +124,10 @@ class RegistrySource(StreamingSource):
     async def resolve(self, ref: ModelRef) -> ResolvedModel:
         if not isinstance(ref, OciRef):
             raise SourceError(f"the registry source cannot resolve {ref} (a {ref.kind} ref)")
-        reference = ref.digest or ref.tag or "latest"
+        reference = ref.digest or await self._digest_of_tag(ref, ref.tag or "latest")
         expected_size: int | None = None
         for _ in range(_MAX_INDEX_DEPTH):
-            data, media_type = await self._manifest(ref, reference)
-            digest = self._check_manifest(ref, reference, data, expected_size)
-            doc = parse_manifest(
-                data, max_bytes=self.options.manifest_max_bytes, media_type=media_type
-            )
+            digest, doc, data = await self._document(ref, reference, expected_size)
             if not isinstance(doc, ParsedIndex):
                 resolved = ResolvedModel(
                     ref=ref,
@@ -131,6 +142,53 @@ class RegistrySource(StreamingSource):
             chosen = select_from_index(doc, self.options.platform)
             reference, expected_size = chosen.digest, chosen.size
         raise SourceError(f"{ref}: image indexes nested deeper than {_MAX_INDEX_DEPTH}")
+
+    async def _document(
+        self, ref: OciRef, reference: str, expected_size: int | None
+    ) -> tuple[str, ParsedDocument, bytes]:
+        """A manifest or index by digest (from memory when seen before) or by tag."""
+        cached = self._manifests.get(reference)
+        if cached is None:
+            cached = await self._manifest(ref, reference)
+        data, media_type = cached
+        digest = self._check_manifest(ref, reference, data, expected_size)
+        doc = parse_manifest(data, max_bytes=self.options.manifest_max_bytes, media_type=media_type)
+        self._manifests[digest] = cached
+        self._manifests.move_to_end(digest)
+        while len(self._manifests) > _MAX_CACHED_MANIFESTS:
+            self._manifests.popitem(last=False)
+        return digest, doc, data
+
+    async def _digest_of_tag(self, ref: OciRef, tag: str) -> str:
+        """The digest a tag points at, from a HEAD; the tag itself when the registry's HEAD does
+        not say or fails (then the manifest is fetched by tag, which reports any failure).
+
+        The HEAD says ``Connection: close`` and its connection is not pooled: a server that
+        sends (or drips) a body after a HEAD would otherwise feed those bytes to the next
+        request on that connection (aiohttp pools a HEAD's connection as soon as the headers
+        are in). One handshake per tag resolution is cheap."""
+        what = f"manifest {ref.registry}/{ref.repository}:{tag}"
+
+        async def attempt() -> str:
+            try:
+                resp = await self._open(
+                    ref.registry,
+                    ref.repository,
+                    f"manifests/{tag}",
+                    {"Accept": _ACCEPT, "Connection": "close"},
+                    acceptable=(200,),
+                    method="HEAD",
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.debug("%s: HEAD failed (%s); fetching by tag", what, exc)
+                return tag  # the GET by tag that follows retries and reports properly
+            resp.close()
+            if is_retryable(resp.status):
+                raise TransientError.from_status(resp.status, resp.headers)
+            announced = resp.headers.get("Docker-Content-Digest", "")
+            return announced if resp.status == 200 and is_digest(announced) else tag
+
+        return await self._retrying(attempt, what=what, origin=ref.registry)
 
     def _check_manifest(
         self, ref: OciRef, reference: str, data: bytes, expected_size: int | None
@@ -156,9 +214,11 @@ class RegistrySource(StreamingSource):
                 acceptable=(200,),
             )
             async with resp:
-                raise_for_status(
-                    resp.status, resp.headers.get("Retry-After"), what=what, origin=ref.registry
-                )
+                if resp.status >= 300:
+                    detail = await error_detail(resp)
+                    raise_for_status(
+                        resp.status, resp.headers, what=what, origin=ref.registry, detail=detail
+                    )
                 data = await read_bounded(
                     resp,
                     self.options.manifest_max_bytes,
@@ -182,9 +242,19 @@ class RegistrySource(StreamingSource):
         registry, repository = self._homes.find(blob, "registry")
 
         async def open_response(headers: Mapping[str, str]) -> aiohttp.ClientResponse:
-            return await self._open(
+            resp = await self._open(
                 registry, repository, f"blobs/{blob.digest}", headers, acceptable=(200, 206)
             )
+            if resp.status < 400 or resp.status == 416:
+                return resp
+            async with resp:
+                detail = await error_detail(resp)
+            if is_retryable(resp.status):
+                raise TransientError.from_status(resp.status, resp.headers, detail)
+            said = f": {detail}" if detail else ""
+            if resp.status == 404:
+                raise ModelNotFoundError(f"blob {blob.digest} not found at {registry} (404){said}")
+            raise SourceError(f"{registry}: blob {blob.digest}: HTTP {resp.status}{said}")
 
         async with contextlib.aclosing(
             self._stream(open_response, blob, start, end, registry)
@@ -211,16 +281,17 @@ class RegistrySource(StreamingSource):
         headers: Mapping[str, str],
         *,
         acceptable: tuple[int, ...],
+        method: str = "GET",
     ) -> aiohttp.ClientResponse:
         """The first acceptable answer from a mirror, else whatever the registry answers."""
         for endpoint in self._endpoints(registry):
             url = URL(f"{self.transport.scheme_for(endpoint.host)}://{endpoint.host}")
             url = url.with_path(f"/v2/{repository}/{path}")
             if not endpoint.is_mirror:
-                return await self._send(endpoint.host, repository, url, headers)
+                return await self._send(method, endpoint.host, repository, url, headers)
             try:
                 resp = await self._send(
-                    endpoint.host, repository, url.with_query(ns=registry), headers
+                    method, endpoint.host, repository, url.with_query(ns=registry), headers
                 )
             except (aiohttp.ClientError, OSError, SourceError) as exc:
                 self._mirror_failed(endpoint.host, registry, type(exc).__name__)
@@ -236,30 +307,33 @@ class RegistrySource(StreamingSource):
         self._mirror_down_until[mirror] = time.monotonic() + self.options.mirror_cooldown_seconds
 
     async def _send(
-        self, host: str, repository: str, url: URL, headers: Mapping[str, str]
+        self, method: str, host: str, repository: str, url: URL, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
-        """GET with whatever auth we hold; on 401 answer the challenge once and resend."""
+        """Send with whatever auth we hold; on 401 answer the challenge once and resend."""
         scope = f"repository:{repository}:pull"
-        sent = self.auth.authorization(host, scope)
-        resp = await self._get(url, headers, sent)
+        sent = await self.auth.authorization(host, scope)
+        resp = await self._request(method, url, headers, sent)
         if resp.status == 401:
             challenge = resp.headers.get("WWW-Authenticate")
             resp.release()
             answer = await self.auth.answer(host, scope, challenge, sent)
-            resp = await self._get(url, headers, answer)
+            resp = await self._request(method, url, headers, answer)
             if resp.status == 401:
-                resp.release()
-                raise self.auth.rejected(host, scope, answer)
+                async with resp:
+                    detail = await error_detail(resp)
+                raise self.auth.rejected(host, scope, answer, detail)
         if resp.status == 403:
-            resp.release()
-            raise RegistryAuthError(host, f"access to {repository} denied (403)")
+            async with resp:
+                detail = await error_detail(resp)
+            said = f": {detail}" if detail else ""
+            raise RegistryAuthError(host, f"access to {repository} denied (403){said}")
         return resp
 
-    async def _get(
-        self, url: URL, headers: Mapping[str, str], authorization: str | None
+    async def _request(
+        self, method: str, url: URL, headers: Mapping[str, str], authorization: str | None
     ) -> aiohttp.ClientResponse:
         sent = dict(headers)
         if authorization is not None:
             sent["Authorization"] = authorization
-        log.debug("GET %s", redact_url(url))
-        return await self.transport.request("GET", url, headers=sent)
+        log.debug("%s %s", method, redact_url(url))
+        return await self.transport.request(method, url, headers=sent)

@@ -201,7 +201,7 @@ class S3Source(StreamingSource):
                         f"{what}: access denied (HTTP {resp.status}); check the S3 credentials "
                         "(s3.* config or the AWS environment) and the bucket policy"
                     )
-                raise_for_status(resp.status, None, what=what, origin=url.host or "")
+                raise_for_status(resp.status, resp.headers, what=what, origin=url.host or "")
                 size = resp.content_length
                 etag = resp.headers.get("ETag", "").strip('"')
                 if size is None or not etag:
@@ -246,7 +246,7 @@ class S3Source(StreamingSource):
             resp = await self._send("GET", url, {})
             async with resp:
                 raise_for_status(
-                    resp.status, None, what=f"s3://{bucket} {what}", origin=url.host or ""
+                    resp.status, resp.headers, what=f"s3://{bucket} {what}", origin=url.host or ""
                 )
                 return await read_bounded(resp, _LIST_MAX_BYTES, what=what)
 

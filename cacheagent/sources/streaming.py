@@ -15,7 +15,9 @@ mirrors and auth), this module owns the rules:
   ``MIN_PROGRESS_BYTES`` were gained, so a long download is not failed by scattered hiccups
   while an origin that drops every connection after a few bytes still runs out of attempts.
   A body that delivers less than that within a read timeout times out. When the budget is
-  spent: ``OriginUnavailableError`` naming the origin, the blob and the last failure.
+  spent: ``OriginUnavailableError`` naming the origin, the blob and the last failure. A wait the
+  server asked for (``Retry-After``, ``RateLimit``) is reported through ``on_wait`` while it
+  lasts, so a pull's progress can say why it is not moving.
 * 404 is ``ModelNotFoundError``. Other statuses are final ``SourceError``s.
 """
 
@@ -41,7 +43,13 @@ from cacheagent.errors import (
     SourceError,
 )
 from cacheagent.sources.base import BlobRef, Source
-from cacheagent.sources.retry import RetryPolicy, is_retryable
+from cacheagent.sources.retry import (
+    MIN_PROGRESS_BYTES,
+    RetryBudget,
+    RetryPolicy,
+    is_retryable,
+    server_wait,
+)
 from cacheagent.sources.transport import Transport, redact_url
 
 log = logging.getLogger(__name__)
@@ -51,11 +59,10 @@ OpenResponse = Callable[[Mapping[str, str]], Awaitable[aiohttp.ClientResponse]]
 
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
-MIN_PROGRESS_BYTES = 16 << 10
-"""What counts as progress on a response body: a body that delivers less than this within a
-read timeout (a stalled or slowloris origin dripping a byte at a time) is timed out, and an
-attempt that gained less does not renew the retry budget."""
 DEFAULT_STALL_SECONDS = 60.0
+#: Waits at least this long are logged and reported (shorter ones are ordinary backoff).
+REPORTED_WAIT_SECONDS = 1.0
+OnWait = Callable[[str, float, str], Callable[[], None]]  # (origin, seconds, why) -> "it ended"
 
 
 def stalled_error(seconds: float) -> TimeoutError:
@@ -75,15 +82,41 @@ class StreamSettings:
     chunk_size: int = 1 << 20
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     clock: Callable[[], float] = time.monotonic
+    on_wait: OnWait | None = None
+
+    def budget(self, position: int = 0) -> RetryBudget:
+        return RetryBudget(self.policy, self.rng, self.clock, position)
+
+    async def pause(self, origin: str, seconds: float, why: str) -> None:
+        """Sleep before the next attempt, reporting a long wait while it lasts."""
+        if seconds < REPORTED_WAIT_SECONDS or self.on_wait is None:
+            await self.sleep(seconds)
+            return
+        log.warning("origin %s: waiting %.0f s before retrying (%s)", origin, seconds, why)
+        ended = self.on_wait(origin, seconds, why)
+        try:
+            await self.sleep(seconds)
+        finally:
+            ended()
 
 
 class TransientError(Exception):
-    """A failure worth another attempt; ``detail`` is what the final error will quote."""
+    """A failure worth another attempt; ``detail`` is what the final error will quote and
+    ``wait`` the seconds the server asked for (``retry.server_wait``), if it did."""
 
-    def __init__(self, detail: str, retry_after: str | None = None) -> None:
+    def __init__(self, detail: str, wait: float | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.retry_after = retry_after
+        self.wait = wait
+
+    @classmethod
+    def from_status(
+        cls, status: int, headers: Mapping[str, str], detail: str = ""
+    ) -> TransientError:
+        wait = server_wait(headers)
+        asked = f", asked to wait {wait:g} s" if wait is not None else ""
+        extra = f": {detail}" if detail else ""
+        return cls(f"HTTP {status}{asked}{extra}", wait)
 
 
 def resolve_span(blob: BlobRef, start: int, end: int | None) -> int:
@@ -117,8 +150,7 @@ async def stream_blob(
     """Yield bytes ``[start, end)`` of ``blob`` (see the module docstring for the rules)."""
     stop = resolve_span(blob, start, end)
     position = start
-    failures = 0
-    mark, failing_since = position, settings.clock()
+    budget = settings.budget(position)
     while position < stop:
         try:
             attempt = _one_attempt(
@@ -131,27 +163,23 @@ async def stream_blob(
             if position < stop:
                 raise TransientError(f"body ended at byte {position}, wanted up to byte {stop}")
         except TransientError as failure:
-            detail, retry_after = failure.detail, failure.retry_after
+            detail, asked = failure.detail, failure.wait
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
             if not is_retryable(exc):
                 raise SourceError(
                     f"{origin}: blob {blob.digest}: {describe_failure(exc)}"
                 ) from None
-            detail, retry_after = describe_failure(exc), None
+            detail, asked = describe_failure(exc), None
         else:
             return
-        if position - mark >= MIN_PROGRESS_BYTES:  # a few bytes per attempt do not count
-            failures, mark, failing_since = 0, position, settings.clock()
-        failures += 1
-        delay = settings.policy.next_delay(
-            failures, retry_after, settings.rng, elapsed=settings.clock() - failing_since
-        )
+        delay = budget.failed(position, asked)
         if delay is None:
             raise OriginUnavailableError(
-                f"origin {origin}: blob {blob.digest}: giving up after {failures} attempt(s) "
-                f"at byte {position} of {blob.size}; last: {detail}"
+                f"origin {origin}: blob {blob.digest}: giving up after {budget.failures} "
+                f"attempt(s) at byte {position} of {blob.size}; last: {detail}"
+                + _over_bound(asked, settings.policy)
             )
-        await settings.sleep(delay)
+        await settings.pause(origin, delay, detail)
 
 
 async def _one_attempt(
@@ -164,7 +192,7 @@ async def _one_attempt(
     on_range_ignored: Callable[[], None] | None,
 ) -> AsyncGenerator[bytes, None]:
     ranged = position > 0 or stop < blob.size
-    headers = {"Accept-Encoding": "identity"}
+    headers: dict[str, str] = {}  # Accept-Encoding: identity is the transport's default
     if ranged:
         headers["Range"] = f"bytes={position}-{stop - 1}"
     resp = await open_response(headers)
@@ -195,7 +223,7 @@ def _body_offset(resp: aiohttp.ClientResponse, blob: BlobRef, position: int, ori
     if status == 404:
         raise ModelNotFoundError(f"blob {blob.digest} not found at {origin} (404)")
     if is_retryable(status):
-        raise TransientError(f"HTTP {status}", resp.headers.get("Retry-After"))
+        raise TransientError.from_status(status, resp.headers)
     if status == 416:
         raise SourceError(
             f"{origin}: blob {blob.digest}: range not satisfiable (416): the origin holds fewer "
@@ -265,37 +293,44 @@ async def with_retries(
 
     For small documents (manifests, API answers) where there is nothing to resume.
     """
-    failures = 0
-    began = settings.clock()
+    budget = settings.budget()
     while True:
         try:
             return await attempt()
         except TransientError as failure:
-            detail, retry_after = failure.detail, failure.retry_after
+            detail, asked = failure.detail, failure.wait
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
             if not is_retryable(exc):
                 raise SourceError(f"{origin}: {what}: {describe_failure(exc)}") from None
-            detail, retry_after = describe_failure(exc), None
-        failures += 1
-        delay = settings.policy.next_delay(
-            failures, retry_after, settings.rng, elapsed=settings.clock() - began
-        )
+            detail, asked = describe_failure(exc), None
+        delay = budget.failed(0, asked)
         if delay is None:
             raise OriginUnavailableError(
-                f"origin {origin}: {what}: giving up after {failures} attempt(s); last: {detail}"
+                f"origin {origin}: {what}: giving up after {budget.failures} attempt(s); "
+                f"last: {detail}" + _over_bound(asked, settings.policy)
             )
-        await settings.sleep(delay)
+        await settings.pause(origin, delay, detail)
 
 
-def raise_for_status(status: int, retry_after: str | None, *, what: str, origin: str) -> None:
-    """Map a non-success status of a small document GET to our errors (2xx passes)."""
+def _over_bound(asked: float | None, policy: RetryPolicy) -> str:
+    if asked is None or asked <= policy.max_server_wait:
+        return ""
+    return f" (over the {policy.max_server_wait:g} s pull.rate_limit_max_wait_seconds allows)"
+
+
+def raise_for_status(
+    status: int, headers: Mapping[str, str], *, what: str, origin: str, detail: str = ""
+) -> None:
+    """Map a non-success status of a small document GET to our errors (2xx passes); ``detail``
+    is what the origin said about it (an error body or header), quoted in the error."""
     if 200 <= status < 300:
         return
+    said = f": {detail}" if detail else ""
     if status == 404:
-        raise ModelNotFoundError(f"{what} not found at {origin} (404)")
+        raise ModelNotFoundError(f"{what} not found at {origin} (404){said}")
     if is_retryable(status):
-        raise TransientError(f"HTTP {status}", retry_after)
-    raise SourceError(f"{origin}: {what}: unexpected HTTP {status}")
+        raise TransientError.from_status(status, headers, detail)
+    raise SourceError(f"{origin}: {what}: unexpected HTTP {status}{said}")
 
 
 async def read_bounded(
@@ -375,7 +410,9 @@ class StreamingSource(Source):
             policy=retry,
             rng=rng or random.Random(),  # noqa: S311 - backoff jitter, not crypto
             chunk_size=chunk_bytes,
+            on_wait=self._note_wait,
         )
+        self._waits: dict[object, tuple[str, float, str]] = {}  # one per wait: origin, until, why
         self.supports_ranges = True
         #: Origins seen answering 200 to a Range request (ranged fetches re-read from byte 0).
         self.ranges_ignored_by: set[str] = set()
@@ -396,6 +433,27 @@ class StreamingSource(Source):
             origin=origin,
             settings=self.settings,
             on_range_ignored=lambda: self._range_ignored(origin),
+        )
+
+    def _note_wait(self, origin: str, seconds: float, why: str) -> Callable[[], None]:
+        key = object()
+        self._waits[key] = (origin, self.settings.clock() + seconds, why)
+
+        def ended() -> None:
+            self._waits.pop(key, None)
+
+        return ended
+
+    def waiting(self) -> str:
+        """The longest wait per origin, while any lasts."""
+        now = self.settings.clock()
+        longest: dict[str, tuple[float, str]] = {}
+        for origin, until, why in self._waits.values():
+            if until > longest.get(origin, (0.0, ""))[0]:
+                longest[origin] = (until, why)
+        return "; ".join(
+            f"{origin} asked us to wait: {max(until - now, 0.0):.0f} s left ({why})"
+            for origin, (until, why) in sorted(longest.items())
         )
 
     def _range_ignored(self, origin: str) -> None:

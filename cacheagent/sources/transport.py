@@ -6,6 +6,15 @@ file, plain HTTP only towards hosts listed as insecure, an optional upstream pro
 (a site running Dragonfly's dfdaemon routes registry traffic through it), and timeouts on connect
 and on every socket read (a stalled body fails instead of hanging a pull forever).
 
+Every request says ``Accept-Encoding: identity`` (a session default): the store verifies the
+bytes the origin holds, so a CDN that gzips a tokenizer JSON or an API answer when asked would
+break sizes and digests, and we never ask.
+
+An origin that no configured proxy entry matches goes through the proxy the agent's environment
+names (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``, lower case winning, minus ``NO_PROXY``
+hosts; what operators set on nodes), read once when the transport is made. As with curl (and
+unlike Go), loopback hosts are not exempted unless ``NO_PROXY`` lists them.
+
 Redirects are followed here, not by aiohttp, so that every hop is held to the same rules: the
 scheme check, the proxy lookup, and no ``Authorization`` header for a different host (registries
 redirect blob GETs to object storage, which must never see registry credentials).
@@ -14,6 +23,7 @@ redirect blob GETs to object storage, which must never see registry credentials)
 from __future__ import annotations
 
 import ssl
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +60,7 @@ class TransportOptions:
     max_redirects: int = 5
     read_buffer_bytes: int = 1 << 20
     user_agent: str = f"cacheagent/{__version__}"
+    proxy_from_environment: bool = True
     # Policy hooks (sources.guard): the connector's resolver, and a check of each hop's URL
     # (first URL, this hop) before it is requested; None means no extra rule.
     resolver: Callable[[], AbstractResolver] | None = None
@@ -79,6 +90,7 @@ class Transport:
         self.options = options or TransportOptions()
         self._insecure = {h.lower() for h in self.options.insecure}
         self._ssl = self._ssl_context(self.options.ca_file)
+        self._env_proxies = environment_proxies() if self.options.proxy_from_environment else {}
         self._session: aiohttp.ClientSession | None = None
 
     @staticmethod
@@ -116,9 +128,16 @@ class Transport:
         raise SourceError(f"{what} {redact_url(url)}: unsupported scheme {url.scheme!r}")
 
     def proxy_for(self, url: URL) -> str | None:
+        """The configured proxy for this origin, else the environment's, else None."""
         proxies = self.options.proxies
         origin = host_port(url)
-        return proxies.get(origin) or proxies.get(url.host or "") or proxies.get("*")
+        configured = proxies.get(origin) or proxies.get(url.host or "") or proxies.get("*")
+        if configured or not self._env_proxies:
+            return configured
+        env = self._env_proxies
+        if no_proxy_matches(url, env.get("no", "")):
+            return None
+        return env.get(url.scheme) or env.get("all")
 
     # -- I/O ------------------------------------------------------------------------------------
 
@@ -138,7 +157,7 @@ class Transport:
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=opts.connect_timeout, sock_read=opts.read_timeout
                 ),
-                headers={"User-Agent": opts.user_agent},
+                headers={"User-Agent": opts.user_agent, "Accept-Encoding": "identity"},
                 auto_decompress=False,
                 read_bufsize=opts.read_buffer_bytes,
                 trust_env=False,
@@ -200,6 +219,40 @@ class Transport:
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
+
+
+def environment_proxies() -> dict[str, str]:
+    """``{scheme: proxy URL, "no": hosts}`` from the environment; a proxy URL aiohttp cannot use
+    (``socks5://``...) is a ConfigError naming the variable, at start."""
+    found = urllib.request.getproxies_environment()
+    for scheme, value in found.items():
+        if scheme == "no":
+            continue
+        proxy = URL(value if "://" in value else f"http://{value}")
+        if proxy.scheme not in ("http", "https") or not proxy.host:
+            raise ConfigError(
+                f"{scheme.upper()}_PROXY (environment)",
+                f"{redact_url(proxy)}: only http:// and https:// proxies are supported",
+            )
+        found[scheme] = str(proxy)
+    return found
+
+
+def no_proxy_matches(url: URL, no_proxy: str) -> bool:
+    """True when ``NO_PROXY`` exempts the URL's host: ``*``, the host itself, a parent domain
+    (``example.com`` or ``.example.com``), each optionally with ``:port``."""
+    host = (url.host or "").lower()
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if entry == "*":
+            return True
+        name, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if port and (not port.isdigit() or int(port) != url.port):
+            continue
+        name = name.removeprefix("*").removeprefix(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
 
 
 def _ssl_reason(exc: aiohttp.ClientSSLError) -> str:

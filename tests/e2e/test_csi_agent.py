@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,33 +14,20 @@ import pytest
 from cacheagent.cli.client import AgentCallError, AgentClient
 from cacheagent.memory.pagecache import drop
 from cacheagent.mountinfo import find_mount
-from tests.agent_process import LOOPBACK_HTTP, AgentProcess
-from tests.csi_env import force_unmount, mounts_under
-from tests.e2e.conftest import Origin
+from tests.agent_process import AgentProcess
+from tests.csi_env import mounts_under
+from tests.e2e.conftest import (
+    HTTP_LAZY,
+    WRONG_SHA256,
+    Origin,
+    kubelet,
+    serve_unverifiable,
+    wait_until_no_pulls,
+)
 from tests.fault_server import FaultServer
-from tests.kubelet import InlineVolume, Kubelet, Pod
+from tests.kubelet import InlineVolume, Pod
 from tests.support import require_fuse, require_root
 from tests.threaded import serve_in_thread
-
-DRIVER = "model.cacheagent.io"  # the agent's default csi.driver_name
-BACKOFF_SCALE = 0.02  # kubelet's 0.5 s .. 122 s backoff, scaled down to 10 ms .. 2.4 s
-
-
-@pytest.fixture
-def lazy_agent(tmp_path: Path, origin: Origin) -> Iterator[AgentProcess]:
-    require_fuse()
-    agent = AgentProcess(tmp_path / "agent", insecure=(origin.registry.host,), fuse=True)
-    try:
-        yield agent.start()
-    finally:
-        agent.stop()
-        for leftover in mounts_under(agent.kubelet_dir):
-            force_unmount(leftover)
-        agent.cleanup()
-
-
-def kubelet(agent: AgentProcess) -> Kubelet:
-    return Kubelet(agent.csi_socket, agent.kubelet_dir, DRIVER, backoff_scale=BACKOFF_SCALE)
 
 
 def model_volume(ref: str, **attrs: str) -> InlineVolume:
@@ -217,15 +202,10 @@ def test_kill_9_leaves_a_stale_fuse_mount_that_the_next_start_clears(
 
 def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> None:
     require_fuse()
-    payload = os.urandom(64 << 20)
-    wrong = hashlib.sha256(b"not these bytes").hexdigest()
     with serve_in_thread(FaultServer()) as server:
-        server.add("weights.safetensors", payload)
-        ref = f"{server.url('weights.safetensors')}#sha256={wrong}"
-        # A pod naming a loopback URL in lazy mode: each needs an explicit policy opt-in.
-        policy = {**LOOPBACK_HTTP, "pod_http_hosts": ["127.0.0.1"], "lazy_sources": ["http"]}
+        payload, ref = serve_unverifiable(server)
         agent = AgentProcess(
-            tmp_path / "agent", insecure=(server.host,), fuse=True, extra={"policy": policy}
+            tmp_path / "agent", insecure=(server.host,), fuse=True, extra={"policy": HTTP_LAZY}
         )
         agent.start()
         pod = Pod("pod-bad")
@@ -233,7 +213,7 @@ def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> Non
             volume, target = mount(agent, pod, ref, mode="lazy")
             with (target / "weights.safetensors").open("rb") as f:
                 assert f.read(65536) == payload[:65536]  # served before verification
-                _wait_until_no_pulls(agent)
+                wait_until_no_pulls(agent)
                 f.seek(60 << 20)
                 with pytest.raises(OSError) as failed:
                     f.read(65536)
@@ -241,16 +221,8 @@ def test_lazy_reads_fail_with_eio_once_verification_fails(tmp_path: Path) -> Non
             assert 'cacheagent_fuse_errors_total{kind="verify"}' in agent.get("/metrics")[1]
             with AgentClient(agent.socket) as client:
                 assert not client.list().models
-            assert not list((agent.store_root / "blobs").rglob(wrong))
+            assert not list((agent.store_root / "blobs").rglob(WRONG_SHA256))
             unmount(agent, pod, volume)
         finally:
             agent.stop()
             agent.cleanup()
-
-
-def _wait_until_no_pulls(agent: AgentProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with AgentClient(agent.socket) as client:
-        while client.status().pulls:
-            assert time.monotonic() < deadline, "the pull did not finish"
-            time.sleep(0.1)

@@ -10,50 +10,22 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cacheagent.cli.client import AgentClient
 from cacheagent.mountinfo import find_mount
-from tests.agent_process import LOOPBACK_HTTP, AgentProcess
-from tests.csi_env import force_unmount, mounts_under
-from tests.e2e.conftest import Origin
+from tests.agent_process import AgentProcess, stop_and_unmount
+from tests.csi_env import mounts_under
+from tests.e2e.conftest import HTTP_LAZY, Origin, kubelet, serve_unverifiable, wait_until_no_pulls
 from tests.fault_server import Fault, FaultServer
-from tests.kubelet import InlineVolume, Kubelet, Pod
+from tests.kubelet import InlineVolume, Pod
 from tests.support import require_fuse
 from tests.threaded import serve_in_thread
-from tests.throttle import ThrottleProxy
+from tests.throttle_proxy import ThrottleProxy
 
-DRIVER = "model.cacheagent.io"
-BACKOFF_SCALE = 0.02
-CACHE_HIT_PUBLISH_SECONDS = 5.0
-# Pods naming loopback URLs in lazy mode: each needs an explicit policy opt-in.
-HTTP_LAZY = {
-    **LOOPBACK_HTTP,
-    "pod_http_hosts": ["127.0.0.1"],
-    "lazy_sources": ["http"],
-}  # generous for a shared CI machine; it answers in milliseconds
-
-
-@pytest.fixture
-def lazy_agent(tmp_path: Path, origin: Origin) -> Iterator[AgentProcess]:
-    require_fuse()
-    agent = AgentProcess(tmp_path / "agent", insecure=(origin.registry.host,), fuse=True)
-    try:
-        yield agent.start()
-    finally:
-        agent.stop()
-        for leftover in mounts_under(agent.kubelet_dir):
-            force_unmount(leftover)
-        agent.cleanup()
-
-
-def kubelet(agent: AgentProcess, timeout: float = 120.0) -> Kubelet:
-    return Kubelet(
-        agent.csi_socket, agent.kubelet_dir, DRIVER, backoff_scale=BACKOFF_SCALE, timeout=timeout
-    )
+CACHE_HIT_PUBLISH_SECONDS = 5.0  # generous for a shared CI machine; it answers in milliseconds
 
 
 def lazy_volume(ref: str) -> InlineVolume:
@@ -181,10 +153,7 @@ def test_a_stalled_origin_does_not_freeze_reads_of_a_cached_model(tmp_path: Path
         try:
             _check_containment(agent, server, stalled, cached)
         finally:
-            agent.stop()
-            for leftover in mounts_under(agent.kubelet_dir):
-                force_unmount(leftover)
-            agent.cleanup()
+            stop_and_unmount(agent)
 
 
 def _http_ref(server: FaultServer, name: str, data: bytes) -> str:
@@ -258,11 +227,8 @@ def test_pages_served_before_a_failed_verification_leave_the_page_cache(tmp_path
     """Bytes read before the blob failed its digest were cached by the kernel; once the pull
     fails, a reader that still has the file open must not get them again from the cache."""
     require_fuse()
-    payload = os.urandom(64 << 20)
-    wrong = hashlib.sha256(b"not these bytes").hexdigest()
     with serve_in_thread(FaultServer()) as server:
-        server.add("weights.safetensors", payload)
-        ref = f"{server.url('weights.safetensors')}#sha256={wrong}"
+        payload, ref = serve_unverifiable(server)
         agent = AgentProcess(
             tmp_path / "agent", insecure=(server.host,), fuse=True, extra={"policy": HTTP_LAZY}
         )
@@ -275,21 +241,13 @@ def test_pages_served_before_a_failed_verification_leave_the_page_cache(tmp_path
                 try:
                     with path.open("rb", buffering=0) as f:
                         assert os.pread(f.fileno(), 65536, 0) == payload[:65536]
-                        _wait_until_no_pulls(agent)
+                        wait_until_no_pulls(agent)
                         assert _read_error(f.fileno(), deadline=30.0) == errno.EIO
                 finally:
                     assert k.tear_down(pod, volume).ok
         finally:
             agent.stop()
             agent.cleanup()
-
-
-def _wait_until_no_pulls(agent: AgentProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with AgentClient(agent.socket) as client:
-        while client.status().pulls:
-            assert time.monotonic() < deadline, "the pull did not finish"
-            time.sleep(0.1)
 
 
 def _read_error(fd: int, deadline: float) -> int | None:
@@ -315,11 +273,10 @@ def test_lazy_reads_are_fetched_on_demand_while_the_pull_runs(
     long before the background pull gets there: the bytes came from a range fetch on demand."""
     require_fuse()
     model = origin.models["gamma"]
-    upstream_host, _, upstream_port = origin.registry.host.rpartition(":")
-    proxy = ThrottleProxy(upstream_host, int(upstream_port), THROTTLED_BYTES_PER_SECOND)
+    proxy = ThrottleProxy(origin.registry.port, THROTTLED_BYTES_PER_SECOND)
     with serve_in_thread(proxy):
-        ref = model.ref.replace(origin.registry.host, proxy.host)
-        agent = AgentProcess(tmp_path / "agent", insecure=(proxy.host,), fuse=True)
+        ref = model.ref.replace(origin.registry.host, proxy.address)
+        agent = AgentProcess(tmp_path / "agent", insecure=(proxy.address,), fuse=True)
         agent.start()
         pod, volume = Pod("pod-on-demand"), lazy_volume(ref)
         try:
@@ -344,7 +301,7 @@ def _read_tail_while_pulling(agent: AgentProcess, target: Path, digest: str) -> 
         pulling = [p.manifest_digest for p in client.status().pulls]
     assert digest in pulling, "the pull finished before the read: the test proves nothing"
     assert _metric(agent, "cacheagent_fuse_lazy_fetched_bytes_total") >= len(tail)
-    _wait_until_no_pulls(agent)
+    wait_until_no_pulls(agent)
     with AgentClient(agent.socket) as client:
         stored = Path(client.stat(digest).path) / shard.name
     assert tail == stored.read_bytes()[-(1 << 20) :]

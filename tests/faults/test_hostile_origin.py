@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from cacheagent.sources.streaming import MIN_PROGRESS_BYTES
+from cacheagent.sources.retry import MIN_PROGRESS_BYTES
 from tests.agent_process import AgentProcess
 from tests.fault_server import Fault
 from tests.faults.harness import (
@@ -221,7 +221,7 @@ def test_429_asking_for_an_hour(hostile: Hostile) -> None:
         manifest_name("storm-429-hour"), Fault("status", times=1000, status=429, retry_after="3600")
     )
     fails(hostile, ref, "429", code="UNAVAILABLE")
-    assert len(hostile.server.seen(manifest_name("storm-429-hour"))) == 1
+    assert hostile.server.count(manifest_name("storm-429-hour"), "GET") == 1
 
 
 def test_invalid_json_manifest(hostile: Hostile) -> None:

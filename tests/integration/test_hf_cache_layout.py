@@ -43,7 +43,7 @@ print(json.dumps(out))
 async def hub() -> AsyncIterator[tuple[HfServer, str]]:
     """The Hub-shaped server, and the host of its LFS CDN."""
     async with FaultServer() as cdn:
-        server = HfServer(cdn_url=cdn.url("lfs/"))
+        server = HfServer(cdn=cdn)
         server.add(
             HfRepo(
                 repo_id="acme/tiny",

@@ -7,9 +7,9 @@ specifics.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import logging
 import random
 import socket
 import ssl
@@ -28,15 +28,14 @@ from cacheagent.errors import (
     SourceError,
     UnsafePathError,
 )
-from cacheagent.refs import HfRef, HttpRef, parse_ref
+from cacheagent.refs import HttpRef, parse_ref
 from cacheagent.sources.base import BlobRef, ResolvedModel, Source
-from cacheagent.sources.hf import HfOptions, HfSource
 from cacheagent.sources.http import HttpOptions, HttpSource
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.transport import Transport, TransportOptions
-from tests.certs import make_pki
+from tests.certs import Pki, make_pki
 from tests.fault_server import Fault, FaultServer
-from tests.hf_server import HfRepo, HfServer
+from tests.proxy_server import TinyProxy
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=2.0, max_total_seconds=10.0)
 DATA = random.Random(7).randbytes(256 * 1024 + 17)
@@ -126,6 +125,7 @@ async def test_http_resolve_and_fetch(origin: FaultServer, make_http: MakeHttp) 
     assert gets(origin) == [None, "bytes=1000-69999"]
     assert origin.served["files/model.bin"] == len(DATA) + 69_000
     assert source.supports_ranges
+    assert {r.headers.get("Accept-Encoding") for r in origin.requests} == {"identity"}
 
 
 async def test_ranged_fetches_reuse_one_connection(
@@ -136,7 +136,11 @@ async def test_ranged_fetches_reuse_one_connection(
     for start in range(0, 200_000, 40_000):
         assert await read_all(source, blob, start, start + 40_000) == DATA[start : start + 40_000]
     assert len(origin.requests) == 6
-    assert len({r.peer for r in origin.requests}) == 1  # keep-alive, no handshake per range
+    ranged = [r for r in origin.requests if r.method == "GET"]
+    assert len(ranged) == 5
+    assert len({r.peer for r in ranged}) == 1  # keep-alive, no handshake per range
+    # (the resolve's HEAD says Connection: close: nothing sent after it can poison a GET)
+    assert origin.requests[0].headers.get("Connection") == "close"
 
 
 async def test_http_size_without_content_length(origin: FaultServer, make_http: MakeHttp) -> None:
@@ -186,8 +190,9 @@ async def test_http_missing_file_is_not_found(origin: FaultServer, make_http: Ma
         await make_http(origin.host).resolve(http_ref(origin.url("files/nothing-here")))
 
 
-async def test_https_with_private_ca(tmp_path: Path, make_http: MakeHttp) -> None:
-    pki = make_pki(tmp_path / "pki")
+@contextlib.asynccontextmanager
+async def https_origin(pki: Pki) -> AsyncIterator[str]:
+    """Serve DATA at ``/w.bin`` over TLS with the test PKI's server certificate; yields the URL."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(pki.server_cert, pki.server_key)
     app = web.Application()
@@ -204,14 +209,56 @@ async def test_https_with_private_ca(tmp_path: Path, make_http: MakeHttp) -> Non
     site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context)
     await site.start()
     try:
-        ref = http_ref(f"https://127.0.0.1:{port}/w.bin")
+        yield f"https://127.0.0.1:{port}/w.bin"
+    finally:
+        await runner.cleanup()
+
+
+async def test_https_with_private_ca(tmp_path: Path, make_http: MakeHttp) -> None:
+    pki = make_pki(tmp_path / "pki")
+    async with https_origin(pki) as url:
+        ref = http_ref(url)
         with pytest.raises(SourceError, match=r"registries\.ca_file"):
             await make_http().resolve(ref)
         source = make_http(ca_file=pki.ca_cert)
         model = await source.resolve(ref)
         assert await read_all(source, model.layers[0].blob) == DATA
-    finally:
-        await runner.cleanup()
+
+
+async def test_proxy_from_the_environment(
+    tmp_path: Path, origin: FaultServer, make_http: MakeHttp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY/HTTPS_PROXY/NO_PROXY, as operators set them on nodes, through a real proxy
+    (tinyproxy: it adds a Via header to what it forwards and logs the CONNECTs it tunnels)."""
+    pki = make_pki(tmp_path / "pki")
+    with TinyProxy(tmp_path / "proxy") as proxy:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "example.invalid,.internal.test")
+        source = make_http(origin.host)
+        model = await resolved(source, origin)
+        assert await read_all(source, model.layers[0].blob, 0, 100) == DATA[:100]
+        vias = [r.headers.get("Via", "") for r in origin.requests]
+        assert len(vias) == 2 and all(proxy.via_name in via for via in vias)
+
+        async with https_origin(pki) as url:
+            secure = make_http(ca_file=pki.ca_cert)
+            model = await secure.resolve(http_ref(url))
+            assert await read_all(secure, model.layers[0].blob) == DATA
+            assert f"CONNECT 127.0.0.1:{url.split(':')[2].split('/')[0]}" in proxy.log_text()
+
+        # NO_PROXY lists the origin (host:port form): straight there, no Via.
+        monkeypatch.setenv("NO_PROXY", f"example.invalid,{origin.host}")
+        direct = make_http(origin.host)
+        await resolved(direct, origin)
+        assert "Via" not in origin.requests[-1].headers
+        # A proxy in the config wins over the environment.
+        configured = make_http(origin.host, proxies={origin.host: origin.url()})
+        await resolved(configured, origin)
+        assert origin.requests[-1].raw_path.startswith("http://")
+        assert "Via" not in origin.requests[-1].headers
 
 
 async def test_upstream_proxy_per_origin(origin: FaultServer, make_http: MakeHttp) -> None:
@@ -359,129 +406,3 @@ async def test_redirect_to_plain_http_of_a_secure_host_is_refused(
         with pytest.raises(SourceError, match=r"registries\.insecure"):
             await read_all(source, model.layers[0].blob)
         assert storage.requests == []
-
-
-# -- HfSource -----------------------------------------------------------------------------------
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-SAFETENSORS = random.Random(3).randbytes(150_000)
-CONFIG_JSON = b'{"model_type": "test", "hidden_size": 8}\n'
-
-
-def hf_repo() -> HfRepo:
-    return HfRepo(
-        repo_id="acme/tiny-model",
-        commit=COMMIT,
-        branches={"main": COMMIT, "v1.0": COMMIT},
-        files={"config.json": CONFIG_JSON, ".gitattributes": b"*.safetensors filter=lfs\n"},
-        lfs_files={"model.safetensors": SAFETENSORS, "sub/dir/extra.bin": b"lfs extra"},
-    )
-
-
-@pytest.fixture
-async def hub() -> AsyncIterator[tuple[HfServer, FaultServer]]:
-    async with FaultServer() as cdn:
-        server = HfServer(cdn_url=cdn.url("lfs/"), token=TOKEN)
-        server.add(hf_repo())
-        for data in hf_repo().lfs_files.values():
-            cdn.add(f"lfs/{hashlib.sha256(data).hexdigest()}", data)
-        await server.start()
-        try:
-            yield server, cdn
-        finally:
-            await server.stop()
-
-
-@pytest.fixture
-async def make_hf(hub: tuple[HfServer, FaultServer]) -> AsyncIterator[Callable[..., HfSource]]:
-    server, cdn = hub
-    made: list[HfSource] = []
-
-    def build(token: str | None = TOKEN, small_file_max_bytes: int = 1 << 20) -> HfSource:
-        source = HfSource(
-            Transport(TransportOptions(insecure=frozenset({server.host, cdn.host}))),
-            options=HfOptions(
-                endpoint=server.endpoint,
-                token=token,
-                retry=FAST,
-                small_file_max_bytes=small_file_max_bytes,
-            ),
-        )
-        made.append(source)
-        return source
-
-    yield build
-    for source in made:
-        await source.transport.aclose()
-
-
-async def test_hf_resolve_and_fetch(
-    hub: tuple[HfServer, FaultServer],
-    make_hf: Callable[..., HfSource],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    server, cdn = hub
-    source = make_hf()
-    model = await source.resolve(HfRef("acme/tiny-model", "main"))
-    by_path = {layer.path: layer.blob for layer in model.layers}
-    assert sorted(by_path) == [
-        ".gitattributes",
-        "config.json",
-        "model.safetensors",
-        "sub/dir/extra.bin",
-    ]
-    assert by_path["model.safetensors"].digest == sha256_digest(SAFETENSORS)  # lfs.oid
-    assert by_path["config.json"] == BlobRef(
-        sha256_digest(CONFIG_JSON), len(CONFIG_JSON), "application/octet-stream"
-    )
-    manifest = json.loads(model.manifest)
-    assert (manifest["repo"], manifest["commit"]) == ("acme/tiny-model", COMMIT)
-    assert model.manifest_digest == sha256_digest(model.manifest)
-
-    # Same commit, any name for it: same model digest.
-    for revision in ("v1.0", COMMIT):
-        again = await make_hf().resolve(HfRef("acme/tiny-model", revision))
-        assert again.manifest_digest == model.manifest_digest
-
-    weights = by_path["model.safetensors"]
-    assert await read_all(source, weights) == SAFETENSORS
-    assert await read_all(source, weights, 1000, 2000) == SAFETENSORS[1000:2000]
-    cdn_gets = cdn.seen(f"lfs/{hashlib.sha256(SAFETENSORS).hexdigest()}")
-    assert [r.headers.get("Range") for r in cdn_gets] == [None, "bytes=1000-1999"]
-    assert all("Authorization" not in r.headers for r in cdn.requests)  # the token stayed home
-    resolve_calls = [p for p, _ in server.requests if "/resolve/" in p]
-    assert all(headers["Authorization"] == f"Bearer {TOKEN}" for _, headers in server.requests)
-
-    # Small git files were hashed at resolve and are served from memory.
-    assert await read_all(source, by_path["config.json"], 2) == CONFIG_JSON[2:]
-    assert [p for p, _ in server.requests if "/resolve/" in p] == resolve_calls
-    assert TOKEN not in caplog.text and TOKEN not in repr(source)
-
-
-async def test_hf_tree_pages_are_followed(
-    hub: tuple[HfServer, FaultServer], make_hf: Callable[..., HfSource]
-) -> None:
-    server, _ = hub
-    server.page_size = 2
-    model = await make_hf().resolve(HfRef("acme/tiny-model", "main"))
-    assert len(model.layers) == 4
-    assert sum("/tree/" in p for p, _ in server.requests) == 3  # 4 files + 1 dir, 2 per page
-
-
-async def test_hf_errors(
-    hub: tuple[HfServer, FaultServer], make_hf: Callable[..., HfSource]
-) -> None:
-    with pytest.raises(ModelNotFoundError):
-        await make_hf().resolve(HfRef("acme/absent", "main"))
-    with pytest.raises(ModelNotFoundError):
-        await make_hf().resolve(HfRef("acme/tiny-model", "no-such-branch"))
-    with pytest.raises(SourceError, match="no hf token is configured"):
-        await make_hf(token=None).resolve(HfRef("acme/tiny-model", "main"))
-    with pytest.raises(SourceError, match="token was refused") as refused:
-        await make_hf(token="hf_wrong-" + TOKEN).resolve(HfRef("acme/tiny-model", "main"))
-    assert TOKEN not in str(refused.value)
-    with pytest.raises(SourceError, match=r"'\.gitattributes' is 25 bytes, not in LFS, and over"):
-        await make_hf(small_file_max_bytes=10).resolve(HfRef("acme/tiny-model", "main"))
-    with pytest.raises(SourceError, match="resolve the model first"):
-        await read_all(make_hf(), BlobRef(sha256_digest(b"?"), 1, "x"))

@@ -24,7 +24,7 @@ from cacheagent.pull.engine import PullEngine, SourceRegistry
 from cacheagent.refs import parse_ref
 from cacheagent.store import Store
 from tests.dns_server import DnsServer
-from tests.fault_server import Fault, FaultServer
+from tests.fault_server import Fault, FaultKind, FaultServer
 from tests.fleet_support import (
     PULL,
     SERVICE,
@@ -138,13 +138,19 @@ async def test_listener_serves_verified_blobs_and_nothing_else(
 # -- one origin fetch across the fleet ---------------------------------------------------------
 
 
-async def test_second_node_streams_from_the_owner_while_it_downloads(
-    tmp_path: Path, origin: ThrottleProxy, fleet: list[Node]
-) -> None:
+async def owner_and_follower(tmp_path: Path, fleet: list[Node]) -> tuple[Node, Node]:
+    """Node A serving on 127.0.0.2 and node B on 127.0.0.3 (A its static peer, not serving)."""
     port = free_port()
     a = await start_node(tmp_path, "127.0.0.2", port)
     b = await start_node(tmp_path, "127.0.0.3", port, static=(a.peer,), serve=False)
     fleet += [a, b]
+    return a, b
+
+
+async def test_second_node_streams_from_the_owner_while_it_downloads(
+    tmp_path: Path, origin: ThrottleProxy, fleet: list[Node]
+) -> None:
+    a, b = await owner_and_follower(tmp_path, fleet)
     first, second = await asyncio.gather(pull(a, origin), pull(b, origin))
     assert first == second == expected()
     assert b.stats.origin_bytes == 0
@@ -178,15 +184,21 @@ async def test_two_owners_pulling_each_others_blobs_do_not_starve(
     assert 4 * MiB <= sent <= 4.2 * MiB
 
 
+def faulty_peer(server: FaultServer, kind: FaultKind) -> Peer:
+    """Serve every blob of the model from ``server`` as a peer would, each one misbehaving
+    with ``kind`` on every request; the peer to name."""
+    for data in FILES.values():
+        name = f"v2/{PEER_REPOSITORY}/blobs/{sha256(data)}"
+        server.add(name, data)
+        server.inject(name, Fault(kind, times=1000))
+    return Peer("127.0.0.1", server.port)
+
+
 async def test_lying_peer_is_discarded_and_the_origin_used(
     tmp_path: Path, origin: ThrottleProxy, fleet: list[Node]
 ) -> None:
     async with FaultServer() as liar:
-        for data in FILES.values():
-            name = f"v2/{PEER_REPOSITORY}/blobs/{sha256(data)}"
-            liar.add(name, data)
-            liar.inject(name, Fault("wrong", times=1000))  # right length, wrong bytes
-        liar_peer = Peer("127.0.0.1", liar.port)
+        liar_peer = faulty_peer(liar, "wrong")  # right length, wrong bytes
         b = await start_node(tmp_path, "127.0.0.3", free_port(), static=(liar_peer,), serve=False)
         fleet.append(b)
         assert await pull(b, origin) == expected()
@@ -205,11 +217,7 @@ async def test_peer_answering_another_range_is_not_used(
 ) -> None:
     """A peer that ignores Range (200 with the whole blob) for every request."""
     async with FaultServer() as confused:
-        for data in FILES.values():
-            name = f"v2/{PEER_REPOSITORY}/blobs/{sha256(data)}"
-            confused.add(name, data)
-            confused.inject(name, Fault("ignore_range", times=1000))
-        peer = Peer("127.0.0.1", confused.port)
+        peer = faulty_peer(confused, "ignore_range")
         b = await start_node(tmp_path, "127.0.0.3", free_port(), static=(peer,), serve=False)
         fleet.append(b)
         assert await pull(b, origin) == expected()
@@ -246,10 +254,7 @@ async def test_slow_peer_is_given_up_for_the_origin(
 async def test_peer_death_mid_transfer_falls_back_to_the_origin(
     tmp_path: Path, origin: ThrottleProxy, fleet: list[Node]
 ) -> None:
-    port = free_port()
-    a = await start_node(tmp_path, "127.0.0.2", port)
-    b = await start_node(tmp_path, "127.0.0.3", port, static=(a.peer,), serve=False)
-    fleet += [a, b]
+    a, b = await owner_and_follower(tmp_path, fleet)
     a_pull = asyncio.create_task(pull(a, origin))
     b_pull = asyncio.create_task(pull(b, origin))
     await wait_until(lambda: b.stats.peer_bytes[a.peer.address] >= 256 * 1024, "peer bytes")

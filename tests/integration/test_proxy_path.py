@@ -79,7 +79,9 @@ async def test_bearer_token_registry_through_the_proxy_with_ranges(
     urls = [url for method, url in seen if method == "GET"]
     base = f"http://{registry.host}/v2/secure/model"
     assert any(u.startswith(tokens.realm) for u in urls), seen  # the token, through the proxy
-    assert f"{base}/manifests/v1" in urls
+    # The tag is resolved with a HEAD and the manifest fetched by digest (quota-friendly).
+    assert ("HEAD", f"{base}/manifests/v1") in seen
+    assert f"{base}/manifests/{model.digest}" in urls
     # 1 MiB in 128 KiB ranges: eight ranged GETs of the same blob went through the proxy.
     assert urls.count(f"{base}/blobs/{sha256(WEIGHTS)}") == 8
 

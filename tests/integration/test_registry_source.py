@@ -30,8 +30,8 @@ from cacheagent.errors import (
     SourceError,
 )
 from cacheagent.refs import OciRef, parse_ref
-from cacheagent.sources.auth import Credentials, CredentialStore, RegistryAuthError
 from cacheagent.sources.base import BlobRef, ResolvedModel
+from cacheagent.sources.credentials import Credentials, CredentialStore, RegistryAuthError
 from cacheagent.sources.registry import RegistryOptions, RegistrySource
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.transport import Transport, TransportOptions
@@ -242,14 +242,19 @@ async def test_manifest_digest_is_computed_not_trusted(make_source: MakeSource) 
             "v2/m/x/manifests/v1",
             real.manifest,
             OCI_MANIFEST,
-            headers={"Docker-Content-Digest": evil.digest},
+            headers={"Docker-Content-Digest": real.digest},
         )
+        fake.add("v2/m/x/manifests/plain", real.manifest, OCI_MANIFEST)
         source = make_source(fake.host)
         with pytest.raises(DigestMismatchError) as info:
             await source.resolve(parse_ref(f"{fake.host}/m/x@{real.digest}"))
         assert info.value.expected == real.digest and info.value.actual == evil.digest
-        resolved = await source.resolve(parse_ref(f"{fake.host}/m/x:v1"))
-        assert resolved.manifest_digest == real.digest  # the header was advisory only
+        # The digest a HEAD announces is fetched and checked like a digest reference.
+        with pytest.raises(DigestMismatchError):
+            await source.resolve(parse_ref(f"{fake.host}/m/x:v1"))
+        # No Docker-Content-Digest on HEAD: the manifest is fetched by tag and hashed here.
+        resolved = await source.resolve(parse_ref(f"{fake.host}/m/x:plain"))
+        assert resolved.manifest_digest == real.digest
 
 
 # -- auth -------------------------------------------------------------------------------------

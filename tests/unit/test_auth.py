@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 
 from cacheagent.errors import ConfigError
-from cacheagent.sources.auth import (
-    Challenge,
+from cacheagent.sources.auth import Challenge, parse_www_authenticate
+from cacheagent.sources.credentials import (
     Credentials,
     CredentialStore,
     RegistryAuthError,
     load_docker_config,
     normalize_registry_host,
     parse_docker_config,
-    parse_www_authenticate,
 )
 
 SECRET = "s3cr3t-Pa55:with:colons"

@@ -91,6 +91,7 @@ GOOD: list[tuple[str, ModelRef, str]] = [
         HfRef("org/name_x.y", "refs/pr/1"),
         "hf://org/name_x.y@refs/pr/1",
     ),
+    ("hf://gpt2@main", HfRef("gpt2", "main"), "hf://gpt2@main"),  # legacy single-name repo
     # HTTP(S)
     (
         f"https://files.example.com/path/model.safetensors#sha256={H}",
@@ -159,7 +160,7 @@ BAD: list[tuple[str, str, str]] = [
     ("hf://org/name@", "revision", "empty revision"),
     ("hf://org/name@a..b", "revision", "not a valid git ref name"),
     ("hf://org/name@main~1", "revision", "contains '~'"),
-    ("hf://name@main", "repository", "expected org/name"),
+    ("hf://gpt2", "revision", "missing @revision"),
     ("hf://a/b/c@main", "repository", "expected org/name"),
     ("hf://org/na--me@main", "repository", "must not contain '--' or '..'"),
     ("hf://org/-name@main", "repository", "must start and end with"),

@@ -9,10 +9,20 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 
-from cacheagent.sources.retry import RetryPolicy, is_retryable, parse_retry_after
+from cacheagent.sources.retry import (
+    MIN_PROGRESS_BYTES,
+    RetryBudget,
+    RetryPolicy,
+    is_retryable,
+    parse_rate_limit,
+    parse_retry_after,
+    server_wait,
+)
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-POLICY = RetryPolicy(max_attempts=6, base_delay=0.5, max_delay=4.0, max_total_seconds=20.0)
+POLICY = RetryPolicy(
+    max_attempts=6, base_delay=0.5, max_delay=4.0, max_total_seconds=20.0, max_server_wait=60.0
+)
 
 
 @pytest.mark.parametrize(
@@ -35,9 +45,10 @@ def test_backoff_is_full_jitter_under_an_exponential_ceiling(attempt: int, ceili
         (7, "1", 0.0, None),  # exhausted even when the server says when
         (1, "3", 0.0, 3.0),  # Retry-After seconds honoured exactly
         (1, "0", 0.0, 0.0),
-        (1, "5", 0.0, None),  # asks for more than max_delay: give up rather than hammer
-        (2, "4", 17.0, None),  # would run past max_total_seconds
-        (2, "2", 17.0, 2.0),  # still inside the total budget
+        (1, "55", 0.0, 55.0),  # a server's ask may exceed our own max_delay...
+        (1, "61", 0.0, None),  # ...but not max_server_wait: give up rather than sleep for long
+        (2, "4", 17.0, 4.0),  # and is not held to the backoff's total budget
+        (1, 30.0, 0.0, 30.0),  # already in seconds (server_wait)
         (1, (NOW + timedelta(seconds=2)).strftime("%a, %d %b %Y %H:%M:%S GMT"), 0.0, 2.0),
         (1, (NOW - timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT"), 0.0, 0.0),
     ],
@@ -47,6 +58,39 @@ def test_next_delay_table(
 ) -> None:
     got = POLICY.next_delay(attempt, retry_after, random.Random(7), elapsed=elapsed, now=NOW)
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"RateLimit": '"resolvers";r=0;t=55'}, 55.0),  # the Hub's form (IETF draft 9+)
+        ({"RateLimit": '"api";r=12;t=55'}, None),  # window not exhausted: nothing asked
+        ({"RateLimit": "limit=100, remaining=0, reset=7"}, 7.0),  # the older draft's form
+        ({"RateLimit-Remaining": "0", "RateLimit": "remaining=0", "RateLimit-Reset": "9"}, 9.0),
+        ({"RateLimit": '"resolvers";r=0;t=5', "Retry-After": "8"}, 8.0),  # the longer one
+        ({"Retry-After": "3"}, 3.0),
+        ({"RateLimit": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_server_wait(headers: dict[str, str], seconds: float | None) -> None:
+    assert server_wait(headers, now=NOW) == seconds
+
+
+def test_parse_rate_limit_needs_remaining_zero() -> None:
+    assert parse_rate_limit('"resolvers";t=55') is None
+    assert parse_rate_limit(None, "5") is None
+
+
+def test_budget_renews_on_progress_only() -> None:
+    now = [0.0]
+    budget = RetryBudget(
+        RetryPolicy(max_attempts=2, base_delay=0.0), random.Random(1), lambda: now[0], 100
+    )
+    assert budget.failed(100) is not None  # attempt 1 failed
+    assert budget.failed(100 + MIN_PROGRESS_BYTES - 1) is None  # a few bytes renew nothing
+    assert budget.failed(100 + MIN_PROGRESS_BYTES) is not None  # real progress: a fresh budget
+    assert budget.failures == 1
 
 
 def test_garbled_retry_after_falls_back_to_backoff() -> None:
@@ -116,7 +160,13 @@ def test_is_retryable(failure: int | BaseException, retryable: bool) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_attempts": 0}, {"base_delay": -1.0}, {"max_delay": -0.1}, {"max_total_seconds": -5}],
+    [
+        {"max_attempts": 0},
+        {"base_delay": -1.0},
+        {"max_delay": -0.1},
+        {"max_total_seconds": -5},
+        {"max_server_wait": -1},
+    ],
 )
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="must"):
