@@ -4,7 +4,7 @@ The layout is ``<dir>/oci-layout`` (``{"imageLayoutVersion": "1.0.0"}``), ``<dir
 (an image index whose entries carry the tag in ``org.opencontainers.image.ref.name``) and
 ``<dir>/blobs/sha256/<hex>``. A tag is matched exactly against that annotation; a reference with a
 digest ignores its tag. Nested indexes are followed (platform rules in
-``manifest.select_from_index``). Every manifest and index read is checked against its descriptor's
+``indexes.select_from_index``). Every manifest and index read is checked against its descriptor's
 digest and size, so a tampered layout fails at resolve; blobs are checked by the pull engine as it
 streams them.
 
@@ -36,13 +36,13 @@ from cacheagent.errors import (
 from cacheagent.refs import LayoutRef, ModelRef
 from cacheagent.sources.base import BlobRef, ResolvedModel, Source
 from cacheagent.sources.beneath import open_beneath, open_dir
+from cacheagent.sources.indexes import select_from_index
 from cacheagent.sources.manifest import (
     ANNOTATION_REF_NAME,
     Descriptor,
     ParsedIndex,
     layers_of,
     parse_manifest,
-    select_from_index,
 )
 
 LAYOUT_FILE = "oci-layout"

@@ -19,13 +19,6 @@ Two artifact conventions are understood (see ``layers_of``):
   whiteouts, and only that subtree is kept.
 
 Any other layer (a titleless layer in a non-image manifest, say) makes the manifest "not a model".
-
-Image indexes (``select_from_index``): an entry whose descriptor carries a ModelPack
-``artifactType`` (or an annotation naming a ModelPack media type, or an ``org.cncf.model.*``
-annotation) wins over every platform entry, because modelcar builders publish one index
-holding both a runnable image for ``linux/amd64`` (the model under ``/models``) and the ModelPack
-manifest (platform ``unknown/unknown``); the ModelPack one is the model itself, with per-file
-layers the pull can share and verify file by file.
 """
 
 from __future__ import annotations
@@ -67,8 +60,8 @@ OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 MODELPACK_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
 MODELPACK_CONFIG = "application/vnd.cncf.model.config.v1+json"
 _MODELPACK_PREFIXES = ("application/vnd.cncf.model.", "application/vnd.cnai.model.")
-_MODELPACK_ARTIFACTS = frozenset(p + "manifest.v1+json" for p in _MODELPACK_PREFIXES)
-_MODELPACK_CONFIGS = frozenset(p + "config.v1+json" for p in _MODELPACK_PREFIXES)
+MODELPACK_ARTIFACTS = frozenset(p + "manifest.v1+json" for p in _MODELPACK_PREFIXES)
+MODELPACK_CONFIGS = frozenset(p + "config.v1+json" for p in _MODELPACK_PREFIXES)
 
 ModelPackCategory = Literal["weight", "weight.config", "doc", "code", "dataset"]
 MODELPACK_CATEGORIES: tuple[ModelPackCategory, ...] = (
@@ -111,7 +104,7 @@ _IMAGE_LAYER_KINDS: dict[str, UnpackKind] = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "tar+gzip",
 }
 # Docker buildx lists attestation manifests (platform unknown/unknown) next to the images.
-_ANNOTATION_DOCKER_REF_TYPE = "vnd.docker.reference.type"
+ANNOTATION_DOCKER_REF_TYPE = "vnd.docker.reference.type"
 
 
 @dataclass(frozen=True)
@@ -151,8 +144,7 @@ class ParsedManifest:
     @property
     def is_modelpack(self) -> bool:
         return (
-            self.artifact_type in _MODELPACK_ARTIFACTS
-            or self.config.media_type in _MODELPACK_CONFIGS
+            self.artifact_type in MODELPACK_ARTIFACTS or self.config.media_type in MODELPACK_CONFIGS
         )
 
 
@@ -343,77 +335,6 @@ def _show(value: object) -> str:
 def _json_type(kind: type) -> str:
     names = {str: "a string", int: "an integer", list: "an array", dict: "an object"}
     return names.get(kind, kind.__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# index selection
-
-
-def select_from_index(index: ParsedIndex, platform: tuple[str, str] | None) -> Descriptor:
-    """Pick the index entry to follow.
-
-    An entry whose descriptor says it is a ModelPack artifact wins (module docstring); else an
-    entry whose platform is ``(os, architecture)``; else the one entry without a platform
-    (a plain artifact); else the only entry. Anything else is ambiguous and refused, naming the
-    choices, rather than guessed.
-    """
-    entries = [e for e in index.manifests if _ANNOTATION_DOCKER_REF_TYPE not in e.annotations]
-    if not entries:
-        raise SourceError("image index lists no manifests")
-    modelpacks = [e for e in entries if _says_modelpack(e)]
-    if len(modelpacks) == 1:
-        return modelpacks[0]
-    if modelpacks:
-        raise SourceError(
-            f"image index lists {len(modelpacks)} ModelPack manifests: {_choices(modelpacks)}"
-        )
-    if platform is not None:
-        matching = [
-            e
-            for e in entries
-            if e.platform and (e.platform.os, e.platform.architecture) == platform
-        ]
-        if len(matching) == 1:
-            return matching[0]
-        if matching:
-            raise SourceError(
-                f"image index has {len(matching)} entries for platform {_plat(platform)}: "
-                f"{_choices(matching)}"
-            )
-    artifacts = [e for e in entries if e.platform is None]
-    if len(artifacts) == 1:
-        return artifacts[0]
-    if len(entries) == 1:
-        return entries[0]
-    wanted = f"platform {_plat(platform)}" if platform else "no platform given"
-    raise SourceError(f"image index entry is ambiguous ({wanted}): {_choices(entries)}")
-
-
-def _says_modelpack(entry: Descriptor) -> bool:
-    """The index entry declares a ModelPack manifest: by its ``artifactType`` (OCI 1.1), or by
-    an annotation naming a ModelPack media type or an ``org.cncf.model.*`` key."""
-    if entry.artifact_type in _MODELPACK_ARTIFACTS:
-        return True
-    return any(
-        key.startswith(("org.cncf.model.", "org.cnai.model."))
-        or value in _MODELPACK_ARTIFACTS
-        or value in _MODELPACK_CONFIGS
-        for key, value in entry.annotations.items()
-    )
-
-
-def _plat(platform: tuple[str, str]) -> str:
-    return f"{platform[0]}/{platform[1]}"
-
-
-def _choices(entries: list[Descriptor]) -> str:
-    def one(e: Descriptor) -> str:
-        if e.platform is None:
-            return f"{e.digest} (no platform)"
-        variant = f"/{e.platform.variant}" if e.platform.variant else ""
-        return f"{e.digest} ({e.platform.os}/{e.platform.architecture}{variant})"
-
-    return ", ".join(one(e) for e in entries)
 
 
 # ---------------------------------------------------------------------------------------------

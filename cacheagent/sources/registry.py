@@ -9,7 +9,7 @@ by tag. ``Accept`` lists OCI and Docker manifests and indexes, the OCI 1.1-rc ar
 and ``*/*`` (as containerd does, so a registry that matches Accept strictly still answers).
 At most ``manifest_max_bytes`` are read (a bigger ``Content-Length`` is refused unread), and
 the bytes are hashed here: a digest reference, or the digest HEAD announced, must match what we
-computed. An index is narrowed to one manifest with ``manifest.select_from_index`` (the
+computed. An index is narrowed to one manifest with ``indexes.select_from_index`` (the
 node's platform, else the single artifact entry); the model is then that manifest, and its digest
 is the model's digest.
 
@@ -48,13 +48,13 @@ from cacheagent.refs import ModelRef, OciRef
 from cacheagent.sources.auth import RegistryAuth
 from cacheagent.sources.base import BlobRef, ResolvedModel
 from cacheagent.sources.credentials import DOCKER_HUB, CredentialStore, RegistryAuthError
+from cacheagent.sources.indexes import select_from_index
 from cacheagent.sources.manifest import (
     ACCEPT_MEDIA_TYPES,
     ParsedDocument,
     ParsedIndex,
     layers_of,
     parse_manifest,
-    select_from_index,
 )
 from cacheagent.sources.registry_errors import error_detail
 from cacheagent.sources.retry import RetryPolicy, is_retryable

@@ -10,6 +10,7 @@ import pytest
 
 from cacheagent.digest import sha256_digest
 from cacheagent.errors import SourceError, UnsafePathError
+from cacheagent.sources.indexes import select_from_index
 from cacheagent.sources.layout import blob_path
 from cacheagent.sources.manifest import (
     ANNOTATION_FILEPATH,
@@ -25,7 +26,6 @@ from cacheagent.sources.manifest import (
     is_index,
     layers_of,
     parse_manifest,
-    select_from_index,
 )
 from tests.oci.layout_writer import LayoutEntry, write_layout
 

@@ -13,6 +13,7 @@ from cacheagent.errors import PolicyDeniedError, RefError, SourceError, UnsafePa
 from cacheagent.policy import check_mount, check_pod_ref, check_source
 from cacheagent.refs import HfRef, OciRef, S3Ref, ViewRef, parse_ref
 from cacheagent.sources.base import BlobRef, Layer, ResolvedModel
+from cacheagent.sources.indexes import select_from_index
 from cacheagent.sources.manifest import (
     MODELPACK_ARTIFACT,
     OCI_INDEX,
@@ -20,7 +21,6 @@ from cacheagent.sources.manifest import (
     Descriptor,
     ParsedIndex,
     Platform,
-    select_from_index,
 )
 from cacheagent.sources.modelcar import stack_layers
 from cacheagent.sources.tarsafe import unpack_tar
