@@ -302,3 +302,22 @@ def test_removal_deletes_and_notifies_outside_the_store_lock(store: Store) -> No
     store.remove_model(models[0].digest)
     assert answered == [True]  # and the model was already gone for everyone
     assert not list(store.root.glob("models/sha256/.tmp-trash-*"))  # the trash is emptied
+
+
+def test_a_lease_or_pin_taken_between_plan_and_execute_keeps_the_model(store: Store) -> None:
+    """The interleaving an online eviction meets (plan on one thread, a publish leasing the
+    model on another, then execute): the late lease wins and is never dropped."""
+    models = five_models(store)
+    plan = store.plan_eviction(250)
+    planned = set(plan.models)
+    assert {models[0].digest, models[1].digest, models[2].digest} <= planned
+
+    store.add_lease(models[0].digest, "csi:late:/t", "csi")
+    store.pin(models[1].digest)
+    store.execute(plan)
+
+    kept = store.get_model(models[0].digest)
+    assert kept is not None and store.leases(models[0].digest)
+    assert (store.model_path(models[0].digest) / "w").read_bytes() == bytes([0]) * 100
+    assert store.get_model(models[1].digest) is not None
+    assert store.get_model(models[2].digest) is None
