@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from cacheagent.config import PolicyConfig
 from cacheagent.metrics import Metrics
+from cacheagent.pull.blobjobs import BlobJob
 from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.refs import LayoutRef
 from cacheagent.service import ModelService
@@ -85,3 +87,33 @@ async def test_a_lazy_pull_is_counted(
         pass
     assert sample(metrics, "cacheagent_cache_misses_total", source=KIND) == 1
     assert sample(metrics, "cacheagent_pull_duration_seconds_count", source=KIND, result="ok") == 1
+
+
+class _Growing:
+    """A download whose byte count, when a scrape reads it, starts another blob job: what the
+    event loop does to the job table while the HTTP listener's thread renders /metrics."""
+
+    def __init__(self, jobs: dict[str, BlobJob], n: int) -> None:
+        self._jobs, self._n = jobs, n
+
+    @property
+    def fetched_bytes(self) -> int:
+        if self._n < 50:
+            self._jobs[f"sha256:{self._n + 1:064x}"] = job_of(_Growing(self._jobs, self._n + 1))
+        return 1
+
+
+def job_of(download: object) -> BlobJob:
+    return BlobJob(unpack="raw", source_kind=KIND, download=download)  # type: ignore[arg-type]
+
+
+async def test_a_scrape_never_iterates_the_job_table_the_loop_is_changing(
+    rig: tuple[ModelService, CountingSource, Metrics],
+) -> None:
+    service, _, metrics = rig
+    jobs = service.engine._blobs._blobs  # the live table the engine's tasks add to
+    jobs["sha256:" + "0" * 64] = job_of(_Growing(jobs, 0))
+    metrics.pulled_bytes = service.engine.fetched_bytes
+    text = generate_latest(metrics.registry).decode()  # raises if the table is iterated live
+    assert f'cacheagent_pull_bytes_total{{source="{KIND}"}}' in text
+    jobs.clear()
