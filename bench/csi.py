@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from cacheagent.cli.client import AgentClient  # noqa: E402
 from tests.agent_process import AgentProcess, stop_and_unmount  # noqa: E402
-from tests.csi_env import mounts_under  # noqa: E402
 from tests.kubelet import InlineVolume, Kubelet, Pod  # noqa: E402
+from tests.mounts import mounts_under  # noqa: E402
 from tests.oci.layout_writer import LayoutEntry, write_layout  # noqa: E402
 
 DRIVER = "model.cacheagent.io"

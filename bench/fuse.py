@@ -43,7 +43,7 @@ from cacheagent.fuse.mount import FuseMount, MountOptions  # noqa: E402
 from cacheagent.fuse.provider import ContentProvider  # noqa: E402
 from cacheagent.fuse.stats import FuseStats  # noqa: E402
 from cacheagent.memory.pagecache import drop_all_caches  # noqa: E402
-from tests.fuse_support import fake_digest, write_random_file  # noqa: E402
+from tests.files import fake_digest, write_random_file  # noqa: E402
 
 MiB = 1 << 20
 DIGEST = fake_digest("bench-model")

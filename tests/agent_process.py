@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from tests.csi_env import force_unmount, mounts_under
+from tests.mounts import force_unmount, mounts_under
 from tests.registry_server import free_port
 
 START_TIMEOUT_SECONDS = 60.0

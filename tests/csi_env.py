@@ -8,8 +8,6 @@ it, even after a failed test.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import shutil
 import tempfile
 import uuid
@@ -22,15 +20,12 @@ from grpc import aio
 from cacheagent._proto.csi.v1 import csi_pb2 as pb
 from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
 from cacheagent.csi import CsiServer, start_csi_server
-from cacheagent.mountinfo import read_mountinfo
 from cacheagent.store import Store
 from tests.csi_backend import StoreBackend, model_ref
+from tests.mounts import force_unmount, mounts_under
 
 DRIVER = "models.cacheagent.io"
 NODE = "node-a"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 AccessMode = pb.VolumeCapability.AccessMode
 
@@ -54,16 +49,6 @@ def publish_request(
         readonly=True,
         volume_context=context,
     )
-
-
-def mounts_under(path: Path) -> list[str]:
-    prefix = str(path).rstrip("/") + "/"
-    return [m.mount_point for m in read_mountinfo() if m.mount_point.startswith(prefix)]
-
-
-def force_unmount(path: str) -> None:
-    """Test cleanup only: detach whatever is left (the driver itself never does this)."""
-    _libc.umount2(os.fsencode(path), 2)  # MNT_DETACH
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -23,25 +22,7 @@ from cacheagent.errors import DigestMismatchError, ModelNotFoundError
 from cacheagent.fuse.provider import FuseFile, ModelListing
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.pull.ranges import RangeSet
-
-MiB = 1 << 20
-
-
-def write_random_file(path: Path, size: int, seed: int) -> Path:
-    """``size`` pseudo-random bytes (reproducible from ``seed``), written in 8 MiB pieces."""
-    rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as out:
-        left = size
-        while left:
-            piece = min(left, 8 * MiB)
-            out.write(rng.randbytes(piece))
-            left -= piece
-    return path
-
-
-def fake_digest(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+from tests.files import MiB, fake_digest
 
 
 class LazyBlob:

@@ -15,7 +15,6 @@ from cacheagent.cli.client import AgentCallError, AgentClient
 from cacheagent.memory.pagecache import drop
 from cacheagent.mountinfo import find_mount
 from tests.agent_process import AgentProcess
-from tests.csi_env import mounts_under
 from tests.e2e.conftest import (
     HTTP_LAZY,
     WRONG_SHA256,
@@ -26,6 +25,7 @@ from tests.e2e.conftest import (
 )
 from tests.fault_server import FaultServer
 from tests.kubelet import InlineVolume, Pod
+from tests.mounts import mounts_under
 from tests.support import require_fuse, require_root
 from tests.threaded import serve_in_thread
 

@@ -21,9 +21,9 @@ from cacheagent.csi.limits import MAX_CONTEXT_KEYS, MAX_ID_BYTES
 from cacheagent.csi.mounts import MS_BIND
 from cacheagent.mountinfo import find_mount, mounts_at, read_mountinfo
 from tests.agent_process import AgentProcess
-from tests.csi_env import force_unmount, mounts_under
 from tests.e2e.conftest import Origin
 from tests.kubelet import InlineVolume, Kubelet, PersistentVolume, Pod
+from tests.mounts import force_unmount, mounts_under
 from tests.support import require_root
 
 DRIVER = "model.cacheagent.io"

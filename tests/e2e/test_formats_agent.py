@@ -20,8 +20,9 @@ from cacheagent._proto.csi.v1 import csi_pb2_grpc as pb_grpc
 from cacheagent.cli.client import AgentClient
 from cacheagent.mountinfo import find_mount
 from tests.agent_process import AgentProcess
-from tests.csi_env import force_unmount, mount_capability, mounts_under
+from tests.csi_env import mount_capability
 from tests.e2e.conftest import Origin
+from tests.mounts import force_unmount, mounts_under
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from tests.support import require_fuse, require_root
 

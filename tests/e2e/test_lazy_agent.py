@@ -17,10 +17,10 @@ import pytest
 from cacheagent.cli.client import AgentClient
 from cacheagent.mountinfo import find_mount
 from tests.agent_process import AgentProcess, stop_and_unmount
-from tests.csi_env import mounts_under
 from tests.e2e.conftest import HTTP_LAZY, Origin, kubelet, serve_unverifiable, wait_until_no_pulls
 from tests.fault_server import Fault, FaultServer
 from tests.kubelet import InlineVolume, Pod
+from tests.mounts import mounts_under
 from tests.support import require_fuse
 from tests.threaded import serve_in_thread
 from tests.throttle_proxy import ThrottleProxy

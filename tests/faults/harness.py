@@ -36,8 +36,9 @@ from cacheagent.pull.partial_file import sidecar_path
 from cacheagent.pull.ranges import load_sidecar
 from cacheagent.store import Lease, Store
 from tests.agent_process import AgentProcess
-from tests.csi_env import force_unmount, mount_capability, mounts_under
+from tests.csi_env import mount_capability
 from tests.fault_server import FaultServer
+from tests.mounts import force_unmount, mounts_under
 from tests.oci.layout_writer import LayoutEntry, write_layout
 from tests.threaded import ThreadedServer
 

@@ -40,7 +40,8 @@ from cacheagent.errors import (
 from cacheagent.mountinfo import mounts_at, read_mountinfo
 from cacheagent.store import ModelFile
 from tests.csi_backend import model_ref
-from tests.csi_env import DRIVER, NODE, CsiEnv, mount_capability, mounts_under, publish_request
+from tests.csi_env import DRIVER, NODE, CsiEnv, mount_capability, publish_request
+from tests.mounts import mounts_under
 from tests.support import require_root
 
 FILES_1 = {

@@ -22,7 +22,8 @@ from cacheagent.fuse.directory import DirectoryProvider
 from cacheagent.fuse.mount import FS_TYPE, FuseMount, MountError, MountOptions, unmount
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.mountinfo import find_mount
-from tests.fuse_support import LazyTestProvider, MiB, fake_digest, running, write_random_file
+from tests.files import MiB, fake_digest, write_random_file
+from tests.fuse_support import LazyTestProvider, running
 from tests.support import require_fuse
 
 REPO = Path(__file__).resolve().parents[2]
