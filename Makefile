@@ -18,7 +18,8 @@ test: lint
 	.venv/bin/python -m pytest -q -ra $(PYTEST_ARGS)
 
 # Benchmarks (not part of `make test`): each prints a table with the machine's figures.
-BENCHES = store pull api csi fuse prefetch soak
+# (bench/fuse.py includes the lazy rows of bench/lazy.py.)
+BENCHES = store pull api csi fuse prefetch fleet soak
 bench: setup
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; .venv/bin/python bench/$$b.py || exit 1; done
 
