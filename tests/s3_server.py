@@ -8,15 +8,14 @@ PID. Credentials are arbitrary but must be present: moto checks that requests ar
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.child_process import stop_child, wait_ready
 from tests.registry_server import free_port
 
 ACCESS_KEY = "AKIDCACHEAGENTTEST"
@@ -49,28 +48,28 @@ class S3Server:
             env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
         )
         log.close()
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited: {(self.workdir / 'moto.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
-                    return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.1)
-        self.__exit__()
-        raise RuntimeError("moto_server did not answer in time")
+        try:
+            wait_ready(
+                self.proc,
+                self._answers,
+                what="moto_server",
+                timeout=START_TIMEOUT_SECONDS,
+                log=lambda: (self.workdir / "moto.log").read_text(),
+            )
+        except RuntimeError:
+            self.__exit__()
+            raise
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_child(self.proc)
         self.proc = None
 
     def client(self) -> Any:

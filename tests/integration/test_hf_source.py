@@ -19,13 +19,14 @@ import pytest
 from cacheagent.digest import sha256_digest
 from cacheagent.errors import ModelNotFoundError, OriginUnavailableError, SourceError
 from cacheagent.refs import HfRef, parse_ref
-from cacheagent.sources.base import BlobRef, Source
+from cacheagent.sources.base import BlobRef
 from cacheagent.sources.hf import HfOptions, HfSource
 from cacheagent.sources.hf_protocol import HfAccessError
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.transport import Transport, TransportOptions
 from tests.fault_server import FaultServer
 from tests.hf_server import HfRepo, HfServer
+from tests.source_reads import read_all
 
 FAST = RetryPolicy(
     max_attempts=4, base_delay=0.01, max_delay=2.0, max_total_seconds=10.0, max_server_wait=5.0
@@ -106,10 +107,6 @@ async def make_hf(hub: Hub) -> AsyncIterator[Callable[..., HfSource]]:
     yield build
     for source in made:
         await source.transport.aclose()
-
-
-async def read_all(source: Source, blob: BlobRef, start: int = 0, end: int | None = None) -> bytes:
-    return b"".join([chunk async for chunk in source.fetch(blob, start, end)])
 
 
 def blobs(model_layers: object) -> dict[str, BlobRef]:

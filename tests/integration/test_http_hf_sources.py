@@ -29,13 +29,14 @@ from cacheagent.errors import (
     UnsafePathError,
 )
 from cacheagent.refs import HttpRef, parse_ref
-from cacheagent.sources.base import BlobRef, ResolvedModel, Source
+from cacheagent.sources.base import BlobRef, ResolvedModel
 from cacheagent.sources.http import HttpOptions, HttpSource
 from cacheagent.sources.retry import RetryPolicy
 from cacheagent.sources.transport import Transport, TransportOptions
 from tests.certs import Pki, make_pki
 from tests.fault_server import Fault, FaultServer
 from tests.proxy_server import TinyProxy
+from tests.source_reads import read_all
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=2.0, max_total_seconds=10.0)
 DATA = random.Random(7).randbytes(256 * 1024 + 17)
@@ -81,10 +82,6 @@ async def make_http() -> AsyncIterator[MakeHttp]:
     yield build
     for source in made:
         await source.transport.aclose()
-
-
-async def read_all(source: Source, blob: BlobRef, start: int = 0, end: int | None = None) -> bytes:
-    return b"".join([chunk async for chunk in source.fetch(blob, start, end)])
 
 
 def http_ref(url: str, data: bytes = DATA) -> HttpRef:

@@ -27,7 +27,6 @@ from cacheagent.errors import ModelNotFoundError, OriginUnavailableError
 from cacheagent.pull.engine import PullEngine, PullTuning, SourceRegistry
 from cacheagent.pull.progress import PullProgress
 from cacheagent.refs import parse_ref
-from cacheagent.sources.base import BlobRef
 from cacheagent.sources.credentials import Credentials, CredentialStore, RegistryAuthError
 from cacheagent.sources.manifest import OCI_ARTIFACT_MANIFEST
 from cacheagent.sources.registry import RegistryOptions, RegistrySource
@@ -39,6 +38,7 @@ from tests.integration.pull_origin import registry_source, serve_layout
 from tests.oci.layout_writer import synthetic_model, write_layout
 from tests.oci_push import OCI_MANIFEST, OciPusher, modelpack_artifact
 from tests.registry_server import BasicAuth, RegistryServer
+from tests.source_reads import read_all
 
 pytestmark = pytest.mark.registry
 
@@ -68,12 +68,6 @@ async def make_source() -> AsyncIterator[MakeSource]:
     yield build
     for source in made:
         await source.transport.aclose()
-
-
-async def read_all(
-    source: RegistrySource, blob: BlobRef, start: int = 0, end: int | None = None
-) -> bytes:
-    return b"".join([chunk async for chunk in source.fetch(blob, start, end)])
 
 
 # -- tag resolution ---------------------------------------------------------------------------

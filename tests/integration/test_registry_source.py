@@ -46,6 +46,7 @@ from tests.oci_push import (
     oras_artifact,
 )
 from tests.registry_server import BasicAuth, RegistryServer, Tls, TokenAuth
+from tests.source_reads import read_all
 from tests.token_service import TokenService
 
 pytestmark = pytest.mark.registry
@@ -101,12 +102,6 @@ async def make_source() -> AsyncIterator[MakeSource]:
     yield build
     for source in made:
         await source.transport.aclose()
-
-
-async def read_all(
-    source: RegistrySource, blob: BlobRef, start: int = 0, end: int | None = None
-) -> bytes:
-    return b"".join([chunk async for chunk in source.fetch(blob, start, end)])
 
 
 def layer_for(model: ResolvedModel, path: str) -> BlobRef:
