@@ -54,6 +54,7 @@ identifier, and a silently repaired one would name something the user did not wr
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,6 +249,15 @@ class ViewRef(_Ref):
 
 
 ModelRef: TypeAlias = PlainRef | ViewRef
+
+
+def pin_digest(ref: ModelRef, digest: str) -> ModelRef:
+    """``ref`` fixed to the manifest ``digest`` an earlier resolution found, where its kind
+    names content by manifest digest (registries, layouts); other kinds pin their content in
+    the reference itself (a URL's expected sha256, a revision) and come back unchanged."""
+    if isinstance(ref, OciRef | LayoutRef):
+        return dataclasses.replace(ref, digest=digest)
+    return ref
 
 
 def parse_ref(text: str) -> ModelRef:

@@ -32,6 +32,8 @@ from cacheagent.api_server import TcpTls, start_agent_api
 from cacheagent.config import Config
 from cacheagent.csi.server import CsiServer, resolve_node_id, start_csi_server
 from cacheagent.errors import ConfigError
+from cacheagent.fuse.handover import HandedOverMount
+from cacheagent.fuse.keeper_client import KeeperLink
 from cacheagent.fuse.mount import FuseMount, MountOptions
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.store_provider import StoreProvider
@@ -351,8 +353,17 @@ class Agent:
             options=MountOptions(read_ahead_kb=cfg.read_ahead_kb, max_threads=cfg.max_threads),
         )
         self.metrics.fuse_counts = stats.snapshot
-        await asyncio.to_thread(mount.start)
-        self._on_stop("FUSE", lambda: asyncio.to_thread(mount.stop))
+        link = (
+            KeeperLink(cfg.keeper_socket, str(mount.mountpoint), handover_seconds=cfg.handover_seconds)
+            if cfg.keeper_socket is not None
+            else None
+        )
+        managed = HandedOverMount(mount, link, detach_timeout=STOP_GRACE_SECONDS)
+        # A resumed connection's readers wait for the bytes of pulls the previous agent ran.
+        resuming = asyncio.create_task(service.resume_interrupted_pulls())
+        self._on_stop("resumed pulls", lambda: _cancel(resuming))
+        await asyncio.to_thread(managed.open)
+        self._on_stop("FUSE", lambda: asyncio.to_thread(managed.close))
         service.fuse_root = cfg.mountpoint
         service.on_evicted = mount.fs.forget
         provider.on_unverified = mount.fs.invalidate

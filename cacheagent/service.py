@@ -26,7 +26,7 @@ from cacheagent.metrics import Metrics
 from cacheagent.policy import check_lazy, check_mount, check_pod_ref, check_source
 from cacheagent.pull.engine import PullEngine, log_background_failure
 from cacheagent.pull.progress import PullProgress
-from cacheagent.refs import ModelRef, parse_ref
+from cacheagent.refs import ModelRef, parse_ref, pin_digest
 from cacheagent.store import EvictionPlan, Model, ModelFile, Store
 from cacheagent.store.lookup import find_model
 from cacheagent.store.removal import Removal
@@ -414,6 +414,36 @@ class ModelService:
 
     async def ensure_range(self, blob: str, start: int, end: int) -> Path:
         return await self.engine.ensure_range(blob, start, end)
+
+    async def resume_pull(self, digest: str) -> bool:
+        """Restart the pull of a model the store lists as pending while no pull of it runs:
+        one a previous agent was running when it stopped (the lazy volumes of that pull are
+        still mounted after a hand-over, and their readers wait for its bytes). The reference
+        is pinned to the recorded digest, so a tag moved meanwhile does not change the content.
+        False when there is nothing to resume (no pending record, or a pull already runs)."""
+        if self.engine.progress(digest) is not None:
+            return False
+        pending = await asyncio.to_thread(self.store.get_pending, digest)
+        if pending is None or pending.ref is None:
+            return False
+        ref = pin_digest(parse_ref(pending.ref), digest)
+        log.info("resuming the interrupted pull of %s (%s)", digest, ref)
+        await self.engine.start_background(ref, run=self._pull_model)
+        return True
+
+    async def resume_interrupted_pulls(self) -> int:
+        """Resume every pull a previous agent left pending; returns how many were started.
+        Each waits for its manifest to resolve: run it as a task, not in the start-up path."""
+        digests = await asyncio.to_thread(self.store.model_digests)
+        started = 0
+        for digest in digests:
+            try:
+                started += await self.resume_pull(digest)
+            except CacheAgentError as exc:
+                log.warning("cannot resume the pull of %s: %s", digest, exc)
+        if started:
+            log.info("resumed %d pulls a previous agent left unfinished", started)
+        return started
 
     async def wait_model(self, digest: str) -> None:
         async for _ in self.engine.watch(digest):

@@ -166,6 +166,11 @@ class LazyBackend(Protocol):
         """Return once bytes ``[start, end)`` of a raw blob can be read; the file to read."""
         ...
 
+    async def resume_pull(self, digest: str) -> bool:
+        """Restart the pull of a pending model no pull is running for (a previous agent's);
+        False when there is none to resume."""
+        ...
+
     async def wait_model(self, digest: str) -> None:
         """Return once the model's pull has finished and it is ready; raise why not."""
         ...

@@ -196,6 +196,8 @@ class StoreProvider:
         try:
             return await self.backend.ensure_range(opened.file.blob, offset, offset + size)
         except ModelNotFoundError:
+            if await self.backend.resume_pull(opened.digest):  # a previous agent's pull
+                return await self._fetch(opened, offset, size)
             await self.backend.wait_model(opened.digest)
             return None
 
