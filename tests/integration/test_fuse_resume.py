@@ -63,8 +63,21 @@ class Stand:
     mountpoint: Path
     control: Path
     expected_sha: str
-    children: list[subprocess.Popen[str]] = field(default_factory=list)
+    servers: list[subprocess.Popen[str]] = field(default_factory=list)
+    readers: list[subprocess.Popen[str]] = field(default_factory=list)
     fds: list[int] = field(default_factory=list)
+
+    def clean_up(self) -> None:
+        """Servers first, then our descriptors: with no server and no descriptor left the
+        connection aborts, which is what frees a reader waiting on a request nobody answers
+        (it cannot be killed before that), and lets umount(8) look at the mount point."""
+        for child in self.servers:
+            _kill(child)
+        for fd in self.fds:
+            os.close(fd)
+        for child in self.readers:
+            _kill(child)
+        unmount(self.mountpoint)
 
     def server(
         self, first: bytes, fd: int | None = None
@@ -76,7 +89,7 @@ class Stand:
             cwd=REPO, pass_fds=[theirs.fileno()], text=True,
         )  # fmt: skip
         theirs.close()
-        self.children.append(child)
+        self.servers.append(child)
         ours.settimeout(30)
         socket.send_fds(ours, [first], [] if fd is None else [fd])
         return child, ours
@@ -86,7 +99,7 @@ class Stand:
             [sys.executable, "-c", _READER, str(self.mountpoint / DIGEST), "x"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        self.children.append(child)
+        self.readers.append(child)
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "opened"
         return child
@@ -112,15 +125,15 @@ def stand(tmp_path: Path) -> Iterator[Stand]:
     try:
         yield stand
     finally:
-        for child in stand.children:
-            if child.poll() is None:
-                child.kill()
-            child.wait(30)
-            if child.stdout is not None:
-                child.stdout.close()
-        unmount(stand.mountpoint)
-        for fd in stand.fds:
-            os.close(fd)
+        stand.clean_up()
+
+
+def _kill(child: subprocess.Popen[str]) -> None:
+    if child.poll() is None:
+        child.kill()
+    child.wait(30)
+    if child.stdout is not None:
+        child.stdout.close()
 
 
 def _start_first(stand: Stand) -> tuple[subprocess.Popen[str], socket.socket, int, SessionState]:
