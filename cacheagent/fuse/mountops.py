@@ -69,7 +69,7 @@ def clear_stale_mount(mountpoint: Path) -> None:
         if entry is None:
             return
         try:
-            mountpoint.stat()
+            os.statvfs(mountpoint)  # always asks the server; stat() may answer from the cache
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
                 raise
