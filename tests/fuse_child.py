@@ -4,7 +4,8 @@
 DirectoryProvider root) at ``MOUNTPOINT`` and talks to the test over the SOCK_SEQPACKET socket
 ``SOCK_FD``. The test's first message is ``start`` (mount afresh; we answer with the
 SessionState as JSON and the /dev/fuse descriptor attached) or ``resume`` (with the state as
-JSON and the descriptor attached; we answer ``resumed``). Then ``detach`` or ``stop``, answered
+JSON and the descriptor attached; we answer ``resumed``). Then ``detach [SECONDS]`` or ``stop``,
+answered
 ``detached`` / ``stopped``, after which we exit. The test may also SIGKILL us at any time.
 
 Reads obey ``CONTROL/delay`` (seconds to sleep in every read, when the file exists) and
@@ -61,9 +62,9 @@ def main(argv: list[str]) -> int:
         assert command == b"resume" and len(fds) == 1, message
         mount.resume(fds[0], SessionState.from_json(json.loads(state)))
         sock.send(b"resumed")
-    command = sock.recv(_MESSAGE)
+    command, _, seconds = sock.recv(_MESSAGE).partition(b" ")
     if command == b"detach":
-        mount.detach(timeout=10.0)
+        mount.detach(timeout=float(seconds or 10))
         sock.send(b"detached")
     else:
         mount.stop()

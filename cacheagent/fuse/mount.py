@@ -146,7 +146,11 @@ class FuseMount:
         return self.fs.stats
 
     def start(self) -> None:
-        """Mount (clearing a stale mount first) and answer the kernel's INIT; MountError."""
+        """Mount (clearing a stale mount first) and answer the kernel's INIT; MountError.
+
+        Not over a mount whose connection someone still holds with no server (a keeper between
+        agents): the probe for a stale mount would wait for an answer; ``resume()`` that one.
+        """
         self._refuse_running()
         clear_stale_mount(self.mountpoint)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
@@ -292,9 +296,9 @@ class FuseMount:
             if request.header.opcode != Opcode.INIT:
                 raise ProtocolError(f"first request is opcode {request.header.opcode}, not INIT")
             init = negotiate(decode_init(request.body), self.options.max_threads)
+            os.writev(fd, encode_reply(request.header.unique, encode_init_out(init)))
         except (OSError, ProtocolError) as exc:
             raise MountError(f"FUSE INIT at {self.mountpoint} failed: {exc}") from exc
-        os.writev(fd, encode_reply(request.header.unique, encode_init_out(init)))
         entry = find_mount(self.mountpoint)
         if entry is None or entry.fs_type != FS_TYPE:
             raise MountError(f"mount(2) succeeded but {self.mountpoint} is not in mountinfo")

@@ -213,6 +213,14 @@ def decode_request(data: bytes) -> Request:
     return Request(Header(length, opcode, unique, nodeid, uid, gid, pid), data[IN_HEADER.size :])
 
 
+def malformed_unique(data: bytes) -> int | None:
+    """The unique of a request ``decode_request`` refused, if its header is whole."""
+    if len(data) < IN_HEADER.size:
+        return None
+    unique: int = IN_HEADER.unpack_from(data)[2]
+    return unique
+
+
 def _unpack(layout: struct.Struct, body: bytes, what: str) -> tuple[int, ...]:
     if len(body) < layout.size:
         raise ProtocolError(f"{what} needs {layout.size} bytes, the request has {len(body)}")

@@ -26,7 +26,7 @@ import threading
 import time
 
 from cacheagent.fuse.dispatch import READ_BUFFER, Dispatcher
-from cacheagent.fuse.protocol import ProtocolError, decode_request
+from cacheagent.fuse.protocol import ProtocolError, decode_request, encode_reply, malformed_unique
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class DeviceChannel:
     def close(self, timeout: float) -> bool:
         """Close once no write is under way; False (descriptor left open) after ``timeout``."""
         with self._cond:
+            if self._closed:
+                return True
             self._closed = True
             idle = self._cond.wait_for(lambda: self._writing == 0, timeout)
         if not idle:
@@ -81,6 +83,7 @@ class Session:
         self._workers = max(1, workers)
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_closed = False
         self._stopping = threading.Event()
         self._abandon = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="fuse-reader", daemon=True)
@@ -101,8 +104,9 @@ class Session:
     def stop_reading(self) -> None:
         """Read no more requests (the reader finishes the one it is reading, if any)."""
         self._stopping.set()
-        with contextlib.suppress(BlockingIOError):  # full: already woken
-            os.write(self._wake_w, b"x")
+        if not self._wake_closed:
+            with contextlib.suppress(BlockingIOError):  # full: already woken
+                os.write(self._wake_w, b"x")
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for every request read to be answered; False if some were not
@@ -115,8 +119,10 @@ class Session:
         if not done:
             self._abandon.set()
             log.warning("fuse: requests still unanswered after %.1fs; dropping them", timeout)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        if not self._wake_closed:
+            self._wake_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         return done
 
     def _read_loop(self) -> None:
@@ -139,6 +145,9 @@ class Session:
                     if exc.errno != errno.ENODEV:
                         log.error("fuse: reading /dev/fuse failed: %s", exc)
                     break
+                if size == 0:  # not /dev/fuse's way, but end-of-file can only mean gone
+                    self.connection_lost = True
+                    break
                 self._queue.put(bytes(view[:size]))
         finally:
             for _ in self._threads:
@@ -153,15 +162,18 @@ class Session:
         try:
             request = decode_request(data)
         except ProtocolError as exc:
-            log.error("fuse: dropping a malformed request: %s", exc)
+            log.error("fuse: malformed request: %s", exc)
+            unique = malformed_unique(data)
+            if unique is not None:  # an unanswered request would hang its caller
+                self._write(unique, encode_reply(unique, error=errno.EIO))
             return
         reply = self.dispatcher.handle(request)
-        if reply is None:
-            return
+        if reply is not None:
+            self._write(request.header.unique, reply)
+
+    def _write(self, unique: int, reply: list[bytes]) -> None:
         try:
             self.channel.write(reply)
         except OSError as exc:
             if exc.errno not in _GONE:
-                log.error(
-                    "fuse: writing the reply to request %#x failed: %s", request.header.unique, exc
-                )
+                log.error("fuse: writing the reply to request %#x failed: %s", unique, exc)

@@ -197,6 +197,21 @@ def test_a_killed_server_is_replaced_and_its_unanswered_reads_are_resent(stand: 
     _finish(stand, reader, _resume(stand, fd, state))
 
 
+def test_reads_a_detach_gave_up_on_are_answered_by_the_next_process(stand: Stand) -> None:
+    first, sock, fd, state = _start_first(stand)
+    stand.delay(60)  # longer than the detach waits
+    reader = stand.reader()
+    stand.wait_in_read()
+    began = time.monotonic()
+    sock.send(b"detach 0.5")
+    assert sock.recv(64) == b"detached"
+    assert time.monotonic() - began < 10  # it did not wait for the stuck read
+    assert first.wait(30) == 0
+    assert reader.poll() is None
+    stand.delay(0)
+    _finish(stand, reader, _resume(stand, fd, state))
+
+
 def test_resume_on_the_wrong_device_is_refused(stand: Stand) -> None:
     _, sock, fd, state = _start_first(stand)
     wrong = SessionState.from_json({**state.to_json(), "device": "0:1"})
