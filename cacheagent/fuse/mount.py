@@ -276,8 +276,8 @@ class FuseMount:
         except OSError as exc:
             log.warning(
                 "fuse: the kernel refused FUSE_NOTIFY_RESEND (%s; it needs Linux 6.9+): reads "
-                "the previous agent had taken but not answered hang until their readers are "
-                "killed",
+                "the previous agent had taken but not answered hang, unkillable, until the "
+                "connection is aborted (unmount, or umount -f)",
                 exc,
             )
 
