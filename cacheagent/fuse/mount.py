@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import select
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_FUSE_MINOR = 229  # /dev/fuse is character device 10:229 (a misc device)
 _DEVICE_RE = re.compile(r"^[0-9]+:[0-9]+$")
 
 
@@ -109,6 +111,19 @@ class SessionState:
         pages = _int_field(data, "max_pages", 1, 0xFFFF)
         write = _int_field(data, "max_write", 4096, READ_BUFFER - 4096)
         return cls(device=device, proto_minor=minor, max_pages=pages, max_write=write)
+
+
+def _check_fuse_device(fd: int) -> None:
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        raise MountError(f"cannot resume FUSE from fd {fd}: {exc}") from exc
+    if (
+        not stat.S_ISCHR(info.st_mode)
+        or os.major(info.st_rdev) != 10
+        or (os.minor(info.st_rdev) != _FUSE_MINOR)
+    ):
+        raise MountError(f"cannot resume FUSE from fd {fd}: it is not /dev/fuse")
 
 
 def _int_field(data: Mapping[str, object], name: str, low: int, high: int) -> int:
@@ -188,6 +203,7 @@ class FuseMount:
         before the workers run (nobody would answer).
         """
         self._refuse_running()
+        _check_fuse_device(fd)
         entry = find_mount(self.mountpoint)
         if entry is None or entry.fs_type != FS_TYPE or entry.device != state.device:
             found = "nothing" if entry is None else f"{entry.fs_type} on {entry.device}"

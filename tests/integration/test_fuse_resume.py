@@ -219,6 +219,13 @@ def test_resume_on_the_wrong_device_is_refused(stand: Stand) -> None:
     with pytest.raises(MountError, match="0:1"):
         mount.resume(fd, wrong)
     os.fstat(fd)  # still open: the caller's to close
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(MountError, match="not /dev/fuse"):
+            mount.resume(read_end, state)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
     elsewhere = FuseMount(stand.root / "elsewhere", DirectoryProvider(stand.root / "models"))
     with pytest.raises(MountError, match="nothing"):
         elsewhere.resume(fd, state)
