@@ -113,10 +113,13 @@ def read_until_closed(read_fd: int, timeout: float) -> bytes:
 class KeeperProcess:
     """``cacheagent fuse-keeper`` as the DaemonSet starts it, logging to a file."""
 
-    def __init__(self, socket_path: Path, log_path: Path, *extra: str) -> None:
+    def __init__(
+        self, socket_path: Path, log_path: Path, *extra: str, command: list[str] | None = None
+    ) -> None:
+        """``extra``: interpreter options; ``command``: the whole command line instead."""
         self.socket_path = socket_path
         self.log_path = log_path
-        self.command = [
+        self.command = command or [
             sys.executable, *extra, "-m", "cacheagent.cli", "fuse-keeper",
             "--socket", str(socket_path), "--log-level", "debug",
         ]  # fmt: skip
@@ -143,8 +146,10 @@ class KeeperProcess:
 
 
 @contextlib.contextmanager
-def keeper_running(socket_path: Path, log_path: Path) -> Iterator[KeeperProcess]:
-    keeper = KeeperProcess(socket_path, log_path)
+def keeper_running(
+    socket_path: Path, log_path: Path, command: list[str] | None = None
+) -> Iterator[KeeperProcess]:
+    keeper = KeeperProcess(socket_path, log_path, command=command)
     try:
         yield keeper.start()
     finally:
