@@ -159,7 +159,9 @@ class _Keeper:
         log.debug("pid %d connected", pid)
 
     def _serve(self, conn: int) -> None:
-        peer = self._peers[conn]
+        peer = self._peers.get(conn)
+        if peer is None:
+            return  # disconnected earlier in this round of events
         try:
             data, fds, flags, _ = socket.recv_fds(peer.sock, wire.MAX_MESSAGE, 2)
         except BlockingIOError:
@@ -183,7 +185,7 @@ class _Keeper:
                     f"message over {wire.MAX_MESSAGE} bytes or with more than one descriptor"
                 )
             request = wire.decode_request(data, fds=len(fds))
-            reply, send_fd = self._apply(conn, request, fds[0] if fds else None)
+            reply, send_fd = self._apply_reaping(conn, request, fds[0] if fds else None)
             fds = []  # the table owns a held descriptor now
         except wire.WireError as err:
             log.warning("pid %d: bad message: %s", peer.pid, err)
@@ -197,6 +199,27 @@ class _Keeper:
         if not _send(peer.sock, reply, send_fd):
             log.warning("pid %d does not read its replies; dropping the connection", peer.pid)
             self._disconnect(conn)
+
+    def _apply_reaping(
+        self, conn: int, request: wire.Request, fd: int | None
+    ) -> tuple[wire.Reply, int | None]:
+        """``_apply``; if the key's owner has hung up but its end is not handled yet (an agent
+        killed just before its successor asks), handle that first rather than refuse."""
+        try:
+            return self._apply(conn, request, fd)
+        except RefusedError as refused:
+            if not self._hung_up(refused.owner):
+                raise
+            self._disconnect(refused.owner)
+            return self._apply(conn, request, fd)
+
+    def _hung_up(self, conn: int) -> bool:
+        peer = self._peers.get(conn)
+        if peer is None:
+            return True
+        poller = select.poll()
+        poller.register(peer.sock, select.POLLIN)
+        return any(events & (select.POLLHUP | _DEAD) for _, events in poller.poll(0))
 
     def _apply(
         self, conn: int, request: wire.Request, fd: int | None

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 
 class RefusedError(Exception):
-    """The key belongs to another live connection."""
+    """The key belongs to another connection (``owner``), live as far as the table knows."""
+
+    def __init__(self, key: str, owner: int) -> None:
+        super().__init__(key)
+        self.key = key
+        self.owner = owner
 
 
 @dataclass
@@ -65,8 +70,8 @@ class KeeperTable:
         entry = self._entries.get(key)
         if entry is None:
             return []
-        if entry.owner not in (None, conn):
-            raise RefusedError(key)
+        if entry.owner is not None and entry.owner != conn:
+            raise RefusedError(key, entry.owner)
         del self._entries[key]
         return [] if entry.fd is None else [entry.fd]
 
@@ -113,6 +118,6 @@ class KeeperTable:
         return fds
 
     def _claim(self, conn: int, entry: Entry) -> None:
-        if entry.owner not in (None, conn):
-            raise RefusedError(entry.key)
+        if entry.owner is not None and entry.owner != conn:
+            raise RefusedError(entry.key, entry.owner)
         entry.owner, entry.deadline = conn, None

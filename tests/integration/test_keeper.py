@@ -177,6 +177,32 @@ def test_a_second_live_agent_cannot_take_a_held_mount(keeper: KeeperProcess) -> 
         os.close(end)
 
 
+def test_a_take_queued_behind_its_holders_death_is_not_refused(keeper: KeeperProcess) -> None:
+    """The successor's request is read before the dead holder's hang-up (both wait while the
+    keeper is stopped): the keeper notices the hang-up rather than refuse a dead holder's key."""
+    assert keeper.proc is not None
+    read_end, write_end = os.pipe()
+    holder = _link(keeper)
+    holder.hold(write_end, {"generation": 2})
+    successor = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    successor.settimeout(10)
+    successor.connect(str(keeper.socket_path))
+    assert _ask(successor, wire.encode_request(wire.Take("/other")))["ok"] is True
+    os.kill(keeper.proc.pid, signal.SIGSTOP)
+    try:
+        socket.send_fds(successor, [wire.encode_request(wire.Take(KEY))], [])
+        holder.close()
+    finally:
+        os.kill(keeper.proc.pid, signal.SIGCONT)
+    data, fds, _, _ = socket.recv_fds(successor, wire.MAX_MESSAGE, 1)
+    reply = wire.decode_reply(data, fds=len(fds))
+    assert reply.ok and reply.state == {"generation": 2}, reply
+    assert os.fstat(fds[0]).st_ino == os.fstat(write_end).st_ino
+    for end in (*fds, read_end, write_end):
+        os.close(end)
+    successor.close()
+
+
 def test_a_restarted_keeper_is_held_again(root: Path) -> None:
     socket_path = root / "keeper" / "keeper.sock"
     read_end, write_end = os.pipe()
@@ -191,6 +217,19 @@ def test_a_restarted_keeper_is_held_again(root: Path) -> None:
         assert taken[1] == {"generation": 7}
         assert os.fstat(taken[0]).st_ino == os.fstat(write_end).st_ino
         os.close(taken[0])
+    for end in (read_end, write_end):
+        os.close(end)
+
+
+def test_a_hold_while_no_keeper_runs_is_retried_until_one_does(root: Path) -> None:
+    socket_path = root / "keeper" / "keeper.sock"
+    read_end, write_end = os.pipe()
+    link = KeeperLink(socket_path, KEY, handover_seconds=60)
+    link.hold(write_end, {})  # logs, does not raise
+    with keeper_running(socket_path, root / "keeper.log") as keeper:
+        wait_for(lambda: f"holds {KEY}" in keeper.log(), "the link holding", timeout=20)
+        link.release()
+        assert _link(keeper).take() is None
     for end in (read_end, write_end):
         os.close(end)
 
