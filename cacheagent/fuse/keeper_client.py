@@ -50,7 +50,8 @@ class KeeperLink:
 
     def take(self) -> tuple[int, dict[str, object]] | None:
         """Claim the key and get the descriptor the keeper holds for it (the caller owns it),
-        or None. KeeperError if the keeper cannot be reached or another live agent holds it."""
+        or None. KeeperError if the keeper cannot be reached, KeeperRefusedError (a KeeperError)
+        if another live agent holds the key. Blocking, like ``hold``."""
         with self._lock:
             sock = self._connected()
             reply, fd = self._exchange(sock, wire.Take(self.key))
@@ -59,8 +60,11 @@ class KeeperLink:
         return fd, reply.state
 
     def hold(self, fd: int, state: dict[str, object]) -> None:
-        """Hand the keeper a copy of ``fd`` with ``state``; never raises (failures are logged
-        and retried in the background until ``release`` or ``close``)."""
+        """Hand the keeper a copy of ``fd`` with ``state`` (the link keeps a dup of its own
+        until ``release``/``close``). Keeper failures never raise: they are logged and retried
+        in the background. Only a state that cannot travel (not JSON, over 64 KiB) raises
+        ``WireError``, before anything changes. Blocking (up to a few seconds if the keeper is
+        slow): call it from a worker thread, not the event loop."""
         request = wire.Hold(self.key, wire.check_state(state), self.handover_seconds)
         wire.encode_request(request)  # a state that cannot travel is the caller's bug: say so now
         with self._lock:
@@ -180,7 +184,10 @@ class KeeperLink:
     def _wait_closed(self, sock: socket.socket) -> bool:
         """Block until the keeper closes ``sock`` (True) or something else wakes us (False)."""
         poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLHUP)
+        with self._lock:
+            if self._sock is not sock:
+                return self._sock is None
+            poller.register(sock.fileno(), select.POLLIN | select.POLLHUP)
         poller.register(self._wake_r, select.POLLIN)
         events = poller.poll(WATCH_POLL_MS)
         if self._ended.is_set() or not events:
