@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import select
 import socket
@@ -58,6 +59,52 @@ def first_request_opcode(fd: int, timeout: float = 10.0) -> int:
     data = os.read(fd, 1 << 20)
     _, opcode, _ = _IN_HEADER.unpack_from(data)
     return int(opcode)
+
+
+_OUT_HEADER = struct.Struct("=IiQ")  # len, error, unique
+# fuse_init_out (protocol 7.31): major, minor, max_readahead, flags, max_background,
+# congestion_threshold, max_write, time_gran, max_pages, map_alignment, flags2, unused[7]
+_INIT_OUT = struct.Struct("=IIIIHHIIHHI7I")
+# fuse_attr_out: attr_valid, attr_valid_nsec, dummy, then fuse_attr: ino, size, blocks, atime,
+# mtime, ctime, their nsecs, mode, nlink, uid, gid, rdev, blksize, flags
+_ATTR_OUT = struct.Struct("=QII6Q3I7I")
+FUSE_GETATTR = 3
+ROOT_MODE = 0o40555
+
+
+def serve_root_stat(fd: int, done: Callable[[], bool], timeout: float = 15.0) -> list[int]:
+    """Answer FUSE requests on ``fd`` as a filesystem with an empty root (INIT, then GETATTR;
+    ENOSYS for anything else) until ``done()``; the opcodes seen, in order."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"still not done after {timeout}s; saw {seen}"
+        if not poller.poll(50):
+            continue
+        data = os.read(fd, 1 << 20)
+        _, opcode, unique = _IN_HEADER.unpack_from(data)
+        seen.append(opcode)
+        if opcode == FUSE_INIT:
+            body = _INIT_OUT.pack(7, 31, 0, 0, 0, 0, 4096, 1, 0, 0, 0, *[0] * 7)
+        elif opcode == FUSE_GETATTR:
+            body = _ATTR_OUT.pack(
+                1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, ROOT_MODE, 2, 0, 0, 0, 4096, 0
+            )
+        else:
+            os.write(fd, _OUT_HEADER.pack(_OUT_HEADER.size, -errno.ENOSYS, unique))
+            continue
+        os.write(fd, _OUT_HEADER.pack(_OUT_HEADER.size + len(body), 0, unique) + body)
+    return seen
+
+
+def waiting_in_fuse(pid: int) -> bool:
+    """Whether process ``pid`` is blocked waiting for a FUSE connection to answer."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text().startswith("fuse_")
+    except FileNotFoundError:
+        return False
 
 
 def stat_errno(path: Path, timeout: float = 10.0) -> int:

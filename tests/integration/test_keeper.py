@@ -29,14 +29,18 @@ from cacheagent.fuse import keeper_wire as wire
 from cacheagent.fuse.keeper_client import KeeperError, KeeperLink, KeeperRefusedError
 from tests.child_process import stop_child
 from tests.keeper_support import (
+    FUSE_GETATTR,
     FUSE_INIT,
+    ROOT_MODE,
     KeeperProcess,
     first_request_opcode,
     keeper_running,
     raw_fuse_mount,
     read_until_closed,
+    serve_root_stat,
     stat_errno,
     wait_for,
+    waiting_in_fuse,
     writer_closed,
 )
 from tests.mounts import force_unmount, mounts_under
@@ -96,6 +100,45 @@ def test_a_killed_agents_fuse_connection_lives_on_and_passes_to_the_next(
         os.close(fd)
         assert stat_errno(mountpoint) == errno.ENOTCONN, "the connection outlived every holder"
     finally:
+        force_unmount(str(mountpoint))
+
+
+def test_a_reader_waiting_through_the_hand_over_is_answered_by_the_next_holder(
+    keeper: KeeperProcess, root: Path
+) -> None:
+    """While only the keeper holds the connection a reader waits (it does not fail); the
+    process that takes the descriptor next answers it."""
+    require_fuse()
+    mountpoint = root / "fuse"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "tests.keeper_agent", str(keeper.socket_path), str(mountpoint),
+         "60"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    reader = None
+    try:
+        assert agent.stdout is not None and agent.stdout.readline() == b"held\n"
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait(timeout=10)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", f"import os; print(oct(os.stat({str(mountpoint)!r}).st_mode))"],
+            stdout=subprocess.PIPE,
+        )
+        wait_for(lambda: waiting_in_fuse(reader.pid), "the reader waiting on the connection")
+        assert reader.poll() is None, "the reader did not wait for an agent"
+        link = _link(keeper, str(mountpoint))
+        taken = link.take()
+        assert taken is not None
+        seen = serve_root_stat(taken[0], lambda: reader.poll() is not None)
+        out, _ = reader.communicate(timeout=10)
+        assert reader.returncode == 0 and out.strip() == oct(ROOT_MODE).encode(), seen
+        assert seen[:2] == [FUSE_INIT, FUSE_GETATTR]
+        link.release()
+        os.close(taken[0])
+    finally:
+        stop_child(agent)
+        stop_child(reader)
         force_unmount(str(mountpoint))
 
 
