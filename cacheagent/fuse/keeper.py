@@ -71,6 +71,7 @@ def serve_keeper(socket_path: Path, *, stop: threading.Event | None = None) -> N
 
 
 def _listen(path: Path) -> socket.socket:
+    """Bind ``path`` (0600, its directory 0700 when ours), replacing only a dead socket."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise wire.KeeperError(f"keeper socket {path} is longer than {MAX_SOCKET_PATH} bytes")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -87,11 +88,10 @@ def _listen(path: Path) -> socket.socket:
             raise wire.KeeperError(f"keeper socket {path} is in use (is a keeper running?)")
         path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(os.fspath(path))
-    finally:
-        os.umask(old_umask)
+    # The socket file takes the mode of the socket's inode at bind (less the umask): 0600 from
+    # its first moment, without touching the process-wide umask.
+    os.fchmod(listener.fileno(), 0o600)
+    listener.bind(os.fspath(path))
     listener.listen(16)
     listener.setblocking(False)
     log.info("keeper serving on %s", path)

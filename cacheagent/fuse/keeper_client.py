@@ -141,6 +141,8 @@ class KeeperLink:
             self._drop_connection()
             raise KeeperError(f"{what}: {err}") from None
         if not reply.ok:
+            for extra in fds:
+                os.close(extra)
             raise KeeperRefusedError(f"{what}: refused: {reply.error}")
         return reply, fds[0] if fds else None
 
@@ -164,7 +166,7 @@ class KeeperLink:
                 sock = self._sock
             if sock is not None and not self._wait_closed(sock):
                 continue
-            if self._sleep(backoff):
+            if self._ended.wait(backoff):
                 return
             with self._lock:
                 if self._ended.is_set():
@@ -209,10 +211,6 @@ class KeeperLink:
                 )
                 self._drop_connection()
             return closed
-
-    def _sleep(self, seconds: float) -> bool:
-        """Sleep ``seconds`` unless the link ends first (True)."""
-        return self._ended.wait(seconds)
 
     def _end(self) -> None:
         if self._ended.is_set():
