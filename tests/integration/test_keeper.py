@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from cacheagent.fuse import keeper_wire as wire
+from cacheagent.fuse.keeper import MAX_CONNECTIONS
 from cacheagent.fuse.keeper_client import KeeperError, KeeperLink, KeeperRefusedError
 from tests.child_process import stop_child
 from tests.keeper_support import (
@@ -346,6 +347,37 @@ def test_bad_messages_get_an_error_and_lose_nothing(keeper: KeeperProcess) -> No
     sock.close()
     os.close(read_end)
     assert keeper.proc is not None and keeper.proc.poll() is None
+
+
+def test_connections_are_bounded_and_a_freed_slot_serves_again(keeper: KeeperProcess) -> None:
+    held = []
+    try:
+        for index in range(MAX_CONNECTIONS):
+            take = wire.encode_request(wire.Take(f"/other/{index}"))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.settimeout(10)
+            sock.connect(str(keeper.socket_path))
+            held.append(sock)
+            assert _ask(sock, take)["ok"] is True  # accepted and served, one at a time
+        with pytest.raises(KeeperError, match=str(keeper.socket_path)):
+            _link(keeper).take()
+        assert f"{MAX_CONNECTIONS} connections already" in keeper.log()
+        held.pop().close()
+        wait_for(lambda: _take_outcome(keeper) == "ok", "a freed slot serving again")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _take_outcome(keeper: KeeperProcess) -> str:
+    link = _link(keeper)
+    try:
+        link.take()
+    except KeeperError:
+        return "refused"
+    finally:
+        link.close()
+    return "ok"
 
 
 def test_sigterm_closes_every_descriptor_and_the_socket(keeper: KeeperProcess) -> None:
