@@ -50,9 +50,10 @@ def prepare_socket(path: Path, key: str, *, dir_mode: int = 0o750, gid: int | No
     path.unlink()
 
 
-def is_live(path: Path) -> bool:
-    """Whether a process accepts connections on the unix socket at ``path``."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def is_live(path: Path, kind: socket.SocketKind = socket.SOCK_STREAM) -> bool:
+    """Whether a process accepts connections on the unix socket at ``path`` (of type ``kind``:
+    a probe of the wrong type is refused even by a live server)."""
+    probe = socket.socket(socket.AF_UNIX, kind)
     try:
         probe.settimeout(PROBE_TIMEOUT_SECONDS)
         probe.connect(os.fspath(path))

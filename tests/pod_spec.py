@@ -63,8 +63,9 @@ def find(docs: Sequence[Doc], kind: str, name: str | None = None) -> Doc:
     return found[0]
 
 
-def pod_spec(docs: Sequence[Doc]) -> Doc:
-    spec: Doc = find(docs, "DaemonSet")["spec"]["template"]["spec"]
+def pod_spec(docs: Sequence[Doc], name: str = "cacheagent") -> Doc:
+    """The pod template of DaemonSet ``name`` (the agent's unless told)."""
+    spec: Doc = find(docs, "DaemonSet", name)["spec"]["template"]["spec"]
     return spec
 
 

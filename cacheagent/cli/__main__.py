@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cacheagent.cli.main import main
+from cacheagent.cli.entry import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

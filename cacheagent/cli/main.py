@@ -84,6 +84,14 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(serve(config))
 
 
+def cmd_fuse_keeper(args: argparse.Namespace, config: Config) -> int:
+    """Reached only with global options before the command (``cacheagent.cli.entry`` takes
+    the plain form); the keeper reads no configuration."""
+    from cacheagent.cli.keeper_command import run
+
+    return run(args.socket, log_format=args.log_format, log_level=args.log_level)
+
+
 def cmd_config(args: argparse.Namespace, layered: Layered) -> int:
     if args.json:
         emit_json(effective_json(layered))
@@ -152,6 +160,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "status": agent.cmd_status,
     "gc": cmd_gc,
     "evict": agent.cmd_evict,
+    "fuse-keeper": cmd_fuse_keeper,
 }
 
 

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from cacheagent import __version__
+from cacheagent.cli import keeper_command as keeper
 from cacheagent.errors import ConfigError
 
 _BEFORE, _AFTER = "g0_", "g1_"
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target.add_argument("--free", metavar="SIZE", help="evict until SIZE (50Gi) is freed")
     p.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+
+    keeper.add_options(command(keeper.NAME, keeper.HELP))
     return parser
 
 

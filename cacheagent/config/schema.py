@@ -215,7 +215,10 @@ class FuseConfig(Section):
     """``max_threads``: libfuse workers; 8 of them never wait for an origin (they serve cached
     bytes). ``origin_wait_seconds``: how long a read waits for bytes from the origin before it
     fails with ETIMEDOUT. ``origin_waits_per_model``: reads of one model that may wait for its
-    origin at once; more are refused with EIO (see ``cacheagent.fuse.waits``)."""
+    origin at once; more are refused with EIO (see ``cacheagent.fuse.waits``). ``keeper_socket``:
+    the FUSE keeper's socket (``cacheagent.fuse.keeper``); unset, lazy volumes end with the
+    agent. ``handover_seconds``: how long the keeper keeps an orphaned connection for the next
+    agent, i.e. the longest a lazy reader waits across a restart before its reads fail."""
 
     section: ClassVar[str] = "fuse"
     enabled: bool = True
@@ -224,8 +227,12 @@ class FuseConfig(Section):
     max_threads: Annotated[int, Range(9, 1024)] = 64
     origin_wait_seconds: Annotated[Seconds, Range(0, 3600, open_low=True)] = 30.0
     origin_waits_per_model: Annotated[int, Range(1, 1024)] = 24
+    keeper_socket: Path | None = None
+    handover_seconds: Annotated[Seconds, Range(0, 3600, open_low=True)] = 120.0
 
     def _check(self) -> None:
+        if self.keeper_socket is not None and len(os.fsencode(self.keeper_socket)) > 107:
+            raise ConfigError("fuse.keeper_socket", "a unix socket path is at most 107 bytes")
         limit = self.max_threads - 8  # cacheagent.fuse.waits.RESERVED_WORKERS
         if self.origin_waits_per_model > limit:
             raise ConfigError(

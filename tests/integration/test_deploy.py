@@ -67,7 +67,7 @@ def test_csidriver_is_node_only_with_pod_info(rendered: list[dict[str, Any]]) ->
 
 
 def test_daemonset_mounts_and_probes(rendered: list[dict[str, Any]]) -> None:
-    (ds,) = _by_kind(rendered, "DaemonSet")
+    ds = pod_spec.find(rendered, "DaemonSet", "cacheagent")
     pod = ds["spec"]["template"]["spec"]
     agent = next(c for c in pod["containers"] if c["name"] == "agent")
     assert agent["securityContext"]["privileged"] is True
@@ -154,7 +154,7 @@ def test_nvml_comes_from_the_nvidia_runtime_not_host_library_dirs(
 def test_schedules_on_every_node_and_the_quota_admits_its_priority(
     rendered: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    (ds,) = _by_kind(rendered, "DaemonSet")
+    ds = pod_spec.find(rendered, "DaemonSet", "cacheagent")
     pod = pod_spec.pod_spec(rendered)
     assert pod["tolerations"] == [{"operator": "Exists"}]
     assert "nodeSelector" not in pod

@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,9 @@ import pytest
 import yaml
 
 from cacheagent.config import Config, load_config
+from cacheagent.sockets import is_live
 from tests import pod_spec
+from tests.keeper_support import keeper_running
 from tests.pod_spec import Doc
 from tests.registry_server import free_port
 from tests.serve_run import dockerfile_instructions, get, serving
@@ -37,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "daemonset"
 COMPONENTS = DEPLOY / "components"
 NODE_NAME = "test-node"
+KEEPER = "cacheagent-fuse-keeper"
 K8S_VERSION = "1.32"
 
 # variant name -> (components, kubelet root it must use)
@@ -74,6 +78,14 @@ class Install:
     @property
     def agent(self) -> Doc:
         return pod_spec.container(self.pod, "agent")
+
+    @property
+    def keeper_pod(self) -> Doc:
+        return pod_spec.pod_spec(self.docs, KEEPER)
+
+    @property
+    def keeper(self) -> Doc:
+        return pod_spec.container(self.keeper_pod, "keeper")
 
     @property
     def registrar(self) -> Doc:
@@ -153,7 +165,7 @@ def test_probes_target_ports_the_containers_listen_on(install: Install, tmp_path
 
 
 def test_the_kubelet_root_is_the_variants_everywhere(install: Install) -> None:
-    daemonset = yaml.safe_dump(pod_spec.find(install.docs, "DaemonSet"))
+    daemonset = yaml.safe_dump(pod_spec.find(install.docs, "DaemonSet", "cacheagent"))
     if install.kubelet_root != "/var/lib/kubelet":
         assert not re.search(r"(?<![\w.-])/var/lib/kubelet", daemonset)
     assert install.kubelet_root in daemonset
@@ -166,6 +178,50 @@ def test_no_agent_mount_is_stacked_inside_a_bidirectional_one(install: Install) 
             assert inner is outer or not PurePosixPath(inner["mountPath"]).is_relative_to(
                 outer["mountPath"]
             ), f"{inner['mountPath']} is mounted inside Bidirectional {outer['mountPath']}"
+
+
+# -- the FUSE keeper --------------------------------------------------------------------------
+
+
+def test_the_keeper_is_replaced_only_on_delete_and_holds_no_privilege(install: Install) -> None:
+    daemonset = pod_spec.find(install.docs, "DaemonSet", KEEPER)
+    assert daemonset["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    security = install.keeper["securityContext"]
+    assert security["runAsUser"] == 0, "the socket must be root's alone"
+    assert "privileged" not in security and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["readOnlyRootFilesystem"] is True
+    assert install.keeper["resources"]["limits"]["memory"]
+    assert [m["name"] for m in install.keeper["volumeMounts"]] == ["keeper-dir"]
+
+
+def test_the_keeper_lands_where_the_agent_does(install: Install, tmp_path: Path) -> None:
+    for docs in (install.docs, _with_gpu_nodes(install, tmp_path)):
+        agent, keeper = pod_spec.pod_spec(docs), pod_spec.pod_spec(docs, KEEPER)
+        for key in ("tolerations", "priorityClassName", "nodeSelector", "affinity"):
+            assert keeper.get(key) == agent.get(key), key
+
+
+def _with_gpu_nodes(install: Install, tmp_path: Path) -> list[Doc]:
+    components = [COMPONENTS / c for c in (*VARIANTS[install.name][0], "gpu-nodes")]
+    overlay = pod_spec.write_overlay(tmp_path / "gpu", DEPLOY, components)
+    docs = pod_spec.render(require_binary("kubectl"), overlay)
+    assert pod_spec.pod_spec(docs)["nodeSelector"], "gpu-nodes narrowed nothing"
+    return docs
+
+
+def test_the_agents_keeper_socket_is_the_keepers(install: Install, tmp_path: Path) -> None:
+    configured = install.config(tmp_path).fuse.keeper_socket
+    assert configured is not None, "the install runs a keeper the agent does not use"
+    served = PurePosixPath(_keeper_socket_argument(pod_spec.args(install.keeper, {})))
+    on_host = pod_spec.host_path(install.keeper_pod, install.keeper, served)
+    assert on_host is not None, f"the keeper's socket {served} is on no hostPath volume"
+    assert pod_spec.host_path(install.pod, install.agent, PurePosixPath(configured)) == on_host
+
+
+def _keeper_socket_argument(arguments: list[str]) -> str:
+    assert arguments[0] == "fuse-keeper", arguments
+    return arguments[arguments.index("--socket") + 1]
 
 
 # -- the agent started as the DaemonSet describes ------------------------------------------------
@@ -240,17 +296,43 @@ def _mounts_under(root: Path) -> list[Path]:
     return found
 
 
+def lay_out_keeper(install: Install, root: Path) -> tuple[list[str], Path]:
+    """The keeper's hostPath volumes under ``root``: its command line and socket there."""
+    keeper = install.keeper
+    assert "command" not in keeper
+    prefixes = []
+    for mount in keeper["volumeMounts"]:
+        source = pod_spec.volume(install.keeper_pod, mount["name"])
+        # Rebasing goes by mount path: it is the node's path too, as in the agent's pod.
+        assert source["hostPath"]["path"] == mount["mountPath"], mount
+        pod_spec.rebase(root, mount["mountPath"]).mkdir(parents=True, exist_ok=True)
+        prefixes.append(mount["mountPath"])
+    arguments = pod_spec.rebase_strings(pod_spec.args(keeper, {}), root, prefixes)
+    return [*_entrypoint(), *arguments], Path(_keeper_socket_argument(arguments))
+
+
 def test_the_agent_starts_as_the_daemonset_describes(install: Install, short_root: Path) -> None:
     require_fuse()
     with_secret = install.name == "k0s"  # one variant with the optional Secret present
+    keeper_command, keeper_socket = lay_out_keeper(install, short_root)
     laid = lay_out(install, short_root, with_secret)
     log_path = short_root / "agent.log"
     env = {"PATH": os.environ["PATH"], **laid.env}
     ready = f"http://127.0.0.1:{laid.port}{laid.readiness_path}"
-    with serving(laid.command, env, ready, log_path):
-        assert get(f"http://127.0.0.1:{laid.port}/healthz")[0] == 200
-        fuse = pod_spec.rebase(short_root, "/run/cacheagent/fuse")
-        assert fuse in _mounts_under(short_root), "ready without the FUSE mount"
+    config_file = Path(laid.command[laid.command.index("--config") + 1])
+    configured = load_config(config_file, laid.env, {}).fuse.keeper_socket
+    assert configured == keeper_socket, "the agent is configured with another keeper socket"
+    fuse = pod_spec.rebase(short_root, "/run/cacheagent/fuse")
+    with keeper_running(keeper_socket, short_root / "keeper.log", keeper_command):
+        with serving(laid.command, env, ready, log_path):
+            assert get(f"http://127.0.0.1:{laid.port}/healthz")[0] == 200
+            assert fuse in _mounts_under(short_root), "ready without the FUSE mount"
+            assert is_live(keeper_socket, socket.SOCK_SEQPACKET), "the keeper stopped serving"
+        # An agent that hands its FUSE connection over leaves the mount to its successor
+        # (the keeper holds it): intended, not a leak. No successor comes here.
+        if fuse in _mounts_under(short_root):
+            subprocess.run(["umount", "-l", str(fuse)], check=True, timeout=30)
+    assert not keeper_socket.exists(), "the keeper left its socket behind"
     text = log_path.read_text()
     warned = "registries.docker_config" in text and "does not exist" in text
     assert warned is not with_secret, text
