@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -354,7 +355,9 @@ class Agent:
         )
         self.metrics.fuse_counts = stats.snapshot
         link = (
-            KeeperLink(cfg.keeper_socket, str(mount.mountpoint), handover_seconds=cfg.handover_seconds)
+            KeeperLink(
+                cfg.keeper_socket, str(mount.mountpoint), handover_seconds=cfg.handover_seconds
+            )
             if cfg.keeper_socket is not None
             else None
         )
@@ -413,7 +416,7 @@ class Agent:
         self._cleanup.clear()
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

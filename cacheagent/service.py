@@ -403,6 +403,9 @@ class ModelService:
             return pending.files, pending.created
         raise ModelNotFoundError(f"model {digest} is not in the store")
 
+    def model_is_ready(self, digest: str) -> bool:
+        return self.store.get_model(digest) is not None
+
     def touch(self, digest: str) -> None:
         self.store.touch(digest)
 

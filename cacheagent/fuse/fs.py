@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 STATFS_BLOCK = 4096
 DEFAULT_TREE_CACHE = 256
+# A model still downloading lists the members of its tar layers only once they are unpacked:
+# its tree is looked up again this often, so they appear while the volume is mounted.
+PENDING_TREE_SECONDS = 1.0
 MODEL_TTL_S = 86400.0  # entries and attributes inside a model: content-addressed, immutable
 ROOT_TTL_S = 1.0  # the root's attributes and its entries: models come and go
 REBUILD_INTERVAL_S = 1.0  # by default, at most one load of every model a second
@@ -75,6 +78,11 @@ class Entry:
 class _Model:
     tree: ModelTree
     time_ns: int
+    final: bool = True  # the file list will not change: cached until forget()
+    loaded: float = 0.0  # monotonic; a list that is not final is looked up again after a while
+
+    def fresh(self) -> bool:
+        return self.final or time.monotonic() - self.loaded < PENDING_TREE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -340,7 +348,7 @@ class CacheFilesystem:
     def _model(self, name: str) -> _Model:
         with self._trees_guard:
             cached = self._trees.get(name)
-            if cached is not None:
+            if cached is not None and cached.fresh():
                 self._trees.move_to_end(name)
                 return cached
         model = self._load_model(name)
@@ -364,7 +372,7 @@ class CacheFilesystem:
             raise FuseError(errno.EIO) from exc
         except Exception as exc:  # noqa: BLE001  # every provider failure becomes an errno
             self._raise_for(exc, count_missing=False)
-        return _Model(tree, int(listing.created * 1_000_000_000))
+        return _Model(tree, int(listing.created * 1_000_000_000), listing.final, time.monotonic())
 
     @staticmethod
     def _node(model: _Model, relpath: str) -> Node:

@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from cacheagent.fuse.keeper_client import KeeperError, KeeperLink
+from cacheagent.fuse.keeper_client import KeeperError, KeeperLink, KeeperRefusedError
 from cacheagent.fuse.mount import FuseMount, MountError, SessionState
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,12 @@ class HandedOverMount:
         )
 
     def _resume(self, link: KeeperLink) -> bool:
+        """KeeperRefusedError (another live agent serves this mount point) propagates: two
+        agents must never serve one mount, so this one does not start."""
         try:
             held = link.take()
+        except KeeperRefusedError:
+            raise
         except KeeperError as exc:
             log.warning("fuse: %s; mounting anew (lazy volumes of a previous agent are lost)", exc)
             return False
@@ -72,14 +76,12 @@ class HandedOverMount:
         except (MountError, ValueError) as exc:
             with contextlib.suppress(OSError):
                 os.close(fd)
+            # The hold after the new mount replaces the keeper's copy, which ends that connection.
             log.warning("fuse: cannot resume the held connection (%s); mounting anew", exc)
-            link.release()
             return False
         log.info("fuse: resumed the connection at %s from the keeper", self.mount.mountpoint)
         return True
 
     def _hold(self, link: KeeperLink) -> None:
-        try:
-            link.hold(self.mount.device_fd, self.mount.state().to_json())
-        except KeeperError as exc:
-            log.warning("fuse: the keeper does not hold this mount yet (%s); retrying", exc)
+        """Keeper failures are logged and retried by the link in the background."""
+        link.hold(self.mount.device_fd, self.mount.state().to_json())

@@ -48,6 +48,7 @@ class ModelListing:
 
     files: tuple[FuseFile, ...]
     created: float  # seconds since the epoch; used as the mtime/ctime/atime of the whole tree
+    final: bool = True  # False while the model downloads: tar-layer members appear as they unpack
 
 
 class ContentProvider(Protocol):

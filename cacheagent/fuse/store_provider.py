@@ -90,7 +90,9 @@ class StoreProvider:
     def listing(self, digest: str) -> ModelListing:
         files, created = self._files(digest)
         return ModelListing(
-            files=tuple(FuseFile(f.path, f.size, f.mode, f.blob) for f in files), created=created
+            files=tuple(FuseFile(f.path, f.size, f.mode, f.blob) for f in files),
+            created=created,
+            final=self.backend.model_is_ready(digest),
         )
 
     # -- files ---------------------------------------------------------------------------------

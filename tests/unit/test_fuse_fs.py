@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cacheagent.errors import DigestMismatchError
+from cacheagent.fuse import fs as fs_module
 from cacheagent.fuse import nodes
 from cacheagent.fuse.directory import DirectoryProvider
 from cacheagent.fuse.dispatch import MAX_PAGES, Dispatcher, negotiate
@@ -111,6 +112,39 @@ def test_metadata_comes_from_the_listing_and_is_cached(
     fs.forget(MODEL)
     fs.lookup(ROOT_ID, MODEL)
     assert provider.listings == 2
+
+
+class GrowingProvider(CountingProvider):
+    """A model still downloading: its listing is not final (tar members still to appear)."""
+
+    final = False
+
+    def listing(self, digest: str) -> ModelListing:
+        listing = super().listing(digest)
+        return ModelListing(listing.files, listing.created, final=self.final)
+
+
+def test_a_model_still_downloading_shows_files_that_appear_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    top = tmp_path / MODEL
+    top.mkdir()
+    (top / "config.json").write_text("{}")
+    provider = GrowingProvider(tmp_path)
+    fs = CacheFilesystem(provider, FuseStats())
+    model = fs.lookup(ROOT_ID, MODEL).nodeid
+    assert _names(fs, model) == [".", "..", "config.json"]
+    (top / "code").mkdir()
+    (top / "code" / "run.py").write_text("print()")  # a tar layer unpacked
+    assert _names(fs, model) == [".", "..", "config.json"]  # within the pending interval
+    monkeypatch.setattr(fs_module, "PENDING_TREE_SECONDS", 0.0)
+    provider.final = True
+    assert _names(fs, model) == [".", "..", "code", "config.json"]  # the interval has passed
+    assert fs.getattr(_walk(fs, f"{MODEL}/code/run.py"))[0].size == 7
+    (top / "late.txt").write_text("x")
+    listings = provider.listings
+    assert _names(fs, model) == [".", "..", "code", "config.json"]  # final: cached for good
+    assert provider.listings == listings
 
 
 def test_a_new_process_answers_for_node_ids_it_never_issued(provider: CountingProvider) -> None:
