@@ -1,4 +1,5 @@
-# The agent image: Debian (bookworm) Python 3.11 with libfuse 3 and the mount tools.
+# The agent image: Debian (bookworm) Python 3.11 with the mount tools. FUSE needs no library:
+# the agent speaks the protocol on /dev/fuse itself.
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -11,7 +12,7 @@ RUN pip install --no-cache-dir grpcio-tools mypy-protobuf \
 
 FROM python:3.11-slim-bookworm
 RUN apt-get update \
- && apt-get install -y --no-install-recommends fuse3 libfuse3-3 util-linux mount \
+ && apt-get install -y --no-install-recommends util-linux mount \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels

@@ -442,7 +442,7 @@ async def serve(config: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # Before the FUSE mount starts: libfuse would otherwise make SIGHUP unmount it for good.
+    # SIGHUP must not end the agent (the FUSE mount would go with it): ignored, and logged.
     loop.add_signal_handler(signal.SIGHUP, _ignore_sighup)
     try:
         await agent.start()

@@ -137,7 +137,7 @@ class LazyBackend(Protocol):
     """The agent as the FUSE view (the lazy mode's read path) sees it; ``ModelService``
     implements it, so the FUSE layer, like the CSI driver, goes through the model service.
 
-    Sync methods are thread-safe (FUSE calls them from libfuse's threads); async ones run on
+    Sync methods are thread-safe (FUSE calls them from its worker threads); async ones run on
     the agent's event loop (the provider bridges with ``run_coroutine_threadsafe``)."""
 
     def model_digests(self) -> Sequence[str]:

@@ -1,6 +1,6 @@
 """StoreProvider, the lazy mode's read path, over the model service with a real store, the
 real pull engine and a real HTTP registry origin (FaultServer) that can stall or corrupt blobs.
-Reads run in worker threads, as libfuse's callbacks do, while the event loop runs the engine."""
+Reads run in worker threads, as the FUSE workers do, while the event loop runs the engine."""
 
 from __future__ import annotations
 
