@@ -38,7 +38,6 @@ sys.path.insert(0, str(REPO))
 from bench.lazy import lazy_rows, print_rows  # noqa: E402
 from bench.machine import machine as machine_facts  # noqa: E402
 from cacheagent.fuse.directory import DirectoryProvider  # noqa: E402
-from cacheagent.fuse.libfuse import mfusepy  # noqa: E402
 from cacheagent.fuse.mount import FuseMount, MountOptions  # noqa: E402
 from cacheagent.fuse.provider import ContentProvider  # noqa: E402
 from cacheagent.fuse.stats import FuseStats  # noqa: E402
@@ -101,6 +100,7 @@ def mounted(
         options=MountOptions(read_ahead_kb=ra_kb),
     )
     mount.start()
+    _NEGOTIATED.append(mount.state().proto_minor)
     try:
         yield mount
     finally:
@@ -142,10 +142,17 @@ def sequential_rows(source: Path, mountpoint: Path, ra_values: list[int], runs: 
     return rows
 
 
+_NEGOTIATED: list[int] = []
+
+
+def mount_minor() -> str:
+    return str(_NEGOTIATED[-1]) if _NEGOTIATED else "?"
+
+
 def machine(directory: Path) -> list[tuple[str, str]]:
     return [
         *machine_facts(directory),
-        ("libfuse", f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor} via mfusepy"),
+        ("fuse", f"our own protocol loop (7.{mount_minor()}), no libfuse"),
     ]
 
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev libfuse2 docker-registry prometheus apache2-utils util-linux curl openssl dnsmasq-base tinyproxy)
+APT_PACKAGES=(docker-registry prometheus apache2-utils util-linux curl openssl dnsmasq-base tinyproxy)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -2,7 +2,7 @@
 
 ``provider.ContentProvider`` is what the filesystem needs from the agent; ``mount.FuseMount``
 mounts ``fs.CacheFilesystem`` over one; ``directory.DirectoryProvider`` serves plain directories.
-Importing ``fs`` or ``mount`` loads libfuse 3 (see ``libfuse``); this package itself does not.
+The FUSE protocol itself is spoken here (``protocol``, ``dispatch``, ``session``): no libfuse.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
-"""The read-only FUSE filesystem: ``<mount>/<manifest digest>/<file path>``.
+"""The read-only filesystem over the model cache: ``<mount>/<manifest digest>/<file path>``.
 
 Metadata (listings, sizes, modes) comes from each model's manifest through the provider, so a
 model shows its whole tree before its bytes are on disk; reads go to the provider, which may
 block while it fetches a missing range. Every write-type operation answers EROFS (the mount is
-also ``ro``, so the kernel usually refuses first; these handlers are the second line). There are
-no extended attributes: ``getxattr`` answers ENODATA and ``listxattr`` an empty list, so tools
-that copy xattrs (cp -a, rsync -X, tar --xattrs) see plain files.
+also ``ro``, so the kernel usually refuses first; ``refuse`` is the second line). There are no
+extended attributes (the dispatcher answers ENODATA and an empty list).
 
-Callbacks run in libfuse's worker threads, several at once. mfusepy registers every attribute
-whose name is a FUSE operation, so helpers here are private (``_name``) and nothing is called
-``lock``, ``poll``, ``ioctl`` or the like.
+Everything is addressed by node id (see ``nodes``), and a node id means the same in every
+process, so after a hand-over this process answers for nodes and file handles the previous
+agent issued: an unknown node id makes it load every model's tree once, and a READ on a handle
+it never issued *adopts* that handle (opens the file for the node and keeps it under that
+handle). Methods are called from the session's worker threads, several at once.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from cacheagent.errors import UnsafePathError
 from cacheagent.fuse.errmap import ErrorKind, classify
-from cacheagent.fuse.libfuse import FuseOSError, Operations, context_fuse, invalidate_path
+from cacheagent.fuse.nodes import NodeClashError, NodeRef, NodeTable, node_id
+from cacheagent.fuse.protocol import DT_DIR, DT_REG, ROOT_ID, Attr, Dirent, StatFs
+from cacheagent.fuse.protocol import encode_inval_inode as _encode_inval_inode
 from cacheagent.fuse.provider import ContentProvider
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.fuse.tree import (
@@ -37,13 +41,34 @@ from cacheagent.fuse.tree import (
     dir_attrs,
     file_attrs,
     is_model_name,
-    parse_mount_path,
 )
 
 log = logging.getLogger(__name__)
 
 STATFS_BLOCK = 4096
 DEFAULT_TREE_CACHE = 256
+MODEL_TTL_S = 86400.0  # entries and attributes inside a model: content-addressed, immutable
+ROOT_TTL_S = 1.0  # the root's attributes and its entries: models come and go
+REBUILD_INTERVAL_S = 1.0  # by default, at most one load of every model a second
+
+Notifier = Callable[[list[bytes]], None]
+
+
+class FuseError(OSError):
+    """The errno a FUSE request is answered with."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err, os.strerror(err))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A LOOKUP answer: the node, its attributes and how long the kernel may keep each."""
+
+    nodeid: int
+    attr: Attr
+    entry_ttl: float
+    attr_ttl: float
 
 
 @dataclass(frozen=True)
@@ -52,10 +77,14 @@ class _Model:
     time_ns: int
 
 
-class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no type information
-    """mfusepy ``Operations`` over a ``ContentProvider``; counters go to ``stats``."""
+@dataclass(frozen=True)
+class _Open:
+    handle: int  # the provider's
+    size: int
 
-    use_ns = True  # timestamps in integer nanoseconds (mfusepy's non-deprecated mode)
+
+class CacheFilesystem:
+    """Node-id based operations over a ``ContentProvider``; counters go to ``stats``."""
 
     def __init__(
         self,
@@ -63,87 +92,109 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
         stats: FuseStats | None = None,
         *,
         tree_cache_size: int = DEFAULT_TREE_CACHE,
-        on_init: Callable[[], None] | None = None,
-        max_background: int | None = None,
+        rebuild_interval_s: float = REBUILD_INTERVAL_S,
     ) -> None:
         self.stats = stats if stats is not None else FuseStats()
+        self.nodes = NodeTable()
+        self.notifier: Notifier | None = None  # set by the session serving the mount
         self._provider = provider
-        self._on_init = on_init
-        self._max_background = max_background
-        self._session: int | None = None  # libfuse's struct fuse *, between init and destroy
-        self._session_guard = threading.Lock()
         self._started_ns = time.time_ns()
         self._trees: OrderedDict[str, _Model] = OrderedDict()
         self._tree_cache_size = tree_cache_size
         self._trees_guard = threading.Lock()
-        self._sizes: dict[int, int] = {}  # open handle -> file size
+        self._open: dict[int, _Open] = {}  # our file handle (fh) -> provider handle
+        self._open_guard = threading.Lock()
+        self._adopt_guard = threading.Lock()
+        self._rebuild_guard = threading.Lock()
+        self._rebuilds = 0
+        self._rebuild_interval_s = rebuild_interval_s
+        self._last_rebuild = -rebuild_interval_s
 
-    # -- lifecycle and cache --------------------------------------------------------------------
-
-    def init_with_config(self, conn_info: Any, config: Any) -> None:
-        """libfuse has processed the kernel's INIT: the mount now answers requests.
-
-        ``max_background`` caps the kernel's asynchronous requests (readahead) in flight; at the
-        kernel's default of 12, readahead of reads waiting for a stalled origin fills it and
-        readahead of cached files queues behind them.
-        """
-        if conn_info is not None and self._max_background is not None:
-            conn_info.max_background = self._max_background
-            conn_info.congestion_threshold = max(1, self._max_background * 3 // 4)
-        with self._session_guard:
-            self._session = context_fuse()
-        if self._on_init is not None:
-            self._on_init()
-
-    def destroy(self, path: str) -> None:
-        """libfuse is about to free its session: no invalidation may use it from now on."""
-        with self._session_guard:
-            self._session = None
+    # -- cache and invalidation -----------------------------------------------------------------
 
     def invalidate(self, model: str, relpath: str) -> bool:
         """Drop the kernel's cached pages of one file, e.g. bytes served before their blob
-        failed verification. Call it from outside FUSE callbacks (the kernel may wait for the
-        pages of a request in flight). False when the kernel held nothing or FUSE is gone."""
-        path = f"/{model}/{relpath}"
-        with self._session_guard:
-            if self._session is None:
-                return False
-            result = invalidate_path(self._session, path)
-        if result not in (0, -errno.ENOENT):
-            log.warning("fuse: invalidating %s failed: %s", path, os.strerror(-result))
-        return result == 0
+        failed verification. Never call it from a request handler: the kernel may wait for the
+        pages of a request in flight. False when the kernel held nothing or no session runs."""
+        notifier = self.notifier
+        if notifier is None:
+            return False
+        try:
+            notifier(_encode_inval_inode(node_id(model, relpath)))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds no such inode
+                log.warning("fuse: invalidating %s/%s failed: %s", model, relpath, exc)
+            return False
+        return True
 
     def forget(self, digest: str) -> None:
-        """Drop the cached tree of a model (call it when the model is evicted or replaced)."""
+        """Drop the cached tree and node ids of a model (call it when it is evicted)."""
         with self._trees_guard:
             self._trees.pop(digest, None)
+        self.nodes.drop_model(digest)
 
     @property
     def open_handles(self) -> int:
-        return len(self._sizes)
+        with self._open_guard:
+            return len(self._open)
+
+    def release_all(self) -> None:
+        """Close every provider handle (a detached session's files now belong to the next)."""
+        with self._open_guard:
+            handles = list(self._open)
+        for fh in handles:
+            self.release(fh)
 
     # -- metadata -------------------------------------------------------------------------------
 
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        where = parse_mount_path(path)
-        if where.model is None:
-            return dir_attrs(len(self._model_names()), self._started_ns)
-        model = self._model(where.model)
-        node = self._node(model, where.relpath)
-        if isinstance(node, Directory):
-            return dir_attrs(node.subdirs, model.time_ns)
-        return file_attrs(node, model.time_ns)
+    def lookup(self, parent: int, name: str) -> Entry:
+        if parent == ROOT_ID:
+            model = self._model(name)
+            nodeid = self._id(name, "")
+            attr = self._attr(nodeid, model, "")
+            return Entry(nodeid, attr, entry_ttl=ROOT_TTL_S, attr_ttl=MODEL_TTL_S)
+        ref = self._ref(parent)
+        model = self._model(ref.model)
+        if not isinstance(self._node(model, ref.relpath), Directory):
+            raise FuseError(errno.ENOTDIR)
+        relpath = f"{ref.relpath}/{name}" if ref.relpath else name
+        self._node(model, relpath)  # ENOENT before an id is registered
+        nodeid = self._id(ref.model, relpath)
+        return Entry(nodeid, self._attr(nodeid, model, relpath), MODEL_TTL_S, MODEL_TTL_S)
 
-    def readdir(self, path: str, fh: int) -> list[str]:
-        where = parse_mount_path(path)
-        if where.model is None:
-            return [".", "..", *self._model_names()]
-        node = self._node(self._model(where.model), where.relpath)
+    def getattr(self, nodeid: int) -> tuple[Attr, float]:
+        """Attributes and how long the kernel may cache them."""
+        if nodeid == ROOT_ID:
+            attrs = dir_attrs(len(self._model_names()), self._started_ns)
+            return _to_attr(ROOT_ID, attrs), ROOT_TTL_S
+        ref = self._ref(nodeid)
+        return self._attr(nodeid, self._model(ref.model), ref.relpath), MODEL_TTL_S
+
+    def readdir(self, nodeid: int) -> list[Dirent]:
+        """Every entry of a directory, "." and ".." first (the caller slices by offset)."""
+        dots = [Dirent(nodeid, b".", DT_DIR), Dirent(ROOT_ID, b"..", DT_DIR)]
+        if nodeid == ROOT_ID:
+            names = self._model_names()
+            return dots + [Dirent(node_id(name, ""), _fs(name), DT_DIR) for name in names]
+        ref = self._ref(nodeid)
+        model = self._model(ref.model)
+        node = self._node(model, ref.relpath)
         if not isinstance(node, Directory):
-            raise FuseOSError(errno.ENOTDIR)
-        return [".", "..", *node.children]
+            raise FuseError(errno.ENOTDIR)
+        entries = dots
+        for name in node.children:
+            relpath = f"{ref.relpath}/{name}" if ref.relpath else name
+            kind = DT_DIR if isinstance(model.tree.lookup(relpath), Directory) else DT_REG
+            entries.append(Dirent(node_id(ref.model, relpath), _fs(name), kind))
+        return entries
 
-    def statfs(self, path: str) -> dict[str, int]:
+    def opendir(self, nodeid: int) -> None:
+        if nodeid != ROOT_ID:
+            ref = self._ref(nodeid)
+            if not isinstance(self._node(self._model(ref.model), ref.relpath), Directory):
+                raise FuseError(errno.ENOTDIR)
+
+    def statfs(self) -> StatFs:
         """Totals over the visible models (all as used space: nothing can be written here)."""
         total_bytes = 0
         inodes = 1
@@ -154,126 +205,130 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
                 continue  # evicted meanwhile, or its listing failed (already counted)
             total_bytes += tree.total_bytes
             inodes += len(tree.nodes)
-        return {
-            "f_bsize": STATFS_BLOCK,
-            "f_frsize": STATFS_BLOCK,
-            "f_blocks": (total_bytes + STATFS_BLOCK - 1) // STATFS_BLOCK,
-            "f_bfree": 0,
-            "f_bavail": 0,
-            "f_files": inodes,
-            "f_ffree": 0,
-            "f_favail": 0,
-            "f_namemax": NAME_MAX,
-        }
-
-    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        raise FuseOSError(errno.ENODATA)
-
-    def listxattr(self, path: str) -> list[str]:
-        return []
+        blocks = (total_bytes + STATFS_BLOCK - 1) // STATFS_BLOCK
+        return StatFs(blocks=blocks, files=inodes, bsize=STATFS_BLOCK, namelen=NAME_MAX)
 
     # -- data -----------------------------------------------------------------------------------
 
-    def open(self, path: str, flags: int) -> int:
+    def open(self, nodeid: int, flags: int) -> int:
+        """Open a file for reading; returns a random 63-bit handle (unique across processes)."""
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            self._refuse()
-        where = parse_mount_path(path)
-        if where.model is None:
-            raise FuseOSError(errno.EISDIR)
-        node = self._node(self._model(where.model), where.relpath)
-        if isinstance(node, Directory):
-            raise FuseOSError(errno.EISDIR)
-        try:
-            handle = self._provider.open_file(where.model, where.relpath)
-        except Exception as exc:  # noqa: BLE001  # every provider failure becomes an errno
-            self._raise_for(exc)
-        self._sizes[handle] = node.size
-        return handle
+            self.refuse()
+        opened = self._open_provider(nodeid)
+        with self._open_guard:
+            fh = _new_handle(self._open)
+            self._open[fh] = opened
+        return fh
 
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        file_size = self._sizes.get(fh)
-        if file_size is None:
-            raise FuseOSError(errno.EBADF)
-        want = min(size, file_size - offset)
+    def read(self, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+        opened = self._handle(nodeid, fh)
+        want = min(size, opened.size - offset)
         if want <= 0:
             return b""
         try:
-            data = self._provider.read(fh, offset, want)
+            data = self._provider.read(opened.handle, offset, want)
         except Exception as exc:  # noqa: BLE001  # every provider failure becomes an errno
             self._raise_for(exc)
         if len(data) != want:
             log.error(
-                "fuse: provider returned %d bytes for %d at %d of %s", len(data), want, offset, path
+                "fuse: provider returned %d bytes for %d at %d of node %#x",
+                len(data),
+                want,
+                offset,
+                nodeid,
             )
             self.stats.record_error(ErrorKind.IO)
-            raise FuseOSError(errno.EIO)
+            raise FuseError(errno.EIO)
         self.stats.record_read(want)
         return data
 
-    def release(self, path: str, fh: int) -> int:
-        self._sizes.pop(fh, None)
+    def release(self, fh: int) -> None:
+        """Close a handle; one this process never issued nor adopted has nothing to close."""
+        with self._open_guard:
+            opened = self._open.pop(fh, None)
+        if opened is None:
+            return
         try:
-            self._provider.release(fh)
+            self._provider.release(opened.handle)
         except Exception as exc:  # noqa: BLE001  # the file is closed either way; count and log
             self.stats.record_error(classify(exc).kind)
-            log.warning("fuse: releasing %s failed: %s", path, exc)
-        return 0
+            log.warning("fuse: releasing handle %#x failed: %s", fh, exc)
 
-    # -- every write-type operation: EROFS ------------------------------------------------------
-
-    def _refuse(self) -> NoReturn:
+    def refuse(self) -> NoReturn:
+        """Every write-type operation: EROFS, counted."""
         self.stats.record_error(ErrorKind.READ_ONLY)
-        raise FuseOSError(errno.EROFS)
-
-    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        self._refuse()
-
-    def create(self, path: str, mode: int, fi: object = None) -> int:
-        self._refuse()
-
-    def mkdir(self, path: str, mode: int) -> int:
-        self._refuse()
-
-    def mknod(self, path: str, mode: int, dev: int) -> int:
-        self._refuse()
-
-    def rmdir(self, path: str) -> int:
-        self._refuse()
-
-    def unlink(self, path: str) -> int:
-        self._refuse()
-
-    def rename(self, old: str, new: str) -> int:
-        self._refuse()
-
-    def link(self, target: str, source: str) -> int:
-        self._refuse()
-
-    def symlink(self, target: str, source: str) -> int:
-        self._refuse()
-
-    def chmod(self, path: str, mode: int) -> int:
-        self._refuse()
-
-    def chown(self, path: str, uid: int, gid: int) -> int:
-        self._refuse()
-
-    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
-        self._refuse()
-
-    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-        self._refuse()
-
-    def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
-        self._refuse()
-
-    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        self._refuse()
-
-    def removexattr(self, path: str, name: str) -> int:
-        self._refuse()
+        raise FuseError(errno.EROFS)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _handle(self, nodeid: int, fh: int) -> _Open:
+        with self._open_guard:
+            opened = self._open.get(fh)
+        if opened is not None:
+            return opened
+        with self._adopt_guard:  # rare (after a hand-over): one adoption at a time
+            with self._open_guard:
+                opened = self._open.get(fh)
+            if opened is None:
+                opened = self._open_provider(nodeid)
+                with self._open_guard:
+                    self._open[fh] = opened
+                log.info("fuse: adopted file handle %#x of node %#x", fh, nodeid)
+        return opened
+
+    def _open_provider(self, nodeid: int) -> _Open:
+        if nodeid == ROOT_ID:
+            raise FuseError(errno.EISDIR)
+        ref = self._ref(nodeid)
+        node = self._node(self._model(ref.model), ref.relpath)
+        if isinstance(node, Directory):
+            raise FuseError(errno.EISDIR)
+        try:
+            handle = self._provider.open_file(ref.model, ref.relpath)
+        except Exception as exc:  # noqa: BLE001  # every provider failure becomes an errno
+            self._raise_for(exc)
+        return _Open(handle, node.size)
+
+    def _id(self, model: str, relpath: str) -> int:
+        try:
+            return self.nodes.id_for(model, relpath)
+        except NodeClashError as exc:
+            log.error("fuse: %s", exc)
+            self.stats.record_error(ErrorKind.IO)
+            raise FuseError(errno.EIO) from exc
+
+    def _ref(self, nodeid: int) -> NodeRef:
+        """What a node id names; loads every model once per burst of unknown ids."""
+        ref = self.nodes.resolve(nodeid)
+        if ref is not None:
+            return ref
+        seen = self._rebuilds
+        with self._rebuild_guard:
+            ref = self.nodes.resolve(nodeid)
+            recent = time.monotonic() - self._last_rebuild < self._rebuild_interval_s
+            if ref is None and self._rebuilds == seen and not recent:
+                self._load_all_models()
+                self._rebuilds += 1
+                self._last_rebuild = time.monotonic()
+                ref = self.nodes.resolve(nodeid)
+        if ref is None:
+            raise FuseError(errno.ESTALE)
+        return ref
+
+    def _load_all_models(self) -> None:
+        names = self._model_names()
+        log.info("fuse: unknown node id: loading the trees of %d models", len(names))
+        for name in names:
+            try:
+                self._model(name)
+            except OSError as exc:
+                log.warning("fuse: cannot load model %s: %s", name, exc)
+
+    def _attr(self, nodeid: int, model: _Model, relpath: str) -> Attr:
+        node = self._node(model, relpath)
+        if isinstance(node, Directory):
+            return _to_attr(nodeid, dir_attrs(node.subdirs, model.time_ns))
+        return _to_attr(nodeid, file_attrs(node, model.time_ns))
 
     def _model_names(self) -> Sequence[str]:
         try:
@@ -289,6 +344,8 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
                 self._trees.move_to_end(name)
                 return cached
         model = self._load_model(name)
+        for clash in self.nodes.add_model(name, model.tree.nodes):
+            log.error("fuse: %s", clash)
         with self._trees_guard:
             self._trees[name] = model
             while len(self._trees) > self._tree_cache_size:
@@ -297,14 +354,14 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
 
     def _load_model(self, name: str) -> _Model:
         if not is_model_name(name):
-            raise FuseOSError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         try:
             listing = self._provider.listing(name)
             tree = ModelTree.build(listing.files)
         except UnsafePathError as exc:
             log.error("fuse: model %s has an unusable file list: %s", name, exc)
             self.stats.record_error(ErrorKind.IO)
-            raise FuseOSError(errno.EIO) from exc
+            raise FuseError(errno.EIO) from exc
         except Exception as exc:  # noqa: BLE001  # every provider failure becomes an errno
             self._raise_for(exc, count_missing=False)
         return _Model(tree, int(listing.created * 1_000_000_000))
@@ -313,7 +370,7 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
     def _node(model: _Model, relpath: str) -> Node:
         node = model.tree.lookup(relpath)
         if node is None:
-            raise FuseOSError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         return node
 
     def _raise_for(self, exc: BaseException, *, count_missing: bool = True) -> NoReturn:
@@ -327,4 +384,26 @@ class CacheFilesystem(Operations):  # type: ignore[misc]  # mfusepy ships no typ
             log.error("fuse: unexpected provider failure", exc_info=exc)
         if count_missing or failure.kind is not ErrorKind.NOT_FOUND:
             self.stats.record_error(failure.kind)
-        raise FuseOSError(failure.errno) from exc
+        raise FuseError(failure.errno) from exc
+
+
+def _to_attr(nodeid: int, attrs: dict[str, int]) -> Attr:
+    return Attr(
+        ino=nodeid,
+        mode=attrs["st_mode"],
+        nlink=attrs["st_nlink"],
+        size=attrs["st_size"],
+        time_ns=attrs["st_mtime"],
+    )
+
+
+def _fs(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _new_handle(taken: dict[int, _Open]) -> int:
+    """A random non-zero 63-bit handle: one the previous agent issued is unlikely to repeat."""
+    while True:
+        fh = secrets.randbits(63)
+        if fh and fh not in taken:
+            return fh

@@ -1,60 +1,81 @@
-"""Mounting and unmounting the filesystem: ``FuseMount``.
+"""Mounting, serving, handing over and unmounting the filesystem: ``FuseMount``.
 
-mfusepy's ``FUSE(...)`` call runs libfuse's multi-threaded loop until the mount goes away, so it
-runs in a background thread; ``start()`` returns once the kernel's INIT has been answered and the
-mount is in /proc/self/mountinfo. Two process-wide side effects of libfuse 3 to know about:
+We speak the FUSE protocol ourselves (``protocol``, ``dispatch``, ``session``) instead of
+through libfuse, so a live connection can change hands: ``detach`` stops serving without
+unmounting, and ``resume`` in another process (given the ``/dev/fuse`` descriptor, kept alive
+meanwhile by someone holding a duplicate, and the ``SessionState``) serves it again. Node ids
+and file handles mean the same in every process (see ``nodes`` and ``fs``), and
+FUSE_NOTIFY_RESEND (Linux 6.9+) makes the kernel send again what the old process had read
+but not answered.
 
-* ``fuse_main`` does ``chdir("/")`` before its loop (what daemons do): ``start()`` puts the
-  working directory back, but use absolute paths anyway;
-* it installs SIGTERM/SIGHUP/SIGINT handlers that unmount, but only where the handler is still
-  the default. The daemon should install its own SIGTERM handler (and call ``stop()`` from it);
-  either order works, since a handler installed later simply replaces libfuse's.
+``stop()`` unmounts; if files are still open it aborts the connection (``umount -f``: readers
+get ENOTCONN) and detaches the mount. There is no auto-unmount helper: a mount left by an agent
+killed while nobody else held its descriptor is dead (ENOTCONN) and the next ``start()``
+detaches it.
 
-``stop()`` unmounts; if files are still open it aborts the FUSE connection (``umount -f``: readers
-get ENOTCONN, which is what they would get once the agent exits anyway) and detaches the mount.
-With ``auto_unmount`` (the default) libfuse's helper, fusermount3, unmounts when the agent dies
-without calling ``stop()``; a mount left behind anyway (SIGKILL without auto_unmount, a crashed
-helper) answers ENOTCONN and is detached by the next ``start()``.
-
-The FUSE callbacks run Python code, so this process must never touch the mount while holding the
-GIL: ``read()``/``stat()`` release it and are fine, but a page fault on an ``mmap`` of a file in
-the mount would wait for a callback that waits for the GIL (a deadlock). Readers live in other
-processes (pods); tests that mmap do it in a subprocess.
+The request handlers run Python code, so this process must never touch the mount while holding
+the GIL: ``read()``/``stat()`` release it and are fine, but a page fault on an ``mmap`` of a
+file in the mount would wait for a handler that waits for the GIL (a deadlock). Readers live in
+other processes (pods); tests that mmap do it in a subprocess.
 """
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import logging
 import os
-import shutil
-import subprocess
-import threading
+import re
+import select
+import stat
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
-from cacheagent.errors import CacheAgentError
+from cacheagent.fuse.dispatch import MAX_PAGES, MAX_WRITE, READ_BUFFER, Dispatcher, negotiate
 from cacheagent.fuse.fs import CacheFilesystem
-from cacheagent.fuse.libfuse import FUSE
+from cacheagent.fuse.mountops import (
+    FS_NAME,
+    FS_TYPE,
+    MountError,
+    clear_stale_mount,
+    mount_fuse,
+    set_read_ahead,
+    unmount,
+)
+from cacheagent.fuse.protocol import (
+    MAX_MINOR,
+    MIN_MINOR,
+    Notify,
+    Opcode,
+    ProtocolError,
+    decode_init,
+    decode_request,
+    encode_init_out,
+    encode_notify,
+    encode_reply,
+)
 from cacheagent.fuse.provider import ContentProvider
+from cacheagent.fuse.session import DeviceChannel, Session
 from cacheagent.fuse.stats import FuseStats
 from cacheagent.mountinfo import MountInfo, find_mount
 
+__all__ = [
+    "FS_NAME",
+    "FS_TYPE",
+    "FuseMount",
+    "MountError",
+    "MountOptions",
+    "SessionState",
+    "clear_stale_mount",
+    "set_read_ahead",
+    "unmount",
+]
+
 log = logging.getLogger(__name__)
 
-FS_NAME = "cacheagent"
-FS_TYPE = f"fuse.{FS_NAME}"
-BDI_ROOT = Path("/sys/class/bdi")
-_POLL_S = 0.01
-_UNMOUNT_TIMEOUT_S = 10.0
-_MAX_STACKED = 8  # stale mounts detached at one start (one per crash without auto_unmount)
-
-
-class MountError(CacheAgentError):
-    """The FUSE filesystem could not be mounted or unmounted; the message names the mount point."""
+_FUSE_MINOR = 229  # /dev/fuse is character device 10:229 (a misc device)
+_DEVICE_RE = re.compile(r"^[0-9]+:[0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -63,32 +84,55 @@ class MountOptions:
 
     read_ahead_kb: int = 8192  # the mount's readahead window; the kernel starts FUSE at 128 KiB
     allow_other: bool = True  # pods (other users) read through bind mounts of this mount
-    auto_unmount: bool = True  # fusermount3 unmounts if the agent dies without unmounting
-    max_threads: int = 64  # libfuse worker threads (fuse.max_threads; see fuse/waits.py)
-    clone_fd: bool = True  # one /dev/fuse descriptor per worker thread
+    max_threads: int = 64  # worker threads (fuse.max_threads; see fuse/waits.py)
     start_timeout_s: float = 15.0
     stop_timeout_s: float = 15.0
 
-    def fuse_kwargs(self) -> dict[str, object]:
-        """Keyword arguments for mfusepy's ``FUSE``; ``False`` options are left out by mfusepy.
 
-        ``max_read`` is left unset (unlimited): libfuse 3 then offers the kernel 1 MiB requests
-        (max_pages 256). No ``direct_io``: it makes ``mmap(MAP_SHARED)`` fail with ENODEV.
-        """
-        return {
-            "foreground": True,
-            "nothreads": False,
-            "ro": True,
-            "kernel_cache": True,
-            "default_permissions": True,
-            "allow_other": self.allow_other,
-            "auto_unmount": self.auto_unmount,
-            "fsname": FS_NAME,
-            "subtype": FS_NAME,
-            "max_threads": self.max_threads,
-            "max_idle_threads": self.max_threads,  # keep them: no thread churn under load
-            "clone_fd": self.clone_fd,
-        }
+@dataclass(frozen=True)
+class SessionState:
+    """What a new process needs to resume serving a live FUSE connection (JSON-able)."""
+
+    device: str  # "major:minor" of the mount in /proc/self/mountinfo: identifies the connection
+    proto_minor: int  # the negotiated protocol minor
+    max_pages: int = MAX_PAGES
+    max_write: int = MAX_WRITE
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> SessionState:
+        """Parse ``to_json``'s output; ValueError names the missing or bad field."""
+        device = data.get("device")
+        if not isinstance(device, str) or not _DEVICE_RE.match(device):
+            raise ValueError(f"SessionState.device must be 'major:minor', not {device!r}")
+        minor = _int_field(data, "proto_minor", MIN_MINOR, MAX_MINOR)
+        pages = _int_field(data, "max_pages", 1, 0xFFFF)
+        write = _int_field(data, "max_write", 4096, READ_BUFFER - 4096)
+        return cls(device=device, proto_minor=minor, max_pages=pages, max_write=write)
+
+
+def _check_fuse_device(fd: int) -> None:
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        raise MountError(f"cannot resume FUSE from fd {fd}: {exc}") from exc
+    if (
+        not stat.S_ISCHR(info.st_mode)
+        or os.major(info.st_rdev) != 10
+        or (os.minor(info.st_rdev) != _FUSE_MINOR)
+    ):
+        raise MountError(f"cannot resume FUSE from fd {fd}: it is not /dev/fuse")
+
+
+def _int_field(data: Mapping[str, object], name: str, low: int, high: int) -> int:
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(
+            f"SessionState.{name} must be an integer in [{low}, {high}], not {value!r}"
+        )
+    return value
 
 
 class FuseMount:
@@ -106,12 +150,10 @@ class FuseMount:
             raise ValueError(f"FUSE mount point must be an absolute path: {mountpoint}")
         self.mountpoint = mountpoint.parent.resolve() / mountpoint.name
         self.options = options if options is not None else MountOptions()
-        self._ready = threading.Event()
-        self.fs = CacheFilesystem(
-            provider, stats, on_init=self._ready.set, max_background=self.options.max_threads
-        )
-        self._thread: threading.Thread | None = None
-        self._failure: BaseException | None = None
+        self.fs = CacheFilesystem(provider, stats)
+        self._dispatcher = Dispatcher(self.fs)
+        self._session: Session | None = None
+        self._state: SessionState | None = None
         self.read_ahead_kb: int | None = None  # what the mount's bdi reports after start()
 
     @property
@@ -119,44 +161,98 @@ class FuseMount:
         return self.fs.stats
 
     def start(self) -> None:
-        """Mount (clearing a stale mount first) and wait until the filesystem answers."""
-        if self._thread is not None and self._thread.is_alive():
-            raise MountError(f"FUSE mount at {self.mountpoint} is already running")
+        """Mount (clearing a stale mount first) and answer the kernel's INIT; MountError.
+
+        Not over a mount whose connection someone still holds with no server (a keeper between
+        agents): the probe for a stale mount would wait for an answer; ``resume()`` that one.
+        """
+        self._refuse_running()
         clear_stale_mount(self.mountpoint)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        cwd = _getcwd()
-        self._ready.clear()
-        self._failure = None
-        self._thread = threading.Thread(target=self._serve, name="cacheagent-fuse", daemon=True)
-        self._thread.start()
         try:
-            entry = self._wait_mounted()
+            fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MountError(f"cannot open /dev/fuse for {self.mountpoint}: {exc}") from exc
+        try:
+            mount_fuse(fd, self.mountpoint, allow_other=self.options.allow_other)
+            try:
+                state, entry = self._answer_init(fd)
+            except BaseException:
+                unmount(self.mountpoint)
+                raise
         except BaseException:
-            self._teardown()
+            os.close(fd)
             raise
-        finally:
-            if cwd is not None:
-                os.chdir(cwd)
+        self._serve(fd, state)
         self.read_ahead_kb = set_read_ahead(entry, self.options.read_ahead_kb)
         log.info(
-            "fuse: mounted at %s (bdi %s, read_ahead_kb %s)",
+            "fuse: mounted at %s (bdi %s, protocol 7.%d, read_ahead_kb %s)",
             self.mountpoint,
             entry.device,
+            state.proto_minor,
             self.read_ahead_kb,
         )
 
+    def resume(self, fd: int, state: SessionState) -> None:
+        """Serve a live connection whose INIT another (now dead or detached) process answered.
+
+        Checks that /proc/self/mountinfo shows our mount at ``mountpoint`` on ``state.device``
+        and raises MountError otherwise; on that error ``fd`` is still the caller's to close.
+        On success this mount owns ``fd``. Requests the previous process had read but not
+        answered are asked for again (FUSE_NOTIFY_RESEND); the mount point is not touched
+        before the workers run (nobody would answer).
+        """
+        self._refuse_running()
+        _check_fuse_device(fd)
+        entry = find_mount(self.mountpoint)
+        if entry is None or entry.fs_type != FS_TYPE or entry.device != state.device:
+            found = "nothing" if entry is None else f"{entry.fs_type} on {entry.device}"
+            raise MountError(
+                f"cannot resume FUSE at {self.mountpoint}: expected {FS_TYPE} on "
+                f"{state.device}, mountinfo shows {found}"
+            )
+        self._serve(fd, state)
+        self._ask_resend()
+        self.read_ahead_kb = set_read_ahead(entry, self.options.read_ahead_kb)
+        log.info("fuse: resumed the session at %s (bdi %s)", self.mountpoint, entry.device)
+
+    def state(self) -> SessionState:
+        if self._state is None:
+            raise MountError(f"FUSE at {self.mountpoint} is not being served")
+        return self._state
+
+    @property
+    def device_fd(self) -> int:
+        """The ``/dev/fuse`` descriptor (hand a duplicate to whoever keeps the session alive)."""
+        if self._session is None:
+            raise MountError(f"FUSE at {self.mountpoint} is not being served")
+        return self._session.channel.fd
+
     def stop(self) -> None:
-        """Unmount and wait for the FUSE thread; open files are cut off (ENOTCONN)."""
-        if self._thread is None:
+        """Unmount and stop serving; open files are cut off (ENOTCONN)."""
+        session = self._session
+        if session is None:
             return
-        self._teardown()
-        self._thread = None
+        try:
+            unmount(self.mountpoint)
+        finally:
+            self._end(session, self.options.stop_timeout_s)
         log.info("fuse: unmounted %s", self.mountpoint)
 
+    def detach(self, timeout: float) -> None:
+        """Hand-over: stop reading requests, answer those read for up to ``timeout`` seconds,
+        close our descriptor; the mount stays. The kernel queues new requests until another
+        process ``resume()``s (or aborts the connection when the last descriptor closes)."""
+        session = self._session
+        if session is None:
+            return
+        self._end(session, timeout)
+        log.info("fuse: detached from %s (the mount stays)", self.mountpoint)
+
     def healthy(self) -> bool:
-        """The FUSE loop is running and the mount is in place (for /readyz)."""
-        thread = self._thread
-        if thread is None or not thread.is_alive() or not self._ready.is_set():
+        """Serving requests and the mount is in place (for /readyz, /healthz)."""
+        session = self._session
+        if session is None or not session.running():
             return False
         entry = find_mount(self.mountpoint)
         return entry is not None and entry.fs_type == FS_TYPE
@@ -168,139 +264,59 @@ class FuseMount:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _serve(self) -> None:
+    def _refuse_running(self) -> None:
+        if self._session is not None:
+            raise MountError(f"FUSE mount at {self.mountpoint} is already being served")
+
+    def _serve(self, fd: int, state: SessionState) -> None:
+        channel = DeviceChannel(fd)
+        session = Session(channel, self._dispatcher, workers=self.options.max_threads)
+        session.start()
+        self.fs.notifier = channel.write
+        self._session = session
+        self._state = state
+
+    def _end(self, session: Session, timeout: float) -> None:
+        self.fs.notifier = None
+        session.stop_reading()
+        session.drain(timeout)
+        self.fs.release_all()
+        session.channel.close(timeout)
+        self._session = None
+        self._state = None
+
+    def _ask_resend(self) -> None:
+        assert self._session is not None
         try:
-            FUSE(self.fs, str(self.mountpoint), **self.options.fuse_kwargs())
-        except Exception as exc:  # noqa: BLE001  # start() reports it; the thread must not die loud
-            self._failure = exc
-            log.error("fuse: the FUSE loop for %s ended with an error: %s", self.mountpoint, exc)
-
-    def _wait_mounted(self) -> MountInfo:
-        assert self._thread is not None
-        deadline = time.monotonic() + self.options.start_timeout_s
-        while time.monotonic() < deadline:
-            if self._ready.is_set():
-                entry = find_mount(self.mountpoint)
-                if entry is not None and entry.fs_type == FS_TYPE:
-                    return entry
-            if not self._thread.is_alive():
-                raise MountError(f"mounting FUSE at {self.mountpoint} failed: {self._failure}")
-            time.sleep(_POLL_S)
-        raise MountError(
-            f"FUSE mount at {self.mountpoint} not ready after {self.options.start_timeout_s}s"
-        )
-
-    def _teardown(self) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        if thread.is_alive():
-            unmount(self.mountpoint)
-        thread.join(self.options.stop_timeout_s)
-        _end_unmount_helper(self.mountpoint)
-        if thread.is_alive():
-            raise MountError(
-                f"FUSE loop for {self.mountpoint} still running {self.options.stop_timeout_s}s "
-                "after unmount"
+            self._session.channel.write(encode_notify(Notify.RESEND))
+        except OSError as exc:
+            log.warning(
+                "fuse: the kernel refused FUSE_NOTIFY_RESEND (%s; it needs Linux 6.9+): reads "
+                "the previous agent had taken but not answered hang, unkillable, until the "
+                "connection is aborted (unmount, or umount -f)",
+                exc,
             )
 
-
-def unmount(mountpoint: Path) -> None:
-    """Unmount a FUSE mount; when it is busy, abort its connection and detach it."""
-    if find_mount(mountpoint) is None:
-        return
-    if _run_umount(mountpoint):
-        return
-    _run_umount(mountpoint, "-f")  # aborts the FUSE connection even when busy
-    if find_mount(mountpoint) is not None and not _run_umount(mountpoint, "-l"):
-        raise MountError(f"cannot unmount {mountpoint}")
-
-
-def clear_stale_mount(mountpoint: Path) -> None:
-    """Detach dead FUSE mounts left at ``mountpoint`` by crashes; refuse a live one."""
-    for _ in range(_MAX_STACKED):
-        entry = find_mount(mountpoint)
-        if entry is None:
-            return
+    def _answer_init(self, fd: int) -> tuple[SessionState, MountInfo]:
+        """Read the kernel's INIT (it comes right after mount(2)) and answer it."""
+        deadline = time.monotonic() + self.options.start_timeout_s
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            if time.monotonic() >= deadline:
+                raise MountError(
+                    f"no FUSE INIT for {self.mountpoint} in {self.options.start_timeout_s}s"
+                )
         try:
-            mountpoint.stat()
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise
-            log.warning("fuse: detaching stale mount at %s left by a previous agent", mountpoint)
-            if not (_run_umount(mountpoint, "-l") or _run_fusermount(mountpoint)):
-                raise MountError(f"cannot detach the stale mount at {mountpoint}") from exc
-            continue
-        raise MountError(
-            f"{mountpoint} is already a live {entry.fs_type} mount (is another agent running?)"
-        )
-    raise MountError(f"more than {_MAX_STACKED} stale mounts stacked at {mountpoint}")
-
-
-def set_read_ahead(entry: MountInfo, read_ahead_kb: int) -> int | None:
-    """Set the mount's readahead window; returns what the kernel reports (None if unknown).
-
-    The kernel gives a FUSE mount a 128 KiB window whatever libfuse asks for, and a sequential
-    reader (a model loader) is only as fast as the window lets the kernel read ahead.
-    """
-    knob = BDI_ROOT / entry.device / "read_ahead_kb"
-    try:
-        knob.write_text(f"{read_ahead_kb}\n")
-        return int(knob.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("fuse: cannot set %s to %d: %s", knob, read_ahead_kb, exc)
-        try:
-            return int(knob.read_text())
-        except (OSError, ValueError):
-            return None
-
-
-def _end_unmount_helper(mountpoint: Path) -> None:
-    """End the fusermount3 that libfuse started for ``auto_unmount`` once we have unmounted.
-
-    libfuse keeps that helper (a child of this process) waiting until the process exits, so each
-    start/stop cycle would leave one behind; the mount is gone, so it has nothing left to do.
-    """
-    for child in psutil.Process().children():
-        try:
-            if child.name() != "fusermount3" or child.cmdline()[-1:] != [str(mountpoint)]:
-                continue
-            child.kill()  # it ignores SIGTERM
-            child.wait(_UNMOUNT_TIMEOUT_S)
-        except psutil.Error as exc:
-            log.warning("fuse: cannot end the fusermount3 helper of %s: %s", mountpoint, exc)
-
-
-def _run_umount(mountpoint: Path, *flags: str) -> bool:
-    binary = shutil.which("umount") or "/usr/bin/umount"
-    done = subprocess.run(
-        [binary, *flags, str(mountpoint)],
-        capture_output=True,
-        text=True,
-        timeout=_UNMOUNT_TIMEOUT_S,
-        check=False,
-    )
-    if done.returncode != 0:
-        log.info("fuse: umount %s %s: %s", " ".join(flags), mountpoint, done.stderr.strip())
-    return done.returncode == 0
-
-
-def _run_fusermount(mountpoint: Path) -> bool:
-    binary = shutil.which("fusermount3")
-    if binary is None:
-        return False
-    done = subprocess.run(
-        [binary, "-u", "-z", str(mountpoint)],
-        capture_output=True,
-        text=True,
-        timeout=_UNMOUNT_TIMEOUT_S,
-        check=False,
-    )
-    return done.returncode == 0
-
-
-def _getcwd() -> Path | None:
-    try:
-        return Path.cwd()
-    except FileNotFoundError:
-        return None
+            request = decode_request(os.read(fd, READ_BUFFER))
+            if request.header.opcode != Opcode.INIT:
+                raise ProtocolError(f"first request is opcode {request.header.opcode}, not INIT")
+            init = negotiate(decode_init(request.body), self.options.max_threads)
+            os.writev(fd, encode_reply(request.header.unique, encode_init_out(init)))
+        except (OSError, ProtocolError) as exc:
+            raise MountError(f"FUSE INIT at {self.mountpoint} failed: {exc}") from exc
+        entry = find_mount(self.mountpoint)
+        if entry is None or entry.fs_type != FS_TYPE:
+            raise MountError(f"mount(2) succeeded but {self.mountpoint} is not in mountinfo")
+        state = SessionState(entry.device, init.minor, init.max_pages, init.max_write)
+        return state, entry

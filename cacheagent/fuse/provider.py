@@ -6,8 +6,8 @@ download, and keeps every store rule (leases, eviction, verification) in one pla
 
 Threading contract
 ------------------
-Every method is called from libfuse's worker threads (mfusepy runs each FUSE callback in the
-thread that read the request from ``/dev/fuse``), several at once, never from an asyncio loop.
+Every method is called from the FUSE session's worker threads (``session``), several at once,
+never from an asyncio loop.
 A provider must therefore be thread-safe and may block: ``read`` of bytes not on disk yet is
 *expected* to block until that range has been fetched. A provider backed by the asyncio agent
 (store + pull engine) bridges with ``asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)``;

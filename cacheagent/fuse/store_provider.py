@@ -1,12 +1,12 @@
 """The FUSE content provider over the model service (the lazy mode's read path).
 
 It sees the agent through ``cacheagent.volumes.LazyBackend`` (``ModelService``), never the
-store or the pull engine themselves. FUSE callbacks run in libfuse's threads; the backend's
-sync methods are thread-safe and are called directly, while
+store or the pull engine themselves. FUSE requests run in the session's worker threads; the
+backend's sync methods are thread-safe and are called directly, while
 anything that waits for the network is handed to the agent's event loop with
 ``run_coroutine_threadsafe`` and awaited with a bound (``fuse.origin_wait_seconds``, one
 deadline for the whole wait), so a dead origin turns into ETIMEDOUT, never a hung reader. Such
-waits hold a libfuse worker, so ``OriginWaits`` caps how many may wait at once, in total and per
+waits hold a FUSE worker, so ``OriginWaits`` caps how many may wait at once, in total and per
 model, keeping workers free for reads of bytes already on disk (see ``waits.py``).
 
 Reads of a blob already committed come from the blob file through a descriptor kept per open

@@ -89,23 +89,6 @@ def split_relpath(path: str) -> list[str]:
     return parts
 
 
-@dataclass(frozen=True)
-class MountPath:
-    """A path below the mount: ``/<model>/<relpath>``; ``model`` is None for the mount root."""
-
-    model: str | None
-    relpath: str
-
-
-def parse_mount_path(path: str) -> MountPath:
-    """Split a path as libfuse gives it (absolute, no trailing slash, no "." or "..")."""
-    stripped = path.strip("/")
-    if not stripped:
-        return MountPath(None, "")
-    model, _, rest = stripped.partition("/")
-    return MountPath(model, rest)
-
-
 def is_model_name(name: str) -> bool:
     """Whether a provider's model name can be a directory name at the mount root."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name

@@ -1,9 +1,9 @@
 """Bounds on FUSE reads that wait for an origin, so one stalled origin cannot freeze the mount.
 
-libfuse's high-level API answers each request in the worker thread that took it, so a read
+A FUSE worker thread answers each request it takes (``session``), so a read
 waiting for bytes from the network holds a worker until the bytes come or the wait times out.
 With every worker held by reads of one stalled model, reads of fully cached models queue in the
-kernel behind them. Two bounds keep workers free:
+kernel (or in the session's queue) behind them. Two bounds keep workers free:
 
 * at most ``total`` reads wait for origins at once, ``total`` being the worker count less
   ``RESERVED_WORKERS``, so that many workers are always free for reads of bytes on disk;

@@ -24,7 +24,6 @@ from cacheagent.fuse.tree import (
     dir_attrs,
     file_attrs,
     is_model_name,
-    parse_mount_path,
 )
 
 FILES = [
@@ -76,16 +75,6 @@ def test_unsafe_paths_are_refused(path: str) -> None:
 def test_clashing_paths_are_refused(files: list[FuseFile]) -> None:
     with pytest.raises(UnsafePathError):
         ModelTree.build(files)
-
-
-def test_mount_paths_split_into_model_and_relative_path() -> None:
-    assert parse_mount_path("/") == parse_mount_path("")
-    root = parse_mount_path("/")
-    assert (root.model, root.relpath) == (None, "")
-    model = parse_mount_path("/sha256:ab")
-    assert (model.model, model.relpath) == ("sha256:ab", "")
-    deep = parse_mount_path("/sha256:ab/weights/a.bin")
-    assert (deep.model, deep.relpath) == ("sha256:ab", "weights/a.bin")
 
 
 @pytest.mark.parametrize(
