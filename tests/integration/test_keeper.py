@@ -11,6 +11,7 @@ where only "the keeper closed its copy" matters: the read end sees EOF when the 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pwd
@@ -29,6 +30,7 @@ from cacheagent.fuse import keeper_wire as wire
 from cacheagent.fuse.keeper import MAX_CONNECTIONS
 from cacheagent.fuse.keeper_client import KeeperError, KeeperLink, KeeperRefusedError
 from tests.child_process import stop_child
+from tests.files import MiB, fake_digest, write_random_file
 from tests.keeper_support import (
     FUSE_GETATTR,
     FUSE_INIT,
@@ -49,6 +51,7 @@ from tests.support import require_fuse, require_root
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "/run/cacheagent/fuse"
+DIGEST = fake_digest("keeper")
 
 
 @pytest.fixture
@@ -73,29 +76,34 @@ def _link(keeper: KeeperProcess, key: str = KEY, handover: float = 60.0) -> Keep
     return KeeperLink(keeper.socket_path, key, handover_seconds=handover)
 
 
-def test_a_killed_agents_fuse_connection_lives_on_and_passes_to_the_next(
-    keeper: KeeperProcess, root: Path
-) -> None:
-    require_fuse()
-    mountpoint = root / "fuse"
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "tests.keeper_agent", str(keeper.socket_path), str(mountpoint),
-         "60"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
+def _killed_raw_agent(keeper: KeeperProcess, mountpoint: Path) -> int:
+    """A stand-in agent mounts a raw FUSE connection at ``mountpoint``, hands the keeper a copy
+    and is SIGKILLed; its PID."""
+    command = ["-m", "tests.keeper_agent", "raw", str(keeper.socket_path), str(mountpoint), "60"]
+    agent = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE)
     try:
         assert agent.stdout is not None and agent.stdout.readline() == b"held\n"
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait(timeout=10)
     finally:
         stop_child(agent)
+        if agent.stdout is not None:
+            agent.stdout.close()
+    return agent.pid
+
+
+def test_a_killed_agents_fuse_connection_lives_on_and_passes_to_the_next(
+    keeper: KeeperProcess, root: Path
+) -> None:
+    require_fuse()
+    mountpoint = root / "fuse"
     try:
+        agent_pid = _killed_raw_agent(keeper, mountpoint)
         next_agent = _link(keeper, str(mountpoint))
         taken = next_agent.take()
         assert taken is not None, keeper.log()
         fd, state = taken
-        assert state == {"agent_pid": agent.pid}
+        assert state == {"agent_pid": agent_pid}
         assert first_request_opcode(fd) == FUSE_INIT, "not the mount's live connection"
         next_agent.release()
         os.close(fd)
@@ -111,17 +119,9 @@ def test_a_reader_waiting_through_the_hand_over_is_answered_by_the_next_holder(
     process that takes the descriptor next answers it."""
     require_fuse()
     mountpoint = root / "fuse"
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "tests.keeper_agent", str(keeper.socket_path), str(mountpoint),
-         "60"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
     reader = None
     try:
-        assert agent.stdout is not None and agent.stdout.readline() == b"held\n"
-        os.kill(agent.pid, signal.SIGKILL)
-        agent.wait(timeout=10)
+        _killed_raw_agent(keeper, mountpoint)
         reader = subprocess.Popen(
             [sys.executable, "-c", f"import os; print(oct(os.stat({str(mountpoint)!r}).st_mode))"],
             stdout=subprocess.PIPE,
@@ -138,8 +138,69 @@ def test_a_reader_waiting_through_the_hand_over_is_answered_by_the_next_holder(
         link.release()
         os.close(taken[0])
     finally:
-        stop_child(agent)
         stop_child(reader)
+        force_unmount(str(mountpoint))
+
+
+_STREAM = """
+import hashlib, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+digest = hashlib.sha256(os.read(fd, 1 << 20))
+print("started", flush=True)
+sys.stdin.readline()  # the test replaces the server meanwhile
+while chunk := os.read(fd, 1 << 20):
+    digest.update(chunk)
+print(digest.hexdigest(), flush=True)
+"""
+
+
+def test_a_served_mount_changes_agent_through_the_keeper_under_a_reader(
+    keeper: KeeperProcess, root: Path
+) -> None:
+    """The shipped FuseMount with KeeperLink, as the agent uses them: the first server is
+    SIGKILLed, a reader goes on reading while no server runs, the next one takes the
+    connection from the keeper, resumes it, and the reader gets every byte right."""
+    require_fuse()
+    models, mountpoint = root / "models", root / "fuse"
+    big = write_random_file(models / DIGEST / "big.bin", 48 * MiB, seed=5)
+    expected = hashlib.sha256(big.read_bytes()).hexdigest()
+    servers: list[subprocess.Popen[bytes]] = []
+    readers: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        kind: str, into: list[subprocess.Popen[bytes]], *args: str
+    ) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        into.append(child)
+        assert child.stdout is not None and child.stdout.readline().strip() == kind.encode()
+        return child
+
+    def server(kind: str) -> subprocess.Popen[bytes]:
+        command = ["-m", "tests.keeper_agent", "serve", str(keeper.socket_path), str(mountpoint)]
+        return start(kind, servers, *command, str(models))
+
+    try:
+        first = server("started")
+        reader = start("started", readers, "-c", _STREAM, str(mountpoint / DIGEST / "big.bin"))
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+        assert reader.stdin is not None and reader.stdout is not None
+        reader.stdin.write(b"go\n")
+        reader.stdin.flush()
+        assert reader.poll() is None, "48 MiB read with no server running"
+        server("resumed")
+        assert reader.stdout.readline().strip().decode() == expected
+        assert reader.wait(timeout=30) == 0
+    finally:
+        # Servers, then the keeper (the last holder: the connection aborts), then readers (one
+        # waiting on an unanswered request cannot be killed before that).
+        for child in servers:
+            stop_child(child)
+        keeper.stop()
+        for child in readers:
+            stop_child(child)
         force_unmount(str(mountpoint))
 
 
