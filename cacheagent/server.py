@@ -363,7 +363,8 @@ class Agent:
         )
         managed = HandedOverMount(mount, link, detach_timeout=STOP_GRACE_SECONDS)
         # A resumed connection's readers wait for the bytes of pulls the previous agent ran.
-        resuming = asyncio.create_task(service.resume_interrupted_pulls())
+        await asyncio.to_thread(service.interrupted.find)
+        resuming = asyncio.create_task(service.interrupted.resume_all())
         self._on_stop("resumed pulls", lambda: _cancel(resuming))
         await asyncio.to_thread(managed.open)
         self._on_stop("FUSE", lambda: asyncio.to_thread(managed.close))

@@ -25,8 +25,9 @@ from cacheagent.memory.prefetch import MemoryLocker, Prefetcher, WarmResult
 from cacheagent.metrics import Metrics
 from cacheagent.policy import check_lazy, check_mount, check_pod_ref, check_source
 from cacheagent.pull.engine import PullEngine, log_background_failure
+from cacheagent.pull.interrupted import InterruptedPulls
 from cacheagent.pull.progress import PullProgress
-from cacheagent.refs import ModelRef, parse_ref, pin_digest
+from cacheagent.refs import ModelRef, parse_ref
 from cacheagent.store import EvictionPlan, Model, ModelFile, Store
 from cacheagent.store.lookup import find_model
 from cacheagent.store.removal import Removal
@@ -80,8 +81,10 @@ class ModelService:
     # ``watch_store``; None while it can.
     store_problem: str | None = field(default=None, init=False)
     _refetches: set[asyncio.Future[tuple[Model, bool]]] = field(default_factory=set, init=False)
+    interrupted: InterruptedPulls = field(init=False)
 
     def __post_init__(self) -> None:
+        self.interrupted = InterruptedPulls(self.store, self.engine, self._pull_model)
         # Every removal (rm, capacity eviction, a failed pull's record, a repair) comes
         # through the store's one removal path; this is the agent's one observer of it.
         self.store.add_removal_observer(self._removed)
@@ -419,34 +422,8 @@ class ModelService:
         return await self.engine.ensure_range(blob, start, end)
 
     async def resume_pull(self, digest: str) -> bool:
-        """Restart the pull of a model the store lists as pending while no pull of it runs:
-        one a previous agent was running when it stopped (the lazy volumes of that pull are
-        still mounted after a hand-over, and their readers wait for its bytes). The reference
-        is pinned to the recorded digest, so a tag moved meanwhile does not change the content.
-        False when there is nothing to resume (no pending record, or a pull already runs)."""
-        if self.engine.progress(digest) is not None:
-            return False
-        pending = await asyncio.to_thread(self.store.get_pending, digest)
-        if pending is None or pending.ref is None:
-            return False
-        ref = pin_digest(parse_ref(pending.ref), digest)
-        log.info("resuming the interrupted pull of %s (%s)", digest, ref)
-        await self.engine.start_background(ref, run=self._pull_model)
-        return True
-
-    async def resume_interrupted_pulls(self) -> int:
-        """Resume every pull a previous agent left pending; returns how many were started.
-        Each waits for its manifest to resolve: run it as a task, not in the start-up path."""
-        digests = await asyncio.to_thread(self.store.model_digests)
-        started = 0
-        for digest in digests:
-            try:
-                started += await self.resume_pull(digest)
-            except CacheAgentError as exc:
-                log.warning("cannot resume the pull of %s: %s", digest, exc)
-        if started:
-            log.info("resumed %d pulls a previous agent left unfinished", started)
-        return started
+        """Resume (once) a pull a previous agent left unfinished; see ``pull/interrupted.py``."""
+        return await self.interrupted.resume(digest)
 
     async def wait_model(self, digest: str) -> None:
         async for _ in self.engine.watch(digest):
