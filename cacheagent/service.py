@@ -398,12 +398,13 @@ class ModelService:
         return self.store.model_digests()
 
     def model_files(self, digest: str) -> tuple[Sequence[ModelFile], float]:
-        model = self.store.get_model(digest)
-        if model is not None:
-            return model.files, model.created
-        pending = self.store.get_pending(digest)
-        if pending is not None:
-            return pending.files, pending.created
+        for _ in range(2):  # a pull that completes between the two reads: look again
+            model = self.store.get_model(digest)
+            if model is not None:
+                return model.files, model.created
+            pending = self.store.get_pending(digest)
+            if pending is not None:
+                return pending.files, pending.created
         raise ModelNotFoundError(f"model {digest} is not in the store")
 
     def model_is_ready(self, digest: str) -> bool:
