@@ -17,7 +17,7 @@ class CommittingStore:
     """The pending record is replaced by the ready model right after the first get_model."""
 
     def __init__(self) -> None:
-        self.ready = SimpleNamespace(files=("weights",), created=12.0)
+        self.ready: Any = SimpleNamespace(files=("weights",), created=12.0)
         self.model_reads = 0
 
     def add_removal_observer(self, observer: object) -> None:
@@ -37,7 +37,8 @@ def _service(store: object) -> ModelService:
 
 def test_a_model_committed_between_the_reads_is_found() -> None:
     store = CommittingStore()
-    assert _service(store).model_files(DIGEST) == (("weights",), 12.0)
+    files, created = _service(store).model_files(DIGEST)
+    assert (list(files), created) == (["weights"], 12.0)
     assert store.model_reads == 2
 
 
