@@ -32,13 +32,10 @@ class HandedOverMount:
     mount: FuseMount
     link: KeeperLink | None
     detach_timeout: float
-    resumed: bool = False
 
     def open(self) -> None:
         """Resume the connection the keeper holds for this mount point, else mount anew."""
-        if self.link is not None:
-            self.resumed = self._resume(self.link)
-        if not self.resumed:
+        if self.link is None or not self._resume(self.link):
             self.mount.start()
         if self.link is not None:
             self._hold(self.link)

@@ -10,8 +10,6 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,9 +22,9 @@ import pytest
 from cacheagent.cli.client import AgentClient
 from cacheagent.mountinfo import find_mount
 from tests.agent_process import AgentProcess
-from tests.child_process import stop_child
 from tests.e2e.conftest import Origin, kubelet, wait_until_no_pulls
-from tests.e2e.test_lazy_agent import lazy_volume
+from tests.e2e.test_lazy_agent import file_digests, lazy_volume
+from tests.keeper_support import KeeperProcess, keeper_running
 from tests.kubelet import Pod
 from tests.mounts import force_unmount, mounts_under
 from tests.support import require_fuse
@@ -49,7 +47,6 @@ class Reader:
     done_bytes: int = 0
     gaps: list[float] = field(default_factory=list)
     error: BaseException | None = None
-    opened_before: set[str] = field(default_factory=set)
     _thread: threading.Thread | None = None
 
     def start(self) -> Reader:
@@ -84,53 +81,15 @@ class Reader:
             self.error = exc
 
 
-@dataclass
-class Keeper:
-    socket: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Keeper:
-        self.socket.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cacheagent.cli.main",
-                "fuse-keeper",
-                "--socket",
-                str(self.socket),
-            ]
-        )
-        deadline = time.monotonic() + 30
-        while not self.socket.exists():
-            assert self.proc.poll() is None, "the keeper exited at start"
-            assert time.monotonic() < deadline, "the keeper did not create its socket"
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        stop_child(self.proc)
-        self.proc = None
-
-
 @pytest.fixture
-def keeper() -> Iterator[Keeper]:
+def keeper() -> Iterator[KeeperProcess]:
     require_fuse()
     home = Path(tempfile.mkdtemp(prefix="ca-keeper-", dir="/tmp"))  # unix socket paths are short
-    running = Keeper(home / "run" / "keeper.sock")
     try:
-        yield running.start()
+        with keeper_running(home / "keeper.sock", home / "keeper.log") as running:
+            yield running
     finally:
-        running.stop()
         shutil.rmtree(home, ignore_errors=True)
-
-
-def _file_digests(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _restart(agent: AgentProcess, how: str) -> None:
@@ -157,7 +116,7 @@ def _wait_for_listing(target: Path, expected: list[str]) -> None:
         time.sleep(0.1)
 
 
-def _teardown_fuse(agent: AgentProcess, keeper: Keeper) -> None:
+def _teardown_fuse(agent: AgentProcess, keeper: KeeperProcess) -> None:
     """The agent detaches (the keeper holds the connection): stop both, then take the dead
     mount down the way the next agent would."""
     agent.stop()
@@ -171,7 +130,7 @@ def _teardown_fuse(agent: AgentProcess, keeper: Keeper) -> None:
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_a_reader_streams_a_lazy_volume_across_an_agent_restart(
-    tmp_path: Path, origin: Origin, keeper: Keeper, how: str
+    tmp_path: Path, origin: Origin, keeper: KeeperProcess, how: str
 ) -> None:
     model = origin.models["alpha"]
     proxy = ThrottleProxy(origin.registry.port, LINK_BYTES_PER_SECOND)
@@ -182,7 +141,10 @@ def test_a_reader_streams_a_lazy_volume_across_an_agent_restart(
             insecure=(proxy.address,),
             fuse=True,
             extra={
-                "fuse": {"keeper_socket": str(keeper.socket), "handover_seconds": HANDOVER_SECONDS}
+                "fuse": {
+                    "keeper_socket": str(keeper.socket_path),
+                    "handover_seconds": HANDOVER_SECONDS,
+                }
             },
         )
         agent.start()
@@ -205,7 +167,7 @@ def test_a_reader_streams_a_lazy_volume_across_an_agent_restart(
                 stored = Path(client.stat(model.digest).path)
             # Members of the model's tar layer (code/) show once it is unpacked, so the reader,
             # which listed the volume at the start of the pull, streamed the raw files only.
-            expected = _file_digests(stored)
+            expected = file_digests(stored)
             assert reader.digests == {name: expected[name] for name in reader.digests}
             assert {name for name in expected if name.endswith(".safetensors")} <= set(
                 reader.digests
@@ -226,7 +188,7 @@ def test_a_reader_streams_a_lazy_volume_across_an_agent_restart(
 
 
 def test_without_an_agent_the_keeper_ends_the_connection_after_the_window(
-    tmp_path: Path, origin: Origin, keeper: Keeper
+    tmp_path: Path, origin: Origin, keeper: KeeperProcess
 ) -> None:
     """No agent comes back: once ``handover_seconds`` pass, a read fails instead of hanging."""
     model = origin.models["beta"]
@@ -235,7 +197,7 @@ def test_without_an_agent_the_keeper_ends_the_connection_after_the_window(
         tmp_path / "agent",
         insecure=(origin.registry.host,),
         fuse=True,
-        extra={"fuse": {"keeper_socket": str(keeper.socket), "handover_seconds": window}},
+        extra={"fuse": {"keeper_socket": str(keeper.socket_path), "handover_seconds": window}},
     )
     agent.start()
     pod, volume = Pod("pod-orphan"), lazy_volume(model.ref)
